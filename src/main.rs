@@ -1,0 +1,137 @@
+//! The `tokenwarden` command: parse the command line, call the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tokenwarden::catalog::{format_usd, Catalog};
+use tokenwarden::tokens::request::{count_body, Endpoint};
+
+#[derive(Parser)]
+#[command(
+    name = "tokenwarden",
+    version,
+    about = "An OpenAI-compatible gateway for the free-daily-tokens program"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Count the tokens of a text, or of a request body's prompt as the API bills it.
+    Count(CountArgs),
+}
+
+#[derive(clap::Args)]
+struct CountArgs {
+    /// The model whose encoding counts (and, for --request, the model when the body names none).
+    #[arg(long, default_value = "gpt-4o")]
+    model: String,
+    /// Count a whole request body (a JSON file, or - for stdin) instead of a text.
+    #[arg(long, value_name = "FILE", conflicts_with = "text")]
+    request: Option<PathBuf>,
+    /// The endpoint the body is for: chat, responses, completions or embeddings
+    /// (guessed from the body's shape when absent).
+    #[arg(long, requires = "request")]
+    endpoint: Option<String>,
+    /// Print the details as JSON: encoding, exact or bound, prompt, output cap, group, price.
+    #[arg(long)]
+    json: bool,
+    /// The text to count, exactly as given; read from stdin when absent.
+    text: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Count(args) => count(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenwarden: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_stdin() -> anyhow::Result<Vec<u8>> {
+    let mut input = Vec::new();
+    std::io::stdin()
+        .read_to_end(&mut input)
+        .context("reading stdin")?;
+    Ok(input)
+}
+
+fn count(args: CountArgs) -> anyhow::Result<()> {
+    let catalog = Catalog::builtin()?;
+    if let Some(path) = &args.request {
+        let body = if path.as_os_str() == "-" {
+            read_stdin()?
+        } else {
+            std::fs::read(path).with_context(|| format!("reading {}", path.display()))?
+        };
+        let endpoint = match args.endpoint.as_deref() {
+            Some(name) => Some(Endpoint::parse(name).with_context(|| {
+                format!("--endpoint {name:?}: expected chat, responses, completions or embeddings")
+            })?),
+            None => None,
+        };
+        let counted = count_body(&catalog, endpoint, &body, Some(&args.model)).map_err(|e| {
+            let param = e
+                .param()
+                .map(|p| format!(" (param: {p})"))
+                .unwrap_or_default();
+            anyhow::anyhow!("{e}{param}")
+        })?;
+        if args.json {
+            let details = serde_json::json!({
+                "endpoint": counted.endpoint,
+                "model": counted.model,
+                "encoding": counted.encoding,
+                "group": counted.group,
+                "prompt_tokens": counted.prompt.tokens,
+                "exactness": counted.prompt.exactness,
+                "notes": counted.prompt.notes,
+                "output_cap": counted.output_cap,
+                "output_cap_source": counted.output_cap_source,
+                "reservation": counted.reservation(),
+                "prompt_list_price_usd": counted.prompt_list_price_usd(),
+            });
+            println!("{}", serde_json::to_string_pretty(&details)?);
+        } else {
+            println!("{}", counted.prompt.tokens);
+            for note in &counted.prompt.notes {
+                eprintln!("note: {note}");
+            }
+        }
+        return Ok(());
+    }
+
+    let text = match args.text {
+        Some(text) => text,
+        None => String::from_utf8(read_stdin()?).context("stdin is not valid UTF-8")?,
+    };
+    let model = catalog.lookup(&args.model)?;
+    let encoding = model.model.encoding;
+    let tokens = encoding.count(&text);
+    if args.json {
+        let details = serde_json::json!({
+            "model": args.model,
+            "encoding": encoding,
+            "group": model.group().map(|g| &g.name),
+            "tokens": tokens,
+            "exactness": "exact",
+            "list_price_usd": format_usd(model.prices().cost(tokens, 0, 0)),
+        });
+        println!("{}", serde_json::to_string_pretty(&details)?);
+    } else {
+        println!("{tokens}");
+    }
+    Ok(())
+}

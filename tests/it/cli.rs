@@ -1,0 +1,139 @@
+//! The `tokenwarden count` command, run as a user runs it.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn run(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn tokenwarden: {e}"));
+    if let Some(mut pipe) = child.stdin.take() {
+        pipe.write_all(stdin.unwrap_or_default())
+            .unwrap_or_else(|e| panic!("stdin: {e}"));
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("wait: {e}"))
+}
+
+fn stdout(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn seed_example() {
+    let out = run(
+        &[
+            "count",
+            "--model",
+            "gpt-4o",
+            "You miss 100% of the shots you don't take",
+        ],
+        None,
+    );
+    assert_eq!(stdout(&out), "11\n");
+}
+
+#[test]
+fn reads_stdin_and_defaults_to_gpt_4o() {
+    let out = run(
+        &["count"],
+        Some("You miss 100% of the shots you don't take".as_bytes()),
+    );
+    assert_eq!(stdout(&out), "11\n");
+    // cl100k_base counts the same text differently than o200k_base.
+    let a = stdout(&run(
+        &["count", "--model", "gpt-4", "naïve café 中文"],
+        None,
+    ));
+    let b = stdout(&run(
+        &["count", "--model", "gpt-4o", "naïve café 中文"],
+        None,
+    ));
+    assert_ne!(a, b);
+}
+
+#[test]
+fn json_details() {
+    let out = stdout(&run(
+        &["count", "--json", "--model", "gpt-4o-mini", "hello world"],
+        None,
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["tokens"], 2);
+    assert_eq!(v["encoding"], "o200k_base");
+    assert_eq!(v["group"], "mini");
+    assert_eq!(v["exactness"], "exact");
+    // 2 tokens at $0.15 per million.
+    assert_eq!(v["list_price_usd"], "$0.000000300000");
+}
+
+#[test]
+fn counts_a_request_body() {
+    let body = br#"{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 100}"#;
+    let out = stdout(&run(&["count", "--request", "-", "--json"], Some(body)));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["endpoint"], "/v1/chat/completions");
+    assert_eq!(v["group"], "flagship");
+    assert_eq!(v["output_cap"], 100);
+    assert_eq!(v["exactness"], "exact");
+    let prompt = v["prompt_tokens"].as_u64().unwrap_or_default();
+    assert!(prompt > 6);
+    assert_eq!(v["reservation"], prompt + 100);
+
+    let dir = std::env::temp_dir().join(format!("tokenwarden-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.join("body.json");
+    std::fs::write(
+        &path,
+        br#"{"model": "text-embedding-3-small", "input": "hello world"}"#,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let path = path.to_string_lossy().into_owned();
+    assert_eq!(
+        stdout(&run(
+            &["count", "--request", &path, "--endpoint", "embeddings"],
+            None
+        )),
+        "2\n"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn errors_exit_non_zero_with_a_clear_message() {
+    let out = run(&["count", "--model", "gpt-4p", "hi"], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("gpt-4p") && err.contains("Did you mean gpt-4o"),
+        "{err}"
+    );
+
+    let out = run(
+        &["count", "--request", "-"],
+        Some(br#"{"model": "gpt-4o", "messages": []}"#),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("param: messages"));
+
+    let out = run(
+        &["count", "--request", "-", "--endpoint", "images"],
+        Some(b"{}"),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--endpoint"));
+
+    let out = run(&["count"], Some(b"\xff\xfe"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UTF-8"));
+}

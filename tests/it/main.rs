@@ -1,0 +1,16 @@
+//! tokenwarden's integration tests: one binary, one module per area.
+
+mod cli;
+mod properties;
+mod reference;
+mod requests;
+
+use tokenwarden::catalog::Catalog;
+
+/// The built-in catalog; a test that cannot load it fails loudly.
+pub fn catalog() -> Catalog {
+    match Catalog::builtin() {
+        Ok(catalog) => catalog,
+        Err(e) => panic!("the built-in catalog does not load: {e}"),
+    }
+}
