@@ -35,8 +35,9 @@ fn fill(out: &mut String, source: &str, bytes: usize) {
     }
 }
 
-/// 10 MB: 4 MB English prose and Markdown, 3 MB Python, 2 MB CJK, 1 MB emoji-laden chat text.
-fn mixed_corpus() -> String {
+/// 10 MB: 4 MB English prose and Markdown, 3 MB Python, 2 MB CJK, 1 MB
+/// emoji-laden chat text; and the prose part alone.
+fn corpora() -> (String, String) {
     let reference = include_str!("../tests/data/tokens-reference.jsonl");
     let (mut prose, mut code, mut cjk) = (String::new(), String::new(), String::new());
     for line in reference.lines() {
@@ -90,7 +91,9 @@ fn mixed_corpus() -> String {
     fill(&mut corpus, &code, 3_000_000);
     fill(&mut corpus, &cjk, 2_000_000);
     fill(&mut corpus, &chat, 1_000_000);
-    corpus
+    let mut prose_only = String::new();
+    fill(&mut prose_only, &prose, 4_000_000);
+    (corpus, prose_only)
 }
 
 /// One implementation's count of a text.
@@ -107,10 +110,15 @@ fn inputs() -> Vec<Input> {
         .cycle()
         .take(1 << 20)
         .collect();
+    let (mixed, prose) = corpora();
     vec![
         Input {
             name: "mixed 10 MB",
-            text: mixed_corpus(),
+            text: mixed,
+        },
+        Input {
+            name: "prose 4 MB",
+            text: prose,
         },
         Input {
             name: "1 MiB of 'a'",
@@ -125,12 +133,7 @@ fn inputs() -> Vec<Input> {
 
 /// Median throughput of `rounds` runs (after one warm-up run), in MiB/s, and the count.
 /// Stops early when one run exceeds `budget`, and reports what it measured.
-fn measure(
-    text: &str,
-    rounds: usize,
-    budget: Duration,
-    f: &dyn Fn(&str) -> u64,
-) -> (f64, u64, usize) {
+fn measure(text: &str, rounds: usize, budget: Duration, f: &Counter<'_>) -> (f64, u64, usize) {
     let count = black_box(f(black_box(text)));
     let mut speeds = Vec::new();
     for _ in 0..rounds {

@@ -271,6 +271,8 @@ const NOTE_IMAGE_AUTO: &str = "an image with detail auto is counted as detail hi
 const NOTE_OTHER_PARTS: &str = "audio and file inputs are not in the count";
 const NOTE_PREVIOUS: &str =
     "the context of previous_response_id or conversation is not in the body";
+const NOTE_RESPONSES: &str =
+    "Responses API message framing is assumed to match Chat Completions' (OpenAI documents no formula)";
 const NOTE_ITEMS: &str = "Responses items other than messages are estimated from their text";
 const NOTE_BUILTIN_TOOLS: &str =
     "built-in tools (web search, file search, ...) add tokens not counted here";
@@ -593,6 +595,7 @@ impl Counter<'_> {
 
     fn responses(&self, body: &Map<String, Value>) -> Result<Counted, RequestError> {
         let mut count = Count::exact(REPLY_PRIMING);
+        count.add_inexact(0, Exactness::Estimate, NOTE_RESPONSES);
         match body.get("instructions") {
             None | Some(Value::Null) => {}
             Some(Value::String(text)) => {
