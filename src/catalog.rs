@@ -218,6 +218,30 @@ impl Catalog {
         })
     }
 
+    /// Put every model that `name` matches (an exact name, a `*` pattern over
+    /// the exact names, or a pattern entry itself) in group `group`; `false`
+    /// when it matches none.
+    pub fn assign_group(&mut self, name: &str, group: usize) -> bool {
+        let mut hits: Vec<usize> = self
+            .exact
+            .iter()
+            .filter(|(known, _)| known.as_str() == name || glob_match(name, known))
+            .map(|(_, &index)| index)
+            .collect();
+        hits.extend(
+            self.patterns
+                .iter()
+                .filter(|(p, _)| p == name)
+                .map(|&(_, index)| index),
+        );
+        for &index in &hits {
+            if let Some(model) = self.models.get_mut(index) {
+                model.group = Some(group);
+            }
+        }
+        !hits.is_empty()
+    }
+
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.groups.iter().find(|g| g.name == name)
     }

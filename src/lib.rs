@@ -17,5 +17,7 @@
 //! `tokenwarden count` command that exposes them.
 
 pub mod catalog;
+pub mod config;
 pub mod day;
+pub mod meter;
 pub mod tokens;

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tokenwarden::catalog::{format_usd, Catalog};
+use tokenwarden::config::{Config, ProcessEnv};
 use tokenwarden::tokens::request::{count_body, Endpoint};
 
 #[derive(Parser)]
@@ -25,6 +26,11 @@ struct Cli {
 enum Command {
     /// Count the tokens of a text, or of a request body's prompt as the API bills it.
     Count(CountArgs),
+    /// Validate a configuration file; exits non-zero with the key and line at fault.
+    CheckConfig {
+        #[arg(long, default_value = "tokenwarden.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -50,6 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Count(args) => count(args),
+        Command::CheckConfig { config } => check_config(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,6 +65,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = Config::load(path, &ProcessEnv)?;
+    let projects: usize = config.orgs.iter().map(|o| o.projects.len()).sum();
+    let keys: usize = config
+        .orgs
+        .iter()
+        .flat_map(|o| &o.projects)
+        .map(|p| p.keys.len())
+        .sum();
+    println!(
+        "{}: ok ({} orgs, {projects} projects, {keys} keys, {} upstreams)",
+        path.display(),
+        config.orgs.len(),
+        config.upstreams.len()
+    );
+    Ok(())
 }
 
 fn read_stdin() -> anyhow::Result<Vec<u8>> {

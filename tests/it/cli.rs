@@ -137,3 +137,37 @@ fn errors_exit_non_zero_with_a_clear_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("UTF-8"));
 }
+
+#[test]
+fn check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one() {
+    let dir = std::env::temp_dir().join(format!("tokenwarden-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "[upstreams.sim]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"tw-0123456789abcdef\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let path = good.to_string_lossy().into_owned();
+    let out = stdout(&run(&["check-config", "--config", &path], None));
+    assert!(
+        out.contains("ok (1 orgs, 1 projects, 1 keys, 1 upstreams)"),
+        "{out}"
+    );
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[server]\nlisten = \"127.0.0.1:0\"\nlisten_backlog = 5\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let path = bad.to_string_lossy().into_owned();
+    let out = run(&["check-config", "--config", &path], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 3") && err.contains("listen_backlog"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
