@@ -111,6 +111,9 @@ pub struct Model {
     pub images: Option<ImageCost>,
     /// The catalog name the `downgrade` policy sends this model's calls to.
     pub downgrade: Option<String>,
+    /// The dated snapshot the provider serves for the alias (its first
+    /// listed snapshot), which a response's `model` field names.
+    pub served_as: Option<String>,
 }
 
 /// A model name resolved against the catalog.
@@ -129,6 +132,15 @@ impl<'a> ModelRef<'a> {
             None
         } else {
             self.group
+        }
+    }
+
+    /// Index of the program group in `Catalog::groups`, `None` when always billed.
+    pub fn group_index(&self) -> Option<usize> {
+        if self.fine_tuned {
+            None
+        } else {
+            self.model.group
         }
     }
 

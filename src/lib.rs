@@ -17,7 +17,11 @@
 //! `tokenwarden count` command that exposes them.
 
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod day;
+pub mod gateway;
 pub mod meter;
+pub mod simulator;
+pub mod store;
 pub mod tokens;

@@ -3,12 +3,14 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use tokenwarden::catalog::{format_usd, Catalog};
 use tokenwarden::config::{Config, ProcessEnv};
+use tokenwarden::simulator::SimConfig;
 use tokenwarden::tokens::request::{count_body, Endpoint};
 
 #[derive(Parser)]
@@ -26,6 +28,32 @@ struct Cli {
 enum Command {
     /// Count the tokens of a text, or of a request body's prompt as the API bills it.
     Count(CountArgs),
+    /// Run the gateway (the demo: with its simulated upstream, a demo org and a key).
+    Serve {
+        /// The configuration file (default: tokenwarden.toml if it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Run in front of the built-in simulated upstream with a demo org, project and key.
+        #[arg(long)]
+        demo: bool,
+        /// The address to listen on when no configuration file sets it.
+        #[arg(long)]
+        listen: Option<String>,
+    },
+    /// Run the simulated OpenAI-compatible upstream.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: String,
+        /// Time to the first token, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        ttft_ms: u64,
+        /// Delay between streamed tokens, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        token_ms: u64,
+        /// Output tokens per call when the request allows that many.
+        #[arg(long, default_value_t = 16)]
+        output_tokens: u64,
+    },
     /// Validate a configuration file; exits non-zero with the key and line at fault.
     CheckConfig {
         #[arg(long, default_value = "tokenwarden.toml")]
@@ -57,6 +85,30 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Count(args) => count(args),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Serve {
+            config,
+            demo,
+            listen,
+        } => runtime().and_then(|rt| {
+            rt.block_on(tokenwarden::cli::serve(
+                config.as_deref(),
+                demo,
+                listen.as_deref(),
+            ))
+        }),
+        Command::Simulate {
+            listen,
+            ttft_ms,
+            token_ms,
+            output_tokens,
+        } => runtime().and_then(|rt| {
+            let config = SimConfig {
+                ttft: Duration::from_millis(ttft_ms),
+                token_delay: Duration::from_millis(token_ms),
+                output_tokens,
+            };
+            rt.block_on(tokenwarden::cli::simulate(&listen, config))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -65,6 +117,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<()> {

@@ -166,6 +166,7 @@ impl Catalog {
                 fine_tuned_prices,
                 max_output: m.max_output,
                 images: image_cost,
+                served_as: m.snapshots.iter().find(|s| !s.contains('*')).cloned(),
                 downgrade: m.downgrade,
             });
         }

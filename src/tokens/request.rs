@@ -172,6 +172,12 @@ pub fn count_body(
     body: &[u8],
     default_model: Option<&str>,
 ) -> Result<RequestCount, RequestError> {
+    let value = parse_body(body)?;
+    count_request(catalog, endpoint, &value, default_model)
+}
+
+/// Parse a body as UTF-8 JSON, with OpenAI's messages for what is wrong.
+pub fn parse_body(body: &[u8]) -> Result<Value, RequestError> {
     let text = std::str::from_utf8(body).map_err(|e| RequestError::Invalid {
         message: format!(
             "The request body is not valid UTF-8 (at byte {}).",
@@ -180,14 +186,13 @@ pub fn count_body(
         param: None,
         code: None,
     })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| RequestError::Invalid {
+    serde_json::from_str(text).map_err(|e| RequestError::Invalid {
         message: format!(
             "We could not parse the JSON body of your request: {e}. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)"
         ),
         param: None,
         code: None,
-    })?;
-    count_request(catalog, endpoint, &value, default_model)
+    })
 }
 
 /// Count a parsed body; `endpoint` is guessed from the body when `None`.

@@ -1,0 +1,150 @@
+//! What the `serve` and `simulate` commands start: the gateway from a
+//! configuration, the demo (gateway, simulated upstream, demo org and key in
+//! one process), or the simulated upstream alone.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use crate::catalog::Catalog;
+use crate::config::{Config, ConfigError, Env, ProcessEnv};
+use crate::gateway::{self, Gateway, SystemClock};
+use crate::simulator::{self, SimConfig, Simulator};
+use crate::store::SqliteStore;
+
+/// A fresh client key: not guessable, shown once.
+pub fn new_key(prefix: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(std::process::id().to_le_bytes());
+    hasher.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+    hasher.update(format!("{:p}", &hasher).as_bytes());
+    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
+        hasher.update(bytes);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
+}
+
+/// The configuration `serve` runs with when given no file: one org, one
+/// project and one new key in front of `base_url`.
+pub fn single_project_config(
+    base_url: &str,
+    api_key: &str,
+    key: &str,
+    store: &str,
+    listen: &str,
+) -> String {
+    let api_key = format!("api_key = \"{api_key}\"\n");
+    format!(
+        "[server]\nlisten = \"{listen}\"\n\n[store]\nurl = \"sqlite://{store}\"\n\n[upstreams.main]\nbase_url = \"{base_url}\"\n{api_key}\n[[orgs]]\nname = \"default\"\ntier = 5\nsharing = \"all\"\n\n[[orgs.projects]]\nname = \"default\"\non_exhausted = \"block\"\nkeys = [\"{key}\"]\n"
+    )
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Open the store, build the gateway and serve until a signal.
+pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let crate::config::StoreUrl::Sqlite(path) = &config.store;
+    let store = SqliteStore::open(path)?;
+    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+    let addr = listener.local_addr()?;
+    let gateway = Gateway::new(config, store, Arc::new(SystemClock))?;
+    announce(addr);
+    gateway::serve(listener, gateway::router(gateway), shutdown_signal()).await?;
+    Ok(())
+}
+
+/// `tokenwarden serve`.
+pub async fn serve(
+    config_path: Option<&Path>,
+    demo: bool,
+    listen: Option<&str>,
+) -> anyhow::Result<()> {
+    let env = ProcessEnv;
+    let listen = listen.unwrap_or(crate::config::DEFAULT_LISTEN);
+    if demo {
+        let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let sim_addr = sim_listener.local_addr()?;
+        let sim = Simulator::new(Catalog::builtin()?, SimConfig::default());
+        tokio::spawn(gateway::serve(
+            sim_listener,
+            simulator::router(sim),
+            std::future::pending(),
+        ));
+        let key = new_key("tw-demo-");
+        let text = single_project_config(
+            &format!("http://{sim_addr}/v1"),
+            "sim-demo-upstream-key",
+            &key,
+            "tokenwarden-demo.db",
+            listen,
+        );
+        let config = Config::from_toml(&text, &env)?;
+        return run_gateway(config, |addr| {
+            println!("tokenwarden demo: the gateway in front of its simulated upstream (http://{sim_addr}/v1)");
+            println!("  base URL: http://{addr}/v1");
+            println!("  API key:  {key}");
+            println!("  try:      curl http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'");
+        })
+        .await;
+    }
+    let default_file = Path::new("tokenwarden.toml");
+    let config = match config_path {
+        Some(path) => Config::load(path, &env)?,
+        None if default_file.exists() => Config::load(default_file, &env)?,
+        None if env.var("OPENAI_API_KEY").is_some() => {
+            let key = new_key("tw-");
+            let text = single_project_config("https://api.openai.com/v1", "${OPENAI_API_KEY}", &key, "tokenwarden.db", listen);
+            let config = Config::from_toml(&text, &env)?;
+            return run_gateway(config, |addr| {
+                println!("tokenwarden: in front of the OpenAI API, one org and project");
+                println!("  base URL: http://{addr}/v1");
+                println!("  API key:  {key}   (shown once; give it to your OpenAI SDK as its api_key)");
+            })
+            .await;
+        }
+        None => {
+            return Err(ConfigError::Invalid {
+                path: "serve".into(),
+                message: "no configuration: pass --config FILE, create tokenwarden.toml, set OPENAI_API_KEY, or try --demo".into(),
+            }
+            .into())
+        }
+    };
+    run_gateway(config, |addr| {
+        println!("tokenwarden: listening on http://{addr}/v1")
+    })
+    .await
+}
+
+/// `tokenwarden simulate`.
+pub async fn simulate(listen: &str, config: SimConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let sim = Simulator::new(Catalog::builtin()?, config);
+    println!("tokenwarden simulate: an OpenAI-compatible upstream on http://{addr}/v1 (stats: http://{addr}/stats)");
+    gateway::serve(listener, simulator::router(sim), shutdown_signal()).await?;
+    Ok(())
+}

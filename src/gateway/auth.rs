@@ -1,0 +1,114 @@
+//! Client keys: stored only as SHA-256 hashes, compared in constant time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::Gateway;
+use crate::config::Config;
+
+/// Who is calling: the project a key belongs to.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Index of the org in the configuration.
+    pub org: usize,
+    /// Index of the project in its org.
+    pub project: usize,
+    /// A non-secret id for records and logs: the first 12 hex digits of the key's hash.
+    pub key_id: String,
+}
+
+pub struct KeyTable {
+    /// Key hash -> caller; the keys themselves are not kept.
+    by_hash: HashMap<[u8; 32], Caller>,
+}
+
+fn hash(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Equal in time that depends only on the length.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl KeyTable {
+    pub fn new(config: &Config) -> Self {
+        let mut by_hash = HashMap::new();
+        for (org, o) in config.orgs.iter().enumerate() {
+            for (project, p) in o.projects.iter().enumerate() {
+                for key in &p.keys {
+                    let digest = hash(key.expose());
+                    let key_id = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+                    by_hash.insert(
+                        digest,
+                        Caller {
+                            org,
+                            project,
+                            key_id,
+                        },
+                    );
+                }
+            }
+        }
+        KeyTable { by_hash }
+    }
+
+    /// The caller a presented key belongs to. The lookup is by hash (which
+    /// reveals nothing about stored keys), then the hashes are compared in
+    /// constant time.
+    pub fn find(&self, presented: &str) -> Option<&Caller> {
+        let digest = hash(presented);
+        self.by_hash
+            .get_key_value(&digest)
+            .filter(|(stored, _)| constant_time_eq(stored.as_slice(), digest.as_slice()))
+            .map(|(_, caller)| caller)
+    }
+}
+
+/// Middleware: a valid `Authorization: Bearer KEY` or OpenAI's 401.
+pub async fn require_key(
+    State(gateway): State<Arc<Gateway>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    let Some(presented) = presented else {
+        return ApiError::Unauthorized(
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        )
+        .into_response();
+    };
+    match gateway.keys.find(presented) {
+        Some(caller) => {
+            let caller = caller.clone();
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        None => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

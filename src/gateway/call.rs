@@ -1,0 +1,159 @@
+//! Settling a call: the one step every path that ends a request goes
+//! through, upstream answered or failed, stream finished or cut, client
+//! stayed or hung up. A [`Call`] that is dropped unsettled settles itself
+//! with an estimate, so cancellation cannot skip it.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Gateway;
+use crate::catalog::Prices;
+use crate::meter::{Ticket, Usage};
+use crate::store::Settled;
+use crate::tokens::Encoding;
+
+/// How a call ended, as far as the gateway could see.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Usage as upstream reported it, if it did.
+    pub usage: Option<Usage>,
+    /// Output text seen (streamed or in the body), counted when usage is missing.
+    pub output_text: String,
+    /// The status the client got; 0 when it hung up first.
+    pub status: u16,
+    /// Upstream answered with an error: nothing was used.
+    pub failed: bool,
+    pub served_model: Option<String>,
+}
+
+pub struct Call {
+    gateway: Arc<Gateway>,
+    /// The pending row in the store.
+    row: i64,
+    /// What the meter holds for this call.
+    ticket: Ticket,
+    prices: Prices,
+    /// The counted prompt: an estimate's input when upstream reports no usage.
+    prompt: u64,
+    encoding: Encoding,
+    started: Instant,
+    /// Set once settled, so that drop does not settle again.
+    settled: bool,
+}
+
+impl Call {
+    pub fn new(
+        gateway: Arc<Gateway>,
+        row: i64,
+        ticket: Ticket,
+        prices: Prices,
+        prompt: u64,
+        encoding: Encoding,
+    ) -> Self {
+        Call {
+            gateway,
+            row,
+            ticket,
+            prices,
+            prompt,
+            encoding,
+            started: Instant::now(),
+            settled: false,
+        }
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    /// Settle with the meter now and return the record for the store.
+    pub fn settle(&mut self, outcome: Outcome) -> (i64, Settled) {
+        self.settled = true;
+        let (usage, estimated) = match (outcome.usage, outcome.failed) {
+            (_, true) => (Usage::default(), false),
+            (Some(usage), false) => (usage, false),
+            (None, false) => (
+                Usage {
+                    input: self.prompt,
+                    output: self.encoding.count(&outcome.output_text),
+                    ..Usage::default()
+                },
+                true,
+            ),
+        };
+        let settlement = match self.gateway.ledger.lock() {
+            Ok(mut ledger) => ledger.settle(&self.ticket, &usage),
+            Err(_) => {
+                tracing::error!("meter lock poisoned; call recorded as billed");
+                crate::meter::Settlement {
+                    free: false,
+                    over_reservation: None,
+                }
+            }
+        };
+        if let Some(over) = settlement.over_reservation {
+            tracing::warn!(
+                row = self.row,
+                over,
+                reserved = self.ticket.reserved,
+                "usage exceeded the reservation; recorded as reported"
+            );
+        }
+        let cost = if settlement.free {
+            0
+        } else {
+            u64::try_from(self.prices.cost(usage.input, usage.cached, usage.output))
+                .unwrap_or(u64::MAX)
+        };
+        let record = Settled {
+            served_model: outcome.served_model,
+            input: usage.input,
+            cached: usage.cached,
+            output: usage.output,
+            reasoning: usage.reasoning,
+            free: settlement.free && usage.total() > 0,
+            cost_pico: cost,
+            status: outcome.status,
+            latency_ms: self.started.elapsed().as_millis() as u64,
+            estimated,
+        };
+        (self.row, record)
+    }
+
+    /// Settle and write the record, waiting for the store (non-streaming calls
+    /// answer the client only once their record is durable).
+    pub async fn settle_and_store(mut self, outcome: Outcome) {
+        let (row, record) = self.settle(outcome);
+        if let Err(e) = self.gateway.store.settle_async(row, record).await {
+            tracing::error!(error = %e, row, "could not record a settled call");
+        }
+    }
+
+    /// Settle now and write the record in the background.
+    pub fn settle_in_background(&mut self, outcome: Outcome) {
+        let (row, record) = self.settle(outcome);
+        let store = self.gateway.store.clone();
+        let write = move || {
+            if let Err(e) = store.settle(row, &record) {
+                tracing::error!(error = %e, row, "could not record a settled call");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(write);
+            }
+            Err(_) => write(),
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        if !self.settled {
+            // The client hung up (or the task was cancelled) before an answer:
+            // the prompt was sent, so it is counted; the upstream call is
+            // cancelled with the future that owned it.
+            self.settle_in_background(Outcome::default());
+        }
+    }
+}

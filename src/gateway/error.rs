@@ -1,0 +1,128 @@
+//! Errors as the OpenAI API returns them: one enum, one status per variant,
+//! one body shape, `{"error": {"message", "type", "param", "code"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::tokens::request::RequestError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401: no key, or a key that matches no project.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 400: a body the API would refuse.
+    #[error("{message}")]
+    InvalidRequest {
+        message: String,
+        param: Option<String>,
+        code: Option<&'static str>,
+    },
+    /// 404: a model the catalog does not know, or a model the key may not use.
+    #[error("{0}")]
+    ModelNotFound(String),
+    /// 404: a route that does not exist.
+    #[error("Invalid URL ({method} {path})")]
+    UnknownRoute { method: String, path: String },
+    /// 413: a body over the configured limit.
+    #[error("The request body is larger than {limit} bytes.")]
+    PayloadTooLarge { limit: usize },
+    /// 429 `insufficient_quota` / `free_tokens_exhausted`: refused by `block`
+    /// (or `clamp`, `downgrade` with nowhere to go).
+    #[error("{message}")]
+    FreeTokensExhausted { message: String, retry_after: u64 },
+    /// 502: upstream could not be reached or answered nonsense.
+    #[error("{0}")]
+    BadGateway(String),
+    /// 504: upstream took longer than the configured timeout.
+    #[error("The upstream did not answer in time.")]
+    GatewayTimeout,
+    /// 500: the gateway's own fault (the store failed, ...); details are logged, not returned.
+    #[error("The server had an error while processing your request.")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::ModelNotFound(_) | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::FreeTokensExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::FreeTokensExhausted { .. } => "insufficient_quota",
+            ApiError::BadGateway(_) | ApiError::GatewayTimeout | ApiError::Internal => {
+                "server_error"
+            }
+            _ => "invalid_request_error",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            ApiError::InvalidRequest { param, .. } => param.as_deref(),
+            ApiError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> Option<&'static str> {
+        match self {
+            ApiError::Unauthorized(_) => Some("invalid_api_key"),
+            ApiError::InvalidRequest { code, .. } => *code,
+            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::UnknownRoute { .. } => Some("unknown_url"),
+            ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
+            ApiError::FreeTokensExhausted { .. } => Some("free_tokens_exhausted"),
+            ApiError::BadGateway(_) | ApiError::GatewayTimeout | ApiError::Internal => None,
+        }
+    }
+
+    /// The JSON body, for callers that write it themselves (a stream's last event).
+    pub fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.to_string(),
+            "type": self.kind(),
+            "param": self.param(),
+            "code": self.code(),
+        }})
+    }
+}
+
+impl From<RequestError> for ApiError {
+    fn from(e: RequestError) -> Self {
+        match e {
+            RequestError::UnknownModel(unknown) => ApiError::ModelNotFound(unknown.to_string()),
+            RequestError::Invalid {
+                message,
+                param,
+                code,
+            } => ApiError::InvalidRequest {
+                message,
+                param,
+                code,
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status_code(), axum::Json(self.body())).into_response();
+        if let ApiError::FreeTokensExhausted { retry_after, .. } = &self {
+            if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}

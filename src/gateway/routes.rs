@@ -1,0 +1,467 @@
+//! Thin handlers: read and check the request, ask the meter, forward, answer.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde_json::{json, Value};
+
+use super::auth::Caller;
+use super::call::{Call, Outcome};
+use super::error::ApiError;
+use super::stream::{body_text, usage_of, Tap};
+use super::{upstream, Gateway};
+use crate::catalog::ModelRef;
+use crate::day::Day;
+use crate::meter::{self, Decision, Downgrade, PoolKey};
+use crate::store::Admitted;
+use crate::tokens::request::{count_request, parse_body, Endpoint};
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::UnknownRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+}
+
+/// Read a body up to the configured limit; a larger one is a 413.
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge { limit })
+        }
+        Err(_) => Err(ApiError::InvalidRequest {
+            message: "The request body could not be read.".into(),
+            param: None,
+            code: None,
+        }),
+    }
+}
+
+pub async fn chat_completions(
+    s: State<Arc<Gateway>>,
+    c: Extension<Caller>,
+    h: HeaderMap,
+    b: Body,
+) -> Response {
+    metered(s.0, c.0, Endpoint::ChatCompletions, h, b)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn responses(
+    s: State<Arc<Gateway>>,
+    c: Extension<Caller>,
+    h: HeaderMap,
+    b: Body,
+) -> Response {
+    metered(s.0, c.0, Endpoint::Responses, h, b)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn completions(
+    s: State<Arc<Gateway>>,
+    c: Extension<Caller>,
+    h: HeaderMap,
+    b: Body,
+) -> Response {
+    metered(s.0, c.0, Endpoint::Completions, h, b)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn embeddings(
+    s: State<Arc<Gateway>>,
+    c: Extension<Caller>,
+    h: HeaderMap,
+    b: Body,
+) -> Response {
+    metered(s.0, c.0, Endpoint::Embeddings, h, b)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `GET /v1/models`: the catalog's models (every project may use every model).
+pub async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
+    let data: Vec<Value> = gateway
+        .config
+        .catalog
+        .models
+        .iter()
+        .filter(|m| !m.name.contains('*'))
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tokenwarden"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+/// Any other `/v1/*` call: forwarded to the project's upstream, unmetered, logged.
+pub async fn passthrough(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = match read_body(body, gateway.config.server.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    let Some((org, project)) = org_project(&gateway, &caller) else {
+        return ApiError::Internal.into_response();
+    };
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or(parts.uri.path(), |p| p.as_str());
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    tracing::info!(org = %org.name, project = %project.name, method = %parts.method, path, "forwarded unmetered");
+    match upstream::send(
+        &gateway,
+        &project.upstream,
+        parts.method,
+        path,
+        &parts.headers,
+        body,
+    )
+    .await
+    {
+        Ok(response) => {
+            let status = response.status();
+            let headers = upstream::response_headers(response.headers());
+            let mut out = Response::new(Body::from_stream(response.bytes_stream()));
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            out
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+fn org_project<'a>(
+    gateway: &'a Gateway,
+    caller: &Caller,
+) -> Option<(&'a crate::config::Org, &'a crate::config::Project)> {
+    let org = gateway.config.orgs.get(caller.org)?;
+    Some((org, org.projects.get(caller.project)?))
+}
+
+/// The free-token headers of a call's group: limit, remaining, seconds to reset.
+fn free_token_headers(gateway: &Gateway, headers: &mut HeaderMap, pool: Option<PoolKey>, cap: u64) {
+    let remaining = match (pool, gateway.ledger.lock()) {
+        (Some(pool), Ok(ledger)) => ledger.state(pool, cap).left(),
+        _ => 0,
+    };
+    let limit = if pool.is_some() { cap } else { 0 };
+    for (name, value) in [
+        ("x-free-tokens-limit", limit),
+        ("x-free-tokens-remaining", remaining),
+        ("x-free-tokens-reset", gateway.seconds_to_reset()),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(&value.to_string()) {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// Set the output cap a clamped call may use, in the field its endpoint reads.
+fn set_output_cap(endpoint: Endpoint, body: &mut Value, total: u64) {
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let per_choice = (total / n).max(1);
+    let field = match endpoint {
+        Endpoint::Responses => "max_output_tokens",
+        Endpoint::Completions => "max_tokens",
+        Endpoint::ChatCompletions
+            if body.get("max_tokens").is_some() && body.get("max_completion_tokens").is_none() =>
+        {
+            "max_tokens"
+        }
+        _ => "max_completion_tokens",
+    };
+    body[field] = json!(per_choice);
+}
+
+async fn metered(
+    gateway: Arc<Gateway>,
+    caller: Caller,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = read_body(body, gateway.config.server.max_body_bytes).await?;
+    let mut value = parse_body(&bytes)?;
+    let catalog = &gateway.config.catalog;
+    let counted = count_request(catalog, Some(endpoint), &value, None)?;
+    let model = catalog
+        .lookup(&counted.model)
+        .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
+    let (org, project) = org_project(&gateway, &caller).ok_or(ApiError::Internal)?;
+
+    let now_ms = gateway.clock.now_ms();
+    let day = Day::from_unix(now_ms.div_euclid(1000));
+    let running =
+        catalog.program_starts <= day && catalog.program_ends.is_none_or(|ends| day <= ends);
+    let eligible = org.eligible && project.shares && running;
+    let pool_of = |m: &ModelRef<'_>| {
+        m.group_index().filter(|_| eligible).map(|group| PoolKey {
+            org: caller.org,
+            group,
+            day,
+        })
+    };
+    let cap_of = |m: &ModelRef<'_>| m.group().map_or(0, |g| g.daily_tokens_for_tier(org.tier));
+    let target = model
+        .model
+        .downgrade
+        .as_deref()
+        .and_then(|name| catalog.lookup(name).ok().map(|t| (name, t)));
+    let downgrade = target.and_then(|(name, t)| {
+        let prompt = if t.model.encoding == model.model.encoding {
+            counted.prompt.tokens
+        } else {
+            let mut body = value.clone();
+            body["model"] = json!(name);
+            count_request(catalog, Some(endpoint), &body, None)
+                .ok()?
+                .prompt
+                .tokens
+        };
+        Some(Downgrade {
+            pool: pool_of(&t)?,
+            cap: cap_of(&t),
+            prompt,
+            output_cap: counted.output_cap.min(t.model.max_output),
+        })
+    });
+    let request = meter::Request {
+        pool: pool_of(&model),
+        cap: cap_of(&model),
+        prompt: counted.prompt.tokens,
+        output_cap: counted.output_cap,
+        policy: project.on_exhausted,
+        fallback: project.downgrade_fallback,
+        downgrade,
+    };
+    let decision = gateway
+        .ledger
+        .lock()
+        .map_err(|_| ApiError::Internal)?
+        .admit(&request);
+
+    let stream = value
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut admitted = Admitted {
+        started_ms: now_ms,
+        day,
+        org: org.name.clone(),
+        project: project.name.clone(),
+        key_id: caller.key_id.clone(),
+        endpoint: endpoint.path(),
+        requested_model: counted.model.clone(),
+        served_model: counted.model.clone(),
+        group: model.group().map(|g| g.name.clone()),
+        decision: "free",
+        reserved: 0,
+        free_lane: false,
+        streamed: stream,
+    };
+    let mut modified = false;
+    let (ticket, served, header_pool, header_cap) = match decision {
+        Decision::Refused { pool, cap, left } => {
+            let retry_after = gateway.seconds_to_reset();
+            let group = catalog
+                .groups
+                .get(pool.group)
+                .map_or("?", |g| g.name.as_str());
+            if let Err(e) = gateway.store.refuse(&admitted, 429) {
+                tracing::error!(error = %e, "could not record a refused call");
+            }
+            return Err(ApiError::FreeTokensExhausted {
+                message: format!(
+                    "Free tokens exhausted: this call needs up to {} tokens of the {group} group, and {left} of today's {cap} are left for org {}. The allowance resets at 00:00 UTC, in {retry_after} seconds.",
+                    request.prompt + request.output_cap,
+                    org.name
+                ),
+                retry_after,
+            });
+        }
+        Decision::Free(ticket) => (ticket, model, request.pool, request.cap),
+        Decision::Billed(ticket) => {
+            admitted.decision = "billed";
+            (ticket, model, request.pool, request.cap)
+        }
+        Decision::Clamped { ticket, output_cap } => {
+            admitted.decision = "clamped";
+            set_output_cap(endpoint, &mut value, output_cap);
+            modified = true;
+            (ticket, model, request.pool, request.cap)
+        }
+        Decision::Downgraded(ticket) => {
+            let (name, t) = target.ok_or(ApiError::Internal)?;
+            admitted.decision = "downgraded";
+            admitted.served_model = name.to_owned();
+            value["model"] = json!(name);
+            modified = true;
+            (ticket, t, ticket.pool, ticket.cap)
+        }
+    };
+    admitted.reserved = ticket.reserved;
+    admitted.free_lane = ticket.reserved > 0;
+    if admitted.group.is_some() && served.group().is_some() {
+        admitted.group = served.group().map(|g| g.name.clone());
+    }
+
+    // Always ask for the usage chunk; remember whether the client did.
+    let client_wants_usage = value
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if stream
+        && !client_wants_usage
+        && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+    {
+        match value
+            .get_mut("stream_options")
+            .and_then(Value::as_object_mut)
+        {
+            Some(options) => {
+                options.insert("include_usage".into(), Value::Bool(true));
+            }
+            None => value["stream_options"] = json!({"include_usage": true}),
+        }
+        modified = true;
+    }
+    let body = if modified {
+        Bytes::from(serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?)
+    } else {
+        bytes
+    };
+
+    let row = match gateway.store.admit_async(admitted).await {
+        Ok(row) => row,
+        Err(e) => {
+            tracing::error!(error = %e, "could not record an admitted call");
+            if let Ok(mut ledger) = gateway.ledger.lock() {
+                ledger.settle(&ticket, &meter::Usage::default());
+            }
+            return Err(ApiError::Internal);
+        }
+    };
+    let call = Call::new(
+        gateway.clone(),
+        row,
+        ticket,
+        served.prices(),
+        counted.prompt.tokens,
+        served.model.encoding,
+    );
+    let path = endpoint.path().trim_start_matches("/v1");
+    let response = match upstream::send(
+        &gateway,
+        &project.upstream,
+        Method::POST,
+        path,
+        &headers,
+        body,
+    )
+    .await
+    {
+        Ok(response) => response,
+        Err(e) => {
+            call.settle_and_store(Outcome {
+                failed: true,
+                status: e.status_code().as_u16(),
+                ..Outcome::default()
+            })
+            .await;
+            return Err(e);
+        }
+    };
+    let status = response.status();
+    if matches!(status.as_u16(), 401 | 403) {
+        // The client's key was good; the gateway's own credentials were not.
+        tracing::error!(upstream = %project.upstream, status = status.as_u16(), "the upstream refused the gateway's credentials");
+        call.settle_and_store(Outcome {
+            failed: true,
+            status: 502,
+            ..Outcome::default()
+        })
+        .await;
+        return Err(ApiError::BadGateway(format!(
+            "The upstream '{}' refused the gateway's credentials.",
+            project.upstream
+        )));
+    }
+    let mut out_headers = upstream::response_headers(response.headers());
+    let is_stream = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+
+    if status.is_success() && is_stream {
+        free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
+        let tap = Tap::new(call, response, endpoint, client_wants_usage);
+        let mut out = Response::new(Body::from_stream(tap));
+        *out.headers_mut() = out_headers;
+        return Ok(out);
+    }
+
+    let upstream_body = match response.bytes().await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            let error = if e.is_timeout() {
+                ApiError::GatewayTimeout
+            } else {
+                ApiError::BadGateway("The upstream answer was cut short.".into())
+            };
+            call.settle_and_store(Outcome {
+                status: error.status_code().as_u16(),
+                ..Outcome::default()
+            })
+            .await;
+            return Err(error);
+        }
+    };
+    let outcome = if status.is_success() {
+        let parsed: Value = serde_json::from_slice(&upstream_body).unwrap_or_default();
+        let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
+        Outcome {
+            usage,
+            output_text: if usage.is_none() {
+                body_text(endpoint, &parsed)
+            } else {
+                String::new()
+            },
+            status: status.as_u16(),
+            served_model: parsed
+                .get("model")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            ..Outcome::default()
+        }
+    } else {
+        Outcome {
+            failed: true,
+            status: status.as_u16(),
+            ..Outcome::default()
+        }
+    };
+    call.settle_and_store(outcome).await;
+    free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
+    let mut out = Response::new(Body::from(upstream_body));
+    *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    *out.headers_mut() = out_headers;
+    Ok(out)
+}

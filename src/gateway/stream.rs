@@ -1,0 +1,345 @@
+//! Reading usage out of responses: a whole JSON body, or a stream of
+//! server-sent events tapped as they pass.
+//!
+//! The tap forwards each complete event as soon as it arrives, unchanged,
+//! except the usage chunk the gateway asked for on the client's behalf,
+//! which a client that did not ask never sees. It settles the call when the
+//! stream ends, when upstream cuts it, and when the client hangs up (then
+//! dropping the upstream response cancels the upstream call).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use serde_json::Value;
+
+use super::call::{Call, Outcome};
+use crate::meter::Usage;
+use crate::tokens::request::Endpoint;
+
+fn number(value: &Value, pointer: &str) -> u64 {
+    value.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The usage object of a body, chunk or Responses object.
+pub fn usage_of(endpoint: Endpoint, usage: &Value) -> Option<Usage> {
+    if !usage.is_object() {
+        return None;
+    }
+    Some(match endpoint {
+        Endpoint::Responses => Usage {
+            input: number(usage, "/input_tokens"),
+            cached: number(usage, "/input_tokens_details/cached_tokens"),
+            output: number(usage, "/output_tokens"),
+            reasoning: number(usage, "/output_tokens_details/reasoning_tokens"),
+        },
+        _ => Usage {
+            input: number(usage, "/prompt_tokens"),
+            cached: number(usage, "/prompt_tokens_details/cached_tokens"),
+            output: number(usage, "/completion_tokens"),
+            reasoning: number(usage, "/completion_tokens_details/reasoning_tokens"),
+        },
+    })
+}
+
+/// The output text of a whole (non-streamed) body, for an estimate.
+pub fn body_text(endpoint: Endpoint, body: &Value) -> String {
+    let mut text = String::new();
+    let push = |text: &mut String, v: Option<&Value>| {
+        if let Some(s) = v.and_then(Value::as_str) {
+            text.push_str(s);
+        }
+    };
+    match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Completions => {
+            for choice in body
+                .get("choices")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                push(&mut text, choice.pointer("/message/content"));
+                push(&mut text, choice.get("text"));
+            }
+        }
+        Endpoint::Responses => {
+            for item in body
+                .get("output")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                for part in item
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    push(&mut text, part.get("text"));
+                }
+            }
+        }
+        Endpoint::Embeddings => {}
+    }
+    text
+}
+
+/// The output text of one streamed event's data.
+fn delta_text(endpoint: Endpoint, data: &Value, text: &mut String) {
+    let piece = match endpoint {
+        Endpoint::Responses
+            if data.get("type").and_then(Value::as_str) == Some("response.output_text.delta") =>
+        {
+            data.get("delta")
+        }
+        Endpoint::Responses => None,
+        _ => data
+            .pointer("/choices/0/delta/content")
+            .or_else(|| data.pointer("/choices/0/text")),
+    };
+    if let Some(s) = piece.and_then(Value::as_str) {
+        text.push_str(s);
+    }
+}
+
+/// The end of the first complete event in `buf` (after its blank line).
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// The `data:` payload of an event, if it has one.
+fn data_of(event: &[u8]) -> Option<&[u8]> {
+    for line in event.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(data) = line.strip_prefix(b"data:") {
+            return Some(data.strip_prefix(b" ").unwrap_or(data));
+        }
+    }
+    None
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+pub struct Tap {
+    /// Settled when the stream ends; if the tap is dropped first, its drop settles.
+    call: Option<Call>,
+    upstream: Upstream,
+    endpoint: Endpoint,
+    /// Bytes of an event not yet complete.
+    buffer: BytesMut,
+    /// The client asked for the usage chunk itself.
+    client_wants_usage: bool,
+    usage: Option<Usage>,
+    served_model: Option<String>,
+    /// Data of the events seen, kept (as cheap slices) to count the output
+    /// if the stream ends without usage.
+    seen: Vec<Bytes>,
+}
+
+impl Tap {
+    pub fn new(
+        call: Call,
+        upstream: reqwest::Response,
+        endpoint: Endpoint,
+        client_wants_usage: bool,
+    ) -> Self {
+        Tap {
+            call: Some(call),
+            upstream: Box::pin(upstream.bytes_stream()),
+            endpoint,
+            buffer: BytesMut::new(),
+            client_wants_usage,
+            usage: None,
+            served_model: None,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Read one complete event; returns whether to pass it to the client.
+    fn inspect(&mut self, event: &Bytes) -> bool {
+        let Some(data) = data_of(event) else {
+            return true;
+        };
+        if !data.starts_with(b"{") {
+            return true;
+        }
+        let offset = data.as_ptr() as usize - event.as_ptr() as usize;
+        let data_bytes = event.slice(offset..offset + data.len());
+        let usage_like = match self.endpoint {
+            Endpoint::Responses => {
+                contains(data, b"\"response.completed\"")
+                    || contains(data, b"\"response.incomplete\"")
+                    || contains(data, b"\"response.failed\"")
+            }
+            _ => contains(data, b"\"usage\":{") || contains(data, b"\"usage\": {"),
+        };
+        if !usage_like {
+            self.seen.push(data_bytes);
+            return true;
+        }
+        let Ok(value) = serde_json::from_slice::<Value>(data) else {
+            return true;
+        };
+        match self.endpoint {
+            Endpoint::Responses => {
+                if let Some(response) = value.get("response") {
+                    self.usage = response
+                        .get("usage")
+                        .and_then(|u| usage_of(self.endpoint, u))
+                        .or(self.usage);
+                    self.served_model = response
+                        .get("model")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                }
+                true
+            }
+            _ => {
+                let usage = value.get("usage").and_then(|u| usage_of(self.endpoint, u));
+                let choices_empty = value
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty);
+                if usage.is_some() {
+                    self.usage = usage;
+                    self.served_model = value
+                        .get("model")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned);
+                }
+                if !choices_empty {
+                    self.seen.push(data_bytes);
+                }
+                // The usage chunk the gateway asked for on the client's behalf stays here.
+                !(choices_empty && usage.is_some() && !self.client_wants_usage)
+            }
+        }
+    }
+
+    /// Settle with what the stream showed: its usage, or an estimate.
+    fn finish(&mut self, status: u16) {
+        let Some(mut call) = self.call.take() else {
+            return;
+        };
+        let mut outcome = Outcome {
+            usage: self.usage,
+            status,
+            served_model: self.served_model.take(),
+            ..Outcome::default()
+        };
+        if outcome.usage.is_none() {
+            for data in &self.seen {
+                if let Ok(value) = serde_json::from_slice::<Value>(data) {
+                    delta_text(self.endpoint, &value, &mut outcome.output_text);
+                }
+            }
+        }
+        call.settle_in_background(outcome);
+    }
+}
+
+impl Stream for Tap {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.buffer.extend_from_slice(&chunk);
+                    let mut out = BytesMut::new();
+                    while let Some(end) = event_end(&this.buffer) {
+                        let event = this.buffer.split_to(end).freeze();
+                        if this.inspect(&event) {
+                            out.extend_from_slice(&event);
+                        }
+                    }
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out.freeze())));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // Upstream cut the stream: settle with an estimate and cut the client's too.
+                    tracing::warn!(error = %e.without_url(), "upstream stream ended abruptly");
+                    this.finish(200);
+                    return Poll::Ready(Some(Err(std::io::Error::other(
+                        "upstream stream ended abruptly",
+                    ))));
+                }
+                Poll::Ready(None) => {
+                    let rest = std::mem::take(&mut this.buffer);
+                    if !rest.is_empty() {
+                        let rest = rest.freeze();
+                        let pass = this.inspect(&rest);
+                        this.finish(200);
+                        if pass {
+                            return Poll::Ready(Some(Ok(rest)));
+                        }
+                    }
+                    this.finish(200);
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // The client hung up mid-stream: what it was sent is counted.
+        self.finish(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_and_data() {
+        assert_eq!(event_end(b"data: {}\n\ndata: x"), Some(10));
+        assert_eq!(event_end(b"data: {}\r\n\r\n"), Some(12));
+        assert_eq!(event_end(b"data: {}\n"), None);
+        assert_eq!(
+            data_of(b"event: response.completed\ndata: {\"a\":1}\n\n"),
+            Some(&b"{\"a\":1}"[..])
+        );
+        assert_eq!(data_of(b": keep-alive\n\n"), None);
+    }
+
+    #[test]
+    fn usage_shapes() {
+        let chat: Value = serde_json::json!({"prompt_tokens": 10, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": 2}});
+        assert_eq!(
+            usage_of(Endpoint::ChatCompletions, &chat),
+            Some(Usage {
+                input: 10,
+                cached: 4,
+                output: 5,
+                reasoning: 2
+            })
+        );
+        let resp: Value = serde_json::json!({"input_tokens": 7, "output_tokens": 3, "input_tokens_details": {"cached_tokens": 1}, "output_tokens_details": {"reasoning_tokens": 0}});
+        assert_eq!(
+            usage_of(Endpoint::Responses, &resp),
+            Some(Usage {
+                input: 7,
+                cached: 1,
+                output: 3,
+                reasoning: 0
+            })
+        );
+        assert_eq!(usage_of(Endpoint::ChatCompletions, &Value::Null), None);
+    }
+}

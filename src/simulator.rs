@@ -1,0 +1,538 @@
+//! The simulated upstream: an OpenAI-compatible server for demos, load tests
+//! and CI. It serves the same endpoints as the API with deterministic output,
+//! counts usage with the same counter the gateway meters with, honours output
+//! caps, streams exactly as the API streams (including `include_usage`), and
+//! can be told per request to fail:
+//!
+//! - `x-sim-fault: status=500` (any status) answers with that error;
+//! - `x-sim-fault: cut=N` ends a stream abruptly after N events;
+//! - `x-sim-fault: no-usage` leaves usage out;
+//! - `x-sim-fault: stall=MS` waits MS milliseconds before answering;
+//! - `x-sim-output-tokens: N` asks for N output tokens (default 16);
+//! - `x-sim-ttft-ms` and `x-sim-token-ms` set the latency of one call.
+//!
+//! `GET /stats` reports, per API key, the calls served and the tokens of the
+//! usage it reported: the witness that tests audit the gateway against.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::catalog::Catalog;
+use crate::gateway::error::ApiError;
+use crate::tokens::request::{count_body, Endpoint};
+
+mod shapes;
+
+use shapes::Output;
+
+/// Words that are one token each, with their leading space, in both
+/// encodings, so an output of N words is N tokens (checked in the tests).
+const WORDS: [&str; 24] = [
+    " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " with", " was",
+    " on", " be", " by", " this", " are", " from", " at", " or", " an", " which", " have", " not",
+];
+
+/// Latency and output defaults for every call.
+#[derive(Clone, Copy, Debug)]
+pub struct SimConfig {
+    /// Time to the first token (or to the whole answer when not streaming).
+    pub ttft: Duration,
+    /// Delay between streamed tokens.
+    pub token_delay: Duration,
+    /// Output tokens per call when the request allows that many.
+    pub output_tokens: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            ttft: Duration::ZERO,
+            token_delay: Duration::ZERO,
+            output_tokens: 16,
+        }
+    }
+}
+
+/// What the simulator served to one API key.
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct KeyStats {
+    /// Calls received (valid or not).
+    pub requests: u64,
+    /// Calls answered in full (a stream through its last event).
+    pub completed: u64,
+    /// Tokens of the usage reported to the client.
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub total_tokens: u64,
+}
+
+pub struct Simulator {
+    catalog: Catalog,
+    config: SimConfig,
+    /// Per API key; the witness for audits.
+    stats: Mutex<HashMap<String, KeyStats>>,
+    /// Makes response ids unique and deterministic in order.
+    next_id: AtomicU64,
+}
+
+impl Simulator {
+    pub fn new(catalog: Catalog, config: SimConfig) -> Arc<Self> {
+        Arc::new(Simulator {
+            catalog,
+            config,
+            stats: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn stats(&self) -> HashMap<String, KeyStats> {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    fn record(&self, key: &str, f: impl FnOnce(&mut KeyStats)) {
+        if let Ok(mut stats) = self.stats.lock() {
+            f(stats.entry(key.to_owned()).or_default());
+        }
+    }
+}
+
+/// The simulator's routes.
+pub fn router(sim: Arc<Simulator>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/responses", post(responses))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route("/stats", get(stats))
+        .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
+        .with_state(sim)
+}
+
+/// The faults and latency one request asks for.
+#[derive(Default)]
+struct Faults {
+    status: Option<StatusCode>,
+    cut_after: Option<usize>,
+    no_usage: bool,
+    stall: Option<Duration>,
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name)?.to_str().ok()?.trim().parse().ok()
+}
+
+fn faults(headers: &HeaderMap) -> Faults {
+    let mut faults = Faults::default();
+    let Some(value) = headers.get("x-sim-fault").and_then(|v| v.to_str().ok()) else {
+        return faults;
+    };
+    for part in value.split(',').map(str::trim) {
+        match part.split_once('=') {
+            Some(("status", n)) => {
+                faults.status = n.parse().ok().and_then(|n| StatusCode::from_u16(n).ok())
+            }
+            Some(("cut", n)) => faults.cut_after = n.parse().ok(),
+            Some(("stall", ms)) => faults.stall = ms.parse().ok().map(Duration::from_millis),
+            None if part == "no-usage" => faults.no_usage = true,
+            _ => {}
+        }
+    }
+    faults
+}
+
+fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    match value.strip_prefix("Bearer ") {
+        Some(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
+        _ => Err(ApiError::Unauthorized("You didn't provide an API key.")),
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// An error as the API sends it, with the headers a client retries by.
+fn fault_response(status: StatusCode) -> Response {
+    let (kind, code) = match status.as_u16() {
+        429 => ("requests", Some("rate_limit_exceeded")),
+        400..=499 => ("invalid_request_error", None),
+        _ => ("server_error", None),
+    };
+    let body = json!({"error": {"message": format!("Simulated failure ({status})."), "type": kind, "param": null, "code": code}});
+    let mut response = (status, Json(body)).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+/// One call's plan: who asked, what it may produce, and how it misbehaves.
+struct Call {
+    key: String,
+    endpoint: Endpoint,
+    model: String,
+    prompt_tokens: u64,
+    output: Vec<&'static str>,
+    truncated: bool,
+    stream: bool,
+    include_usage: bool,
+    max_output_tokens: Option<u64>,
+    faults: Faults,
+    ttft: Duration,
+    token_delay: Duration,
+    body: Value,
+}
+
+impl Simulator {
+    fn plan(
+        &self,
+        endpoint: Endpoint,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Result<Call, Box<Response>> {
+        let key = bearer(headers).map_err(|e| Box::new(e.into_response()))?;
+        self.record(&key, |s| s.requests += 1);
+        let faults = faults(headers);
+        if let Some(status) = faults.status {
+            return Err(Box::new(fault_response(status)));
+        }
+        let counted = count_body(&self.catalog, Some(endpoint), body, None)
+            .map_err(|e| Box::new(ApiError::from(e).into_response()))?;
+        let value: Value = serde_json::from_slice(body).unwrap_or_default();
+        let model = self
+            .catalog
+            .lookup(&counted.model)
+            .map_err(|e| Box::new(ApiError::ModelNotFound(e.to_string()).into_response()))?;
+        let served = model
+            .model
+            .served_as
+            .clone()
+            .unwrap_or_else(|| counted.model.clone());
+        let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| value.get(*k).and_then(Value::as_u64))
+            .or((endpoint == Endpoint::Completions).then_some(16));
+        let wanted =
+            header_u64(headers, "x-sim-output-tokens").unwrap_or(self.config.output_tokens);
+        let length = cap.map_or(wanted, |cap| wanted.min(cap));
+        let seed = counted.prompt.tokens as usize;
+        let output = (0..length as usize)
+            .map(|i| WORDS[(seed + i) % WORDS.len()])
+            .collect();
+        let ms = |name: &str, default: Duration| {
+            header_u64(headers, name).map_or(default, Duration::from_millis)
+        };
+        Ok(Call {
+            key,
+            endpoint,
+            model: served,
+            prompt_tokens: counted.prompt.tokens,
+            output,
+            truncated: cap.is_some_and(|cap| cap < wanted),
+            stream: value
+                .get("stream")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            include_usage: value
+                .pointer("/stream_options/include_usage")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+            max_output_tokens: value.get("max_output_tokens").and_then(Value::as_u64),
+            faults,
+            ttft: ms("x-sim-ttft-ms", self.config.ttft),
+            token_delay: ms("x-sim-token-ms", self.config.token_delay),
+            body: value,
+        })
+    }
+
+    fn id(&self, endpoint: Endpoint) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let prefix = match endpoint {
+            Endpoint::ChatCompletions => "chatcmpl-",
+            Endpoint::Responses => "resp_",
+            Endpoint::Completions => "cmpl-",
+            Endpoint::Embeddings => "emb-",
+        };
+        format!("{prefix}sim{n:016x}")
+    }
+}
+
+fn with_headers(mut response: Response, started: std::time::Instant) -> Response {
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("req_sim{:x}", started.elapsed().as_nanos())) {
+        headers.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+        headers.insert("openai-processing-ms", v);
+    }
+    response
+}
+
+async fn serve_call(
+    sim: Arc<Simulator>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    let call = match sim.plan(endpoint, &headers, &body) {
+        Ok(call) => call,
+        Err(response) => return *response,
+    };
+    if let Some(stall) = call.faults.stall {
+        tokio::time::sleep(stall).await;
+    }
+    let id = sim.id(endpoint);
+    let output = Output {
+        id: &id,
+        created: now(),
+        model: &call.model,
+        tokens: &call.output,
+        prompt_tokens: call.prompt_tokens,
+        truncated: call.truncated,
+    };
+    if call.stream {
+        let events = stream_events(&call, &output);
+        let response = stream_response(sim, call, events);
+        return with_headers(response, started);
+    }
+    if !call.ttft.is_zero() {
+        tokio::time::sleep(call.ttft + call.token_delay * call.output.len() as u32).await;
+    }
+    let mut body = match endpoint {
+        Endpoint::ChatCompletions => output.chat_completion(),
+        Endpoint::Responses => output.response(true, call.max_output_tokens),
+        Endpoint::Completions => output.text_completion(),
+        Endpoint::Embeddings => embedding_body(&call),
+    };
+    let completion = if endpoint == Endpoint::Embeddings {
+        0
+    } else {
+        output.completion_tokens()
+    };
+    if call.faults.no_usage {
+        if let Some(map) = body.as_object_mut() {
+            map.remove("usage");
+        }
+    }
+    sim.record(&call.key, |s| {
+        s.completed += 1;
+        if !call.faults.no_usage {
+            s.prompt_tokens += call.prompt_tokens;
+            s.completion_tokens += completion;
+            s.total_tokens += call.prompt_tokens + completion;
+        }
+    });
+    with_headers((StatusCode::OK, Json(body)).into_response(), started)
+}
+
+/// Every event of a streamed call, each a complete SSE frame.
+fn stream_events(call: &Call, output: &Output<'_>) -> Vec<Bytes> {
+    let frame = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
+    let usage = call.include_usage && !call.faults.no_usage;
+    let mut events = Vec::with_capacity(call.output.len() + 4);
+    match call.endpoint {
+        Endpoint::Responses => {
+            for (name, mut data) in output.response_events(call.max_output_tokens) {
+                if call.faults.no_usage {
+                    if let Some(response) = data.get_mut("response").and_then(Value::as_object_mut)
+                    {
+                        response.insert("usage".into(), Value::Null);
+                    }
+                }
+                events.push(Bytes::from(format!("event: {name}\ndata: {data}\n\n")));
+            }
+            return events;
+        }
+        Endpoint::Completions => {
+            for token in &call.output {
+                events.push(frame(&output.text_chunk(token, None)));
+            }
+            events.push(frame(&output.text_finish()));
+            if usage {
+                events.push(frame(&output.text_usage_chunk()));
+            }
+        }
+        _ => {
+            events.push(frame(&output.chat_chunk(
+                json!({"role": "assistant", "content": "", "refusal": null}),
+                None,
+                call.include_usage,
+            )));
+            for token in &call.output {
+                events.push(frame(&output.chat_chunk(
+                    json!({"content": token}),
+                    None,
+                    call.include_usage,
+                )));
+            }
+            events.push(frame(&output.finish_chunk(call.include_usage)));
+            if usage {
+                events.push(frame(&output.chat_usage_chunk()));
+            }
+        }
+    }
+    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+    events
+}
+
+fn stream_response(sim: Arc<Simulator>, call: Call, events: Vec<Bytes>) -> Response {
+    let reports_usage =
+        !call.faults.no_usage && (call.include_usage || call.endpoint == Endpoint::Responses);
+    let total = events.len();
+    let stream = futures_util::stream::unfold(
+        (0usize, sim, call, events),
+        move |(i, sim, call, events)| async move {
+            if i == total {
+                return None;
+            }
+            if call.faults.cut_after == Some(i) {
+                // An abrupt end: the connection closes mid-stream.
+                return Some((
+                    Err(std::io::Error::other("simulated cut")),
+                    (total, sim, call, events),
+                ));
+            }
+            let delay = if i == 0 { call.ttft } else { call.token_delay };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            if i + 1 == total {
+                let completion = call.output.len() as u64;
+                sim.record(&call.key, |s| {
+                    s.completed += 1;
+                    if reports_usage {
+                        s.prompt_tokens += call.prompt_tokens;
+                        s.completion_tokens += completion;
+                        s.total_tokens += call.prompt_tokens + completion;
+                    }
+                });
+            }
+            let event = events.get(i).cloned().unwrap_or_default();
+            Some((Ok(event), (i + 1, sim, call, events)))
+        },
+    );
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    response
+}
+
+fn embedding_body(call: &Call) -> Value {
+    let inputs = match call.body.get("input") {
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
+        Some(Value::Array(items)) => items.len(),
+        _ => 1,
+    };
+    let dimensions = call
+        .body
+        .get("dimensions")
+        .and_then(Value::as_u64)
+        .unwrap_or(if call.model.contains("large") {
+            3072
+        } else {
+            1536
+        });
+    let base64 = call.body.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    let data: Vec<Value> = (0..inputs)
+        .map(|index| {
+            let vector: Vec<f32> = (0..dimensions)
+                .map(|d| ((index as u64 * 31 + d) % 97) as f32 / 97.0 - 0.5)
+                .collect();
+            let embedding = if base64 {
+                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    json!({
+        "object": "list",
+        "data": data,
+        "model": call.model,
+        "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}
+    })
+}
+
+async fn chat(State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes) -> Response {
+    serve_call(sim, Endpoint::ChatCompletions, headers, body).await
+}
+
+async fn responses(State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes) -> Response {
+    serve_call(sim, Endpoint::Responses, headers, body).await
+}
+
+async fn completions(
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve_call(sim, Endpoint::Completions, headers, body).await
+}
+
+async fn embeddings(
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    serve_call(sim, Endpoint::Embeddings, headers, body).await
+}
+
+async fn models(State(sim): State<Arc<Simulator>>, headers: HeaderMap) -> Response {
+    if let Err(e) = bearer(&headers) {
+        return e.into_response();
+    }
+    let data: Vec<Value> = sim
+        .catalog
+        .models
+        .iter()
+        .filter(|m| !m.name.contains('*'))
+        .map(|m| json!({"id": m.name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+async fn stats(State(sim): State<Arc<Simulator>>) -> Response {
+    Json(json!({"keys": sim.stats()})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tokens::Encoding;
+
+    #[test]
+    fn every_word_is_one_token_in_both_encodings() {
+        for encoding in Encoding::ALL {
+            for word in WORDS {
+                assert_eq!(encoding.count(word), 1, "{word:?} in {}", encoding.name());
+            }
+            assert_eq!(encoding.count(&WORDS.concat()), WORDS.len() as u64);
+        }
+    }
+}

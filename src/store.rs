@@ -1,0 +1,84 @@
+//! Persistence: request records and daily totals.
+//!
+//! A call is written twice: once as `pending` when it is admitted, before it
+//! goes upstream, and once when it settles. A crash in between leaves a
+//! pending row, which the next start settles as `interrupted` with its
+//! reservation counted (an upper bound), so a `kill -9` loses no call and
+//! never hands out free tokens twice. SQLite is the embedded default.
+
+use crate::day::Day;
+
+pub mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+#[error("store: {0}")]
+pub struct StoreError(String);
+
+impl StoreError {
+    pub fn from_message(message: String) -> Self {
+        StoreError(message)
+    }
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError(e.to_string())
+    }
+}
+
+/// A call as admitted, before it goes upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admitted {
+    pub started_ms: i64,
+    pub day: Day,
+    pub org: String,
+    pub project: String,
+    /// A short, non-secret id of the client key (a prefix of its hash).
+    pub key_id: String,
+    pub endpoint: &'static str,
+    pub requested_model: String,
+    pub served_model: String,
+    /// The program group, `None` for models outside the program.
+    pub group: Option<String>,
+    /// `free`, `billed`, `clamped`, `downgraded` or `refused`.
+    pub decision: &'static str,
+    /// Tokens held in the free pool while the call runs.
+    pub reserved: u64,
+    /// Whether the reservation is in the free pool (so counts if the call is lost).
+    pub free_lane: bool,
+    pub streamed: bool,
+}
+
+/// How a call ended.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// The model upstream says served the call.
+    pub served_model: Option<String>,
+    pub input: u64,
+    pub cached: u64,
+    pub output: u64,
+    pub reasoning: u64,
+    /// The whole call was free.
+    pub free: bool,
+    /// List price of a billed call, in pico-dollars (0 when free).
+    pub cost_pico: u64,
+    /// The HTTP status the client got (0 when the client hung up first).
+    pub status: u16,
+    pub latency_ms: u64,
+    /// Usage was not reported by upstream and was estimated.
+    pub estimated: bool,
+}
+
+/// One day's totals for one org and group (`group` empty: outside the program).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DailyTotal {
+    pub day: Day,
+    pub org: String,
+    pub group: String,
+    pub free_tokens: u64,
+    pub billed_tokens: u64,
+    pub cost_pico: u64,
+    pub requests: u64,
+}

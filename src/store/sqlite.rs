@@ -1,0 +1,402 @@
+//! The SQLite store: one file, WAL, versioned migrations.
+//!
+//! Writes go through one connection behind a mutex (SQLite has one writer
+//! anyway) on tokio's blocking pool, so a slow disk never stalls the async
+//! workers. `synchronous = NORMAL` in WAL mode makes each commit survive the
+//! process dying (`kill -9`), which is what the ledger promises.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::{Admitted, DailyTotal, Settled, StoreError};
+use crate::day::Day;
+
+/// Migrations, applied in order once each; never edit one that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: request records and daily totals.
+    "CREATE TABLE requests (
+        id INTEGER PRIMARY KEY,
+        started_ms INTEGER NOT NULL,
+        day INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        requested_model TEXT NOT NULL,
+        served_model TEXT NOT NULL,
+        grp TEXT,
+        decision TEXT NOT NULL,
+        reserved INTEGER NOT NULL,
+        free_lane INTEGER NOT NULL,
+        streamed INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL DEFAULT 0,
+        cached_tokens INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+        free INTEGER NOT NULL DEFAULT 0,
+        cost_pico INTEGER NOT NULL DEFAULT 0,
+        status INTEGER NOT NULL DEFAULT 0,
+        latency_ms INTEGER NOT NULL DEFAULT 0,
+        estimated INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX requests_day_org ON requests(day, org);
+    CREATE INDEX requests_state ON requests(state) WHERE state = 'pending';
+    CREATE TABLE daily (
+        day INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        free_tokens INTEGER NOT NULL DEFAULT 0,
+        billed_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_pico INTEGER NOT NULL DEFAULT 0,
+        requests INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, org, grp)
+    );",
+];
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    /// The one connection; SQLite serializes writers anyway.
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn as_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn as_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) and migrate the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(SqliteStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| StoreError("connection lock poisoned".into()))?;
+        Ok(f(&mut conn)?)
+    }
+
+    /// Run `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| StoreError(format!("store task: {e}")))?
+    }
+
+    /// Record an admitted call as pending; returns its id.
+    pub fn admit(&self, a: &Admitted) -> Result<i64, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
+                    served_model, grp, decision, reserved, free_lane, streamed, state)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending')",
+            )?
+            .execute(params![
+                a.started_ms,
+                a.day.0,
+                a.org,
+                a.project,
+                a.key_id,
+                a.endpoint,
+                a.requested_model,
+                a.served_model,
+                a.group,
+                a.decision,
+                as_i64(a.reserved),
+                a.free_lane,
+                a.streamed,
+            ])?;
+            Ok(conn.last_insert_rowid())
+        })
+    }
+
+    pub async fn admit_async(&self, a: Admitted) -> Result<i64, StoreError> {
+        self.blocking(move |s| s.admit(&a)).await
+    }
+
+    /// Record a refused call (no tokens, nothing reserved).
+    pub fn refuse(&self, a: &Admitted, status: u16) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            tx.prepare_cached(
+                "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
+                    served_model, grp, decision, reserved, free_lane, streamed, state, status)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'refused', 0, 0, ?10, 'settled', ?11)",
+            )?
+            .execute(params![
+                a.started_ms,
+                a.day.0,
+                a.org,
+                a.project,
+                a.key_id,
+                a.endpoint,
+                a.requested_model,
+                a.served_model,
+                a.group,
+                a.streamed,
+                status,
+            ])?;
+            add_daily(&tx, a.day, &a.org, a.group.as_deref().unwrap_or(""), 0, 0, 0, 1)?;
+            tx.commit()
+        })
+    }
+
+    /// Settle a pending call and add it to its day's totals, in one transaction.
+    pub fn settle(&self, id: i64, s: &Settled) -> Result<(), StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let row: Option<(i64, String, Option<String>, String)> = tx
+                .prepare_cached("SELECT day, org, grp, state FROM requests WHERE id = ?1")?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                .optional()?;
+            let Some((day, org, group, state)) = row else {
+                return Ok(());
+            };
+            if state != "pending" {
+                return Ok(());
+            }
+            tx.prepare_cached(
+                "UPDATE requests SET state = 'settled', served_model = COALESCE(?2, served_model),
+                    input_tokens = ?3, cached_tokens = ?4, output_tokens = ?5, reasoning_tokens = ?6,
+                    free = ?7, cost_pico = ?8, status = ?9, latency_ms = ?10, estimated = ?11
+                 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                s.served_model,
+                as_i64(s.input),
+                as_i64(s.cached),
+                as_i64(s.output),
+                as_i64(s.reasoning),
+                s.free,
+                as_i64(s.cost_pico),
+                s.status,
+                as_i64(s.latency_ms),
+                s.estimated,
+            ])?;
+            let total = as_i64(s.input.saturating_add(s.output));
+            let (free, billed) = if s.free { (total, 0) } else { (0, total) };
+            add_daily(&tx, Day(day), &org, group.as_deref().unwrap_or(""), free, billed, as_i64(s.cost_pico), 1)?;
+            tx.commit()
+        })
+    }
+
+    pub async fn settle_async(&self, id: i64, s: Settled) -> Result<(), StoreError> {
+        self.blocking(move |store| store.settle(id, &s)).await
+    }
+
+    /// Settle every call left pending by a crash as `interrupted`: a free-lane
+    /// call's reservation counts as free tokens used (an upper bound, so the
+    /// allowance is never handed out twice). Returns how many there were.
+    pub fn recover(&self) -> Result<usize, StoreError> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let pending: Vec<(i64, i64, String, Option<String>, i64, bool)> = tx
+                .prepare("SELECT id, day, org, grp, reserved, free_lane FROM requests WHERE state = 'pending'")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+                .collect::<Result<_, _>>()?;
+            for (id, day, org, group, reserved, free_lane) in &pending {
+                let free_tokens = if *free_lane { *reserved } else { 0 };
+                tx.execute(
+                    "UPDATE requests SET state = 'interrupted', estimated = 1, free = ?2, input_tokens = ?3 WHERE id = ?1",
+                    params![id, *free_lane, free_tokens],
+                )?;
+                add_daily(&tx, Day(*day), org, group.as_deref().unwrap_or(""), free_tokens, 0, 0, 1)?;
+            }
+            tx.commit()?;
+            Ok(pending.len())
+        })
+    }
+
+    /// The totals of `day`, every org and group.
+    pub fn daily(&self, day: Day) -> Result<Vec<DailyTotal>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT org, grp, free_tokens, billed_tokens, cost_pico, requests FROM daily WHERE day = ?1 ORDER BY org, grp",
+            )?
+            .query_map(params![day.0], |r| {
+                Ok(DailyTotal {
+                    day,
+                    org: r.get(0)?,
+                    group: r.get(1)?,
+                    free_tokens: as_u64(r.get(2)?),
+                    billed_tokens: as_u64(r.get(3)?),
+                    cost_pico: as_u64(r.get(4)?),
+                    requests: as_u64(r.get(5)?),
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// Rows of `requests` in a state, for tests and audits.
+    pub fn count_requests(&self, state: &str) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM requests WHERE state = ?1",
+                params![state],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(as_u64)
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_daily(
+    tx: &rusqlite::Transaction<'_>,
+    day: Day,
+    org: &str,
+    group: &str,
+    free: i64,
+    billed: i64,
+    cost: i64,
+    requests: i64,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT INTO daily (day, org, grp, free_tokens, billed_tokens, cost_pico, requests)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (day, org, grp) DO UPDATE SET
+            free_tokens = free_tokens + excluded.free_tokens,
+            billed_tokens = billed_tokens + excluded.billed_tokens,
+            cost_pico = cost_pico + excluded.cost_pico,
+            requests = requests + excluded.requests",
+    )?
+    .execute(params![day.0, org, group, free, billed, cost, requests])?;
+    Ok(())
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_ms INTEGER NOT NULL)")?;
+    let applied: i64 = conn.query_row(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+        [],
+        |r| r.get(0),
+    )?;
+    if applied > MIGRATIONS.len() as i64 {
+        return Err(StoreError(format!(
+            "the database is at schema version {applied}, newer than this tokenwarden ({}); upgrade tokenwarden",
+            MIGRATIONS.len()
+        )));
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, applied_ms) VALUES (?1, ?2)",
+            params![i as i64 + 1, now_ms],
+        )?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admitted(decision: &'static str, reserved: u64, free_lane: bool) -> Admitted {
+        Admitted {
+            started_ms: 1,
+            day: Day(20_000),
+            org: "acme".into(),
+            project: "web".into(),
+            key_id: "k1".into(),
+            endpoint: "/v1/chat/completions",
+            requested_model: "gpt-4o".into(),
+            served_model: "gpt-4o".into(),
+            group: Some("flagship".into()),
+            decision,
+            reserved,
+            free_lane,
+            streamed: false,
+        }
+    }
+
+    #[test]
+    fn settles_survive_reopening_and_pending_calls_are_recovered() {
+        let dir = std::env::temp_dir().join(format!(
+            "tw-store-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("ledger.db");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let a = store
+            .admit(&admitted("free", 100, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let settled = Settled {
+            input: 40,
+            output: 20,
+            free: true,
+            status: 200,
+            ..Settled::default()
+        };
+        store.settle(a, &settled).unwrap_or_else(|e| panic!("{e}"));
+        // Settling twice changes nothing.
+        store.settle(a, &settled).unwrap_or_else(|e| panic!("{e}"));
+        let b = store
+            .admit(&admitted("billed", 0, false))
+            .unwrap_or_else(|e| panic!("{e}"));
+        store
+            .settle(
+                b,
+                &Settled {
+                    input: 10,
+                    output: 5,
+                    cost_pico: 999,
+                    status: 200,
+                    ..Settled::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Left pending, as by a crash.
+        store
+            .admit(&admitted("free", 70, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.recover().unwrap_or_else(|e| panic!("{e}")), 1);
+        assert_eq!(store.count_requests("interrupted").unwrap_or_default(), 1);
+        let totals = store.daily(Day(20_000)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(totals.len(), 1);
+        let t = &totals[0];
+        assert_eq!(
+            (t.free_tokens, t.billed_tokens, t.cost_pico, t.requests),
+            (60 + 70, 15, 999, 3)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
