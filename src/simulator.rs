@@ -407,16 +407,17 @@ fn stream_response(sim: Arc<Simulator>, call: Call, events: Vec<Bytes>) -> Respo
             if i == total {
                 return None;
             }
+            let delay = if i == 0 { call.ttft } else { call.token_delay };
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             if call.faults.cut_after == Some(i) {
-                // An abrupt end: the connection closes mid-stream.
+                // An abrupt end: the connection closes mid-stream (after the
+                // usual delay, so the events before it have left).
                 return Some((
                     Err(std::io::Error::other("simulated cut")),
                     (total, sim, call, events),
                 ));
-            }
-            let delay = if i == 0 { call.ttft } else { call.token_delay };
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
             }
             if i + 1 == total {
                 let completion = call.output.len() as u64;

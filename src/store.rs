@@ -82,3 +82,24 @@ pub struct DailyTotal {
     pub cost_pico: u64,
     pub requests: u64,
 }
+
+/// A call as the ledger holds it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Record {
+    pub id: i64,
+    pub org: String,
+    pub project: String,
+    pub requested_model: String,
+    pub served_model: String,
+    pub group: Option<String>,
+    pub decision: String,
+    /// `pending`, `settled` or `interrupted`.
+    pub state: String,
+    pub input: u64,
+    pub cached: u64,
+    pub output: u64,
+    pub free: bool,
+    pub cost_pico: u64,
+    pub status: u16,
+    pub estimated: bool,
+}

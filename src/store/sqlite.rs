@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::{Admitted, DailyTotal, Settled, StoreError};
+use super::{Admitted, DailyTotal, Record, Settled, StoreError};
 use crate::day::Day;
 
 /// Migrations, applied in order once each; never edit one that has shipped.
@@ -250,6 +250,37 @@ impl SqliteStore {
                     billed_tokens: as_u64(r.get(3)?),
                     cost_pico: as_u64(r.get(4)?),
                     requests: as_u64(r.get(5)?),
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// The latest `limit` calls, newest first (metadata only; no content is stored).
+    pub fn recent(&self, limit: u64) -> Result<Vec<Record>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT id, org, project, requested_model, served_model, grp, decision, state, input_tokens,
+                        cached_tokens, output_tokens, free, cost_pico, status, estimated
+                 FROM requests ORDER BY id DESC LIMIT ?1",
+            )?
+            .query_map(params![as_i64(limit)], |r| {
+                Ok(Record {
+                    id: r.get(0)?,
+                    org: r.get(1)?,
+                    project: r.get(2)?,
+                    requested_model: r.get(3)?,
+                    served_model: r.get(4)?,
+                    group: r.get(5)?,
+                    decision: r.get(6)?,
+                    state: r.get(7)?,
+                    input: as_u64(r.get(8)?),
+                    cached: as_u64(r.get(9)?),
+                    output: as_u64(r.get(10)?),
+                    free: r.get(11)?,
+                    cost_pico: as_u64(r.get(12)?),
+                    status: r.get(13)?,
+                    estimated: r.get(14)?,
                 })
             })?
             .collect()

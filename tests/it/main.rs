@@ -1,6 +1,8 @@
 //! tokenwarden's integration tests: one binary, one module per area.
 
 mod cli;
+mod gateway;
+mod harness;
 mod properties;
 mod reference;
 mod requests;

@@ -1,0 +1,161 @@
+//! Start a simulated upstream and a gateway in-process, on port 0, with a
+//! clock the test controls; stop both when the harness is dropped.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokenwarden::catalog::Catalog;
+use tokenwarden::config::Config;
+use tokenwarden::day::Day;
+use tokenwarden::gateway::{self, Gateway, ManualClock};
+use tokenwarden::simulator::{self, KeyStats, SimConfig, Simulator};
+use tokenwarden::store::SqliteStore;
+use tokio::sync::oneshot;
+
+/// The key the gateway uses upstream (the simulator's stats are kept under it).
+pub const UPSTREAM_KEY: &str = "sk-upstream-secret-do-not-leak";
+/// 2026-11-24 12:00:00 UTC.
+pub const NOON_MS: i64 = 1_795_521_600_000;
+
+pub struct Harness {
+    /// The gateway's base URL, ending in /v1.
+    pub base: String,
+    pub sim: Arc<Simulator>,
+    pub gateway: Arc<Gateway>,
+    pub clock: Arc<ManualClock>,
+    pub dir: PathBuf,
+    pub client: reqwest::Client,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory for one test's files.
+pub fn temp_dir(label: &str) -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir =
+        std::env::temp_dir().join(format!("tokenwarden-it-{}-{label}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    dir
+}
+
+/// Serve `app` on a fresh port; returns the address and a stop switch.
+pub async fn spawn(app: axum::Router) -> (std::net::SocketAddr, oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(gateway::serve(listener, app, async {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+/// The configuration of a test: `{upstream}` is replaced by the simulator's
+/// URL; orgs, projects and program settings are the test's.
+pub async fn start(label: &str, config: &str) -> Harness {
+    start_with(label, config, SimConfig::default()).await
+}
+
+/// A harness whose upstream calls time out after `seconds`.
+pub async fn start_timeout(label: &str, config: &str, seconds: u64) -> Harness {
+    start_inner(
+        label,
+        config,
+        SimConfig::default(),
+        &format!("upstream_timeout_secs = {seconds}\n"),
+    )
+    .await
+}
+
+pub async fn start_with(label: &str, config: &str, sim_config: SimConfig) -> Harness {
+    start_inner(label, config, sim_config, "max_body_bytes = 1048576\n").await
+}
+
+async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &str) -> Harness {
+    let dir = temp_dir(label);
+    let sim = Simulator::new(
+        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+        sim_config,
+    );
+    let (sim_addr, sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n{config}"
+    );
+    let env = HashMap::from([("UPSTREAM_KEY".to_owned(), UPSTREAM_KEY.to_owned())]);
+    let config = Config::from_toml(&text, &env).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let store = SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
+    let clock = Arc::new(ManualClock::new(NOON_MS));
+    let gw = Gateway::new(config, store, clock.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let (addr, gw_stop) = spawn(gateway::router(gw.clone())).await;
+    Harness {
+        base: format!("http://{addr}/v1"),
+        sim,
+        gateway: gw,
+        clock,
+        dir,
+        client: reqwest::Client::new(),
+        stops: vec![sim_stop, gw_stop],
+    }
+}
+
+impl Harness {
+    pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(key)
+    }
+
+    /// What the simulator served to the gateway.
+    pub fn served(&self) -> KeyStats {
+        self.sim
+            .stats()
+            .get(UPSTREAM_KEY)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn today(&self) -> Day {
+        self.gateway.today()
+    }
+
+    /// Free tokens used today by `org` in `group`, per the store.
+    pub fn free_used(&self, org: &str, group: &str) -> u64 {
+        self.daily(org, group).map_or(0, |t| t.free_tokens)
+    }
+
+    pub fn daily(&self, org: &str, group: &str) -> Option<tokenwarden::store::DailyTotal> {
+        let totals = self
+            .gateway
+            .store
+            .daily(self.today())
+            .unwrap_or_else(|e| panic!("{e}"));
+        totals
+            .into_iter()
+            .find(|t| t.org == org && t.group == group)
+    }
+
+    /// Wait until background settlements (streams) have reached the store.
+    pub async fn settled(&self) {
+        for _ in 0..200 {
+            if self.gateway.store.count_requests("pending").unwrap_or(1) == 0 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("calls still pending after 2 s");
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for stop in self.stops.drain(..) {
+            let _ = stop.send(());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
