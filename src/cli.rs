@@ -148,3 +148,63 @@ pub async fn simulate(listen: &str, config: SimConfig) -> anyhow::Result<()> {
     gateway::serve(listener, simulator::router(sim), shutdown_signal()).await?;
     Ok(())
 }
+
+/// One row of `tokenwarden usage`: an org's group today.
+#[derive(Debug, serde::Serialize)]
+pub struct UsageRow {
+    pub org: String,
+    /// The program group; `none` for models outside the program.
+    pub group: String,
+    pub daily_cap: u64,
+    pub free_used: u64,
+    pub free_left: u64,
+    pub billed_tokens: u64,
+    /// List price of the billed calls, exact, in US dollars.
+    pub cost_usd: String,
+    pub requests: u64,
+}
+
+/// Today's usage per org and group, from the store.
+pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec<UsageRow>> {
+    let crate::config::StoreUrl::Sqlite(path) = &config.store;
+    let store = SqliteStore::open(path)?;
+    let totals = store.daily(today)?;
+    let mut rows = Vec::new();
+    for org in &config.orgs {
+        let groups = config.catalog.groups.iter().map(|g| (g.name.as_str(), g.daily_tokens_for_tier(org.tier)));
+        for (group, cap) in groups.chain(std::iter::once(("", 0))) {
+            let total = totals.iter().find(|t| t.org == org.name && t.group == group);
+            if group.is_empty() && total.is_none() {
+                continue;
+            }
+            let cap = if org.eligible && org.sharing != crate::config::OrgSharing::Disabled { cap } else { 0 };
+            let free_used = total.map_or(0, |t| t.free_tokens);
+            rows.push(UsageRow {
+                org: org.name.clone(),
+                group: if group.is_empty() { "none".into() } else { group.to_owned() },
+                daily_cap: cap,
+                free_used,
+                free_left: cap.saturating_sub(free_used),
+                billed_tokens: total.map_or(0, |t| t.billed_tokens),
+                cost_usd: crate::catalog::format_usd(u128::from(total.map_or(0, |t| t.cost_pico))),
+                requests: total.map_or(0, |t| t.requests),
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The rows as an aligned table.
+pub fn usage_table(rows: &[UsageRow]) -> String {
+    let mut out = format!(
+        "{:<16} {:<10} {:>12} {:>12} {:>12} {:>14} {:>18} {:>9}\n",
+        "org", "group", "daily cap", "free used", "free left", "billed tokens", "cost (USD)", "requests"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:<16} {:<10} {:>12} {:>12} {:>12} {:>14} {:>18} {:>9}\n",
+            r.org, r.group, r.daily_cap, r.free_used, r.free_left, r.billed_tokens, r.cost_usd, r.requests
+        ));
+    }
+    out
+}

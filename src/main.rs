@@ -54,6 +54,14 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         output_tokens: u64,
     },
+    /// Today's usage per org and group: free used and left, billed tokens, cost.
+    Usage {
+        #[arg(long, default_value = "tokenwarden.toml")]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration file; exits non-zero with the key and line at fault.
     CheckConfig {
         #[arg(long, default_value = "tokenwarden.toml")]
@@ -85,6 +93,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Count(args) => count(args),
         Command::CheckConfig { config } => check_config(&config),
+        Command::Usage { config, json } => usage(&config, json),
         Command::Serve {
             config,
             demo,
@@ -127,6 +136,20 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+fn usage(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let config = Config::load(path, &ProcessEnv)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let today = tokenwarden::day::Day::from_unix(i64::try_from(now)?);
+    let rows = tokenwarden::cli::usage_rows(&config, today)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"day": today, "usage": rows}))?);
+    } else {
+        println!("usage on {today} (UTC)");
+        print!("{}", tokenwarden::cli::usage_table(&rows));
+    }
+    Ok(())
 }
 
 fn check_config(path: &std::path::Path) -> anyhow::Result<()> {

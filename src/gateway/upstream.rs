@@ -10,11 +10,15 @@ use super::error::ApiError;
 use super::Gateway;
 use crate::config::Config;
 
+/// Make ring the process's TLS crypto provider (once; later calls are no-ops).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The shared HTTP client: rustls with the ring provider, a bounded connect
 /// time, and the configured limit on a whole call.
 pub fn client(config: &Config) -> Result<reqwest::Client, reqwest::Error> {
-    // The first installation wins; later calls (tests build many gateways) are no-ops.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    install_crypto_provider();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(config.server.upstream_timeout)

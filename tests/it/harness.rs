@@ -30,6 +30,12 @@ pub struct Harness {
     stops: Vec<oneshot::Sender<()>>,
 }
 
+/// A plain HTTP client for tests (rustls needs its provider chosen first).
+pub fn http_client() -> reqwest::Client {
+    tokenwarden::gateway::upstream::install_crypto_provider();
+    reqwest::Client::new()
+}
+
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh directory for one test's files.
@@ -98,7 +104,7 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
         gateway: gw,
         clock,
         dir,
-        client: reqwest::Client::new(),
+        client: crate::harness::http_client(),
         stops: vec![sim_stop, gw_stop],
     }
 }

@@ -1,6 +1,7 @@
 //! tokenwarden's integration tests: one binary, one module per area.
 
 mod cli;
+mod crash;
 mod gateway;
 mod harness;
 mod properties;

@@ -1,0 +1,128 @@
+//! `kill -9` the gateway under load and restart it: the ledger holds every
+//! call the upstream served, and `tokenwarden usage` reads it back.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokenwarden::catalog::Catalog;
+use tokenwarden::simulator::{self, SimConfig, Simulator};
+use tokenwarden::store::SqliteStore;
+
+use crate::harness::{spawn, temp_dir, UPSTREAM_KEY};
+
+const KEY: &str = "tw-crash-test-key-0000001";
+
+/// Start `tokenwarden serve` and wait for the address it prints.
+fn start_gateway(config: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["serve", "--config"])
+        .arg(config)
+        .env("UPSTREAM_KEY", UPSTREAM_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap_or_else(|e| panic!("{e}"));
+    let base = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
+    (child, base.unwrap_or_else(|| panic!("no address in {line:?}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_under_load_loses_no_served_call() {
+    let dir = temp_dir("crash");
+    let sim = Simulator::new(
+        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+        SimConfig { ttft: Duration::from_millis(5), token_delay: Duration::from_millis(1), output_tokens: 16 },
+    );
+    let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let db = dir.join("ledger.db");
+    let config = dir.join("tokenwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\non_exhausted = \"block\"\nkeys = [\"{KEY}\"]\n",
+            db.display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let (mut gateway, base) = start_gateway(&config);
+    let client = crate::harness::http_client();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut workers = Vec::new();
+    for worker in 0..16 {
+        let (client, url) = (client.clone(), format!("{base}/chat/completions"));
+        workers.push(tokio::spawn(async move {
+            let mut ok = 0u64;
+            while Instant::now() < deadline + Duration::from_secs(1) {
+                let body = json!({"model": "gpt-4o-mini", "stream": worker % 2 == 0, "max_tokens": 16,
+                                  "messages": [{"role": "user", "content": "Hello!"}]});
+                let Ok(response) = client.post(&url).bearer_auth(KEY).json(&body).send().await else { break };
+                if response.status().as_u16() != 200 || response.text().await.is_err() {
+                    break;
+                }
+                ok += 1;
+            }
+            ok
+        }));
+    }
+    tokio::time::sleep_until(deadline.into()).await;
+    gateway.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
+    let _ = gateway.wait();
+    let mut answered = 0;
+    for w in workers {
+        answered += w.await.unwrap_or(0);
+    }
+    assert!(answered > 20, "too little load before the kill: {answered} calls");
+
+    // Restart on the same ledger: pending calls are recovered as interrupted.
+    let (mut gateway, _) = start_gateway(&config);
+    let served = sim.stats().get(UPSTREAM_KEY).copied().unwrap_or_default();
+    let store = SqliteStore::open(&db).unwrap_or_else(|e| panic!("{e}"));
+    let settled = store.count_requests("settled").unwrap_or_default();
+    let interrupted = store.count_requests("interrupted").unwrap_or_default();
+    assert_eq!(store.count_requests("pending").unwrap_or(1), 0);
+    assert!(
+        settled + interrupted >= served.requests,
+        "the upstream served {} calls; the ledger holds {settled} settled and {interrupted} interrupted",
+        served.requests
+    );
+    assert!(settled >= answered, "{answered} answered calls but {settled} settled");
+    eprintln!("crash test: answered {answered}, upstream served {} ({} completed), ledger {settled} settled + {interrupted} interrupted", served.requests, served.completed);
+
+    // `tokenwarden usage` reads the same ledger: free used covers at least what the upstream reported.
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["usage", "--json", "--config"])
+        .arg(&config)
+        .env("UPSTREAM_KEY", UPSTREAM_KEY)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let usage: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mini = usage["usage"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["group"] == "mini"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(mini["org"], "acme");
+    assert_eq!(mini["daily_cap"], 10_000_000);
+    let free_used = mini["free_used"].as_u64().unwrap_or_default();
+    assert!(free_used >= served.total_tokens, "free used {free_used} < served {}", served.total_tokens);
+    assert_eq!(mini["free_left"].as_u64(), Some(10_000_000 - free_used));
+    let table = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["usage", "--config"])
+        .arg(&config)
+        .env("UPSTREAM_KEY", UPSTREAM_KEY)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("free left") && table.contains(&free_used.to_string()), "{table}");
+
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
