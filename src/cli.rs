@@ -171,17 +171,31 @@ pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec
     let totals = store.daily(today)?;
     let mut rows = Vec::new();
     for org in &config.orgs {
-        let groups = config.catalog.groups.iter().map(|g| (g.name.as_str(), g.daily_tokens_for_tier(org.tier)));
+        let groups = config
+            .catalog
+            .groups
+            .iter()
+            .map(|g| (g.name.as_str(), g.daily_tokens_for_tier(org.tier)));
         for (group, cap) in groups.chain(std::iter::once(("", 0))) {
-            let total = totals.iter().find(|t| t.org == org.name && t.group == group);
+            let total = totals
+                .iter()
+                .find(|t| t.org == org.name && t.group == group);
             if group.is_empty() && total.is_none() {
                 continue;
             }
-            let cap = if org.eligible && org.sharing != crate::config::OrgSharing::Disabled { cap } else { 0 };
+            let cap = if org.eligible && org.sharing != crate::config::OrgSharing::Disabled {
+                cap
+            } else {
+                0
+            };
             let free_used = total.map_or(0, |t| t.free_tokens);
             rows.push(UsageRow {
                 org: org.name.clone(),
-                group: if group.is_empty() { "none".into() } else { group.to_owned() },
+                group: if group.is_empty() {
+                    "none".into()
+                } else {
+                    group.to_owned()
+                },
                 daily_cap: cap,
                 free_used,
                 free_left: cap.saturating_sub(free_used),
@@ -198,12 +212,26 @@ pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec
 pub fn usage_table(rows: &[UsageRow]) -> String {
     let mut out = format!(
         "{:<16} {:<10} {:>12} {:>12} {:>12} {:>14} {:>18} {:>9}\n",
-        "org", "group", "daily cap", "free used", "free left", "billed tokens", "cost (USD)", "requests"
+        "org",
+        "group",
+        "daily cap",
+        "free used",
+        "free left",
+        "billed tokens",
+        "cost (USD)",
+        "requests"
     );
     for r in rows {
         out.push_str(&format!(
             "{:<16} {:<10} {:>12} {:>12} {:>12} {:>14} {:>18} {:>9}\n",
-            r.org, r.group, r.daily_cap, r.free_used, r.free_left, r.billed_tokens, r.cost_usd, r.requests
+            r.org,
+            r.group,
+            r.daily_cap,
+            r.free_used,
+            r.free_left,
+            r.billed_tokens,
+            r.cost_usd,
+            r.requests
         ));
     }
     out

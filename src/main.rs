@@ -140,11 +140,16 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn usage(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
     let config = Config::load(path, &ProcessEnv)?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
     let today = tokenwarden::day::Day::from_unix(i64::try_from(now)?);
     let rows = tokenwarden::cli::usage_rows(&config, today)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"day": today, "usage": rows}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"day": today, "usage": rows}))?
+        );
     } else {
         println!("usage on {today} (UTC)");
         print!("{}", tokenwarden::cli::usage_table(&rows));

@@ -26,9 +26,17 @@ fn start_gateway(config: &std::path::Path) -> (Child, String) {
         .unwrap_or_else(|e| panic!("spawn: {e}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap_or_else(|e| panic!("{e}"));
-    let base = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
-    (child, base.unwrap_or_else(|| panic!("no address in {line:?}")))
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_owned);
+    (
+        child,
+        base.unwrap_or_else(|| panic!("no address in {line:?}")),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,7 +44,11 @@ async fn kill_9_under_load_loses_no_served_call() {
     let dir = temp_dir("crash");
     let sim = Simulator::new(
         Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
-        SimConfig { ttft: Duration::from_millis(5), token_delay: Duration::from_millis(1), output_tokens: 16 },
+        SimConfig {
+            ttft: Duration::from_millis(5),
+            token_delay: Duration::from_millis(1),
+            output_tokens: 16,
+        },
     );
     let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
     let db = dir.join("ledger.db");
@@ -77,7 +89,10 @@ async fn kill_9_under_load_loses_no_served_call() {
     for w in workers {
         answered += w.await.unwrap_or(0);
     }
-    assert!(answered > 20, "too little load before the kill: {answered} calls");
+    assert!(
+        answered > 20,
+        "too little load before the kill: {answered} calls"
+    );
 
     // Restart on the same ledger: pending calls are recovered as interrupted.
     let (mut gateway, _) = start_gateway(&config);
@@ -91,7 +106,10 @@ async fn kill_9_under_load_loses_no_served_call() {
         "the upstream served {} calls; the ledger holds {settled} settled and {interrupted} interrupted",
         served.requests
     );
-    assert!(settled >= answered, "{answered} answered calls but {settled} settled");
+    assert!(
+        settled >= answered,
+        "{answered} answered calls but {settled} settled"
+    );
     eprintln!("crash test: answered {answered}, upstream served {} ({} completed), ledger {settled} settled + {interrupted} interrupted", served.requests, served.completed);
 
     // `tokenwarden usage` reads the same ledger: free used covers at least what the upstream reported.
@@ -101,7 +119,11 @@ async fn kill_9_under_load_loses_no_served_call() {
         .env("UPSTREAM_KEY", UPSTREAM_KEY)
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let usage: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     let mini = usage["usage"]
         .as_array()
@@ -111,7 +133,11 @@ async fn kill_9_under_load_loses_no_served_call() {
     assert_eq!(mini["org"], "acme");
     assert_eq!(mini["daily_cap"], 10_000_000);
     let free_used = mini["free_used"].as_u64().unwrap_or_default();
-    assert!(free_used >= served.total_tokens, "free used {free_used} < served {}", served.total_tokens);
+    assert!(
+        free_used >= served.total_tokens,
+        "free used {free_used} < served {}",
+        served.total_tokens
+    );
     assert_eq!(mini["free_left"].as_u64(), Some(10_000_000 - free_used));
     let table = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
         .args(["usage", "--config"])
@@ -120,7 +146,10 @@ async fn kill_9_under_load_loses_no_served_call() {
         .output()
         .unwrap_or_else(|e| panic!("{e}"));
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("free left") && table.contains(&free_used.to_string()), "{table}");
+    assert!(
+        table.contains("free left") && table.contains(&free_used.to_string()),
+        "{table}"
+    );
 
     let _ = gateway.kill();
     let _ = gateway.wait();

@@ -7,6 +7,7 @@ mod harness;
 mod properties;
 mod reference;
 mod requests;
+mod sdk;
 
 use tokenwarden::catalog::Catalog;
 

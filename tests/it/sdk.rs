@@ -1,0 +1,74 @@
+//! The official OpenAI SDKs, Python and Node, as clients of the gateway.
+//! `scripts/test` installs them (pinned: tests/sdk/requirements.txt and
+//! tests/sdk/node/package-lock.json); without them these tests fail, they
+//! are never skipped.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::harness::start;
+
+const KEY: &str = "tw-sdk-test-key-000000001";
+const BLOCK_KEY: &str = "tw-sdk-test-block-0000001";
+
+fn config() -> String {
+    format!(
+        "[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"{KEY}\"]\n\n[[orgs]]\nname = \"tight\"\n\n[[orgs.projects]]\nname = \"batch\"\non_exhausted = \"block\"\nkeys = [\"{BLOCK_KEY}\"]\n\n[program.groups.flagship]\ndaily_tokens = 1000\n"
+    )
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+async fn run_sdk(label: &str, program: PathBuf, script: PathBuf) {
+    assert!(
+        program.exists() || program.components().count() == 1,
+        "{} is missing: run scripts/test, which installs the SDKs",
+        program.display()
+    );
+    let h = start(label, &config()).await;
+    let base = h.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(&program)
+            .arg(&script)
+            .args([&base, KEY, BLOCK_KEY])
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("{label}: {e} (run scripts/test, which installs the SDKs)"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{label} failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains(" ok"), "{stdout}");
+    // Every call the SDK made was settled in the ledger.
+    h.settled().await;
+    let records = h.gateway.store.recent(100).unwrap_or_default();
+    assert!(records.len() >= 8, "only {} calls recorded", records.len());
+    assert!(records.iter().all(|r| r.state == "settled"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_openai_sdk() {
+    let python = std::env::var_os("TOKENWARDEN_SDK_PYTHON")
+        .map_or_else(|| repo("target/sdk/venv/bin/python"), PathBuf::from);
+    run_sdk("python-sdk", python, repo("tests/sdk/python_sdk.py")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_openai_sdk() {
+    assert!(
+        repo("tests/sdk/node/node_modules/openai").exists(),
+        "tests/sdk/node/node_modules is missing: run scripts/test, which installs the Node SDK"
+    );
+    run_sdk(
+        "node-sdk",
+        PathBuf::from("node"),
+        repo("tests/sdk/node/sdk.mjs"),
+    )
+    .await;
+}
