@@ -2,8 +2,8 @@
 //! prices, largest output, downgrade target and image-token constants.
 //!
 //! The data lives in `catalog.toml` (compiled in) because the provider changes
-//! groups and prices every few months (configuration will override it once the
-//! gateway reads one). Loading
+//! groups and prices every few months (the configuration's `[program]`
+//! overrides groups, caps and membership). Loading
 //! parses, then validates every cross-reference once, so a lookup on the
 //! request path is a hash probe and, failing that, a short pattern scan.
 

@@ -3,18 +3,21 @@
 //!
 //! A request walks one road, and the modules follow it:
 //!
-//! 1. authenticate the key (key -> project -> org);
+//! 1. authenticate the key: key -> project -> org ([`gateway::auth`]);
 //! 2. read the body: model, messages, output cap ([`tokens::request`]);
 //! 3. look the model up in the [`catalog`]: group, encoding, prices;
-//! 4. estimate its tokens ([`tokens`]): exact text counts in OpenAI's
+//! 4. count its prompt ([`tokens`]): exact text counts in OpenAI's
 //!    encodings, the chat formula, tools, images ([`tokens::image`]);
-//! 5. ask the meter: free, billed, refused, downgraded or clamped;
-//! 6. forward upstream, tap the usage out of the response or stream;
-//! 7. settle with the meter; the store, alerts, metrics and dashboard hear of it.
+//! 5. ask the [`meter`]: free, billed, refused, downgraded or clamped;
+//! 6. write it to the [`store`] as pending, forward it upstream
+//!    ([`gateway::upstream`]), tap the usage out of the response or stream
+//!    ([`gateway::stream`]);
+//! 7. settle with the meter and the store on every path ([`gateway::call`]).
 //!
-//! Steps 1 and 5-7 arrive with the gateway; today the crate holds the
-//! counting and the catalog, which every later step stands on, and the
-//! `tokenwarden count` command that exposes them.
+//! [`config`] turns the TOML file into the orgs, projects, keys, upstreams
+//! and program settings all of this reads; [`simulator`] is the
+//! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
+//! them. The dashboard, metrics, alerts and data sharing come next.
 
 pub mod catalog;
 pub mod cli;

@@ -117,6 +117,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
         .route("/stats", get(stats))
+        .fallback(unknown_route)
         .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(sim)
 }
@@ -516,6 +517,24 @@ async fn models(State(sim): State<Arc<Simulator>>, headers: HeaderMap) -> Respon
         .map(|m| json!({"id": m.name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// Any other path: OpenAI's 404, counted against the key that asked.
+async fn unknown_route(
+    State(sim): State<Arc<Simulator>>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
+    match bearer(&headers) {
+        Ok(key) => sim.record(&key, |s| s.requests += 1),
+        Err(e) => return e.into_response(),
+    }
+    ApiError::UnknownRoute {
+        method: method.to_string(),
+        path: uri.path().to_owned(),
+    }
+    .into_response()
 }
 
 async fn stats(State(sim): State<Arc<Simulator>>) -> Response {

@@ -6,7 +6,7 @@
 //! `bpe-openai`'s vocabularies and encoder, which are linear in time on any
 //! input (no quadratic blow-up on long runs without spaces), with two fast
 //! paths of our own measured in `docs/benchmarks.md`: an ASCII pre-tokenizer
-//! ([`pretokenize`]) and a direct vocabulary probe ([`vocab`]).
+//! (`pretokenize`) and a direct vocabulary probe (`vocab`).
 
 use std::sync::LazyLock;
 

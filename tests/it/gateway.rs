@@ -624,3 +624,65 @@ async fn a_race_of_250_streams_never_passes_the_cap() {
     assert_eq!(served.prompt_tokens, 9 * ok);
     let _ = UPSTREAM_KEY;
 }
+
+#[tokio::test]
+async fn a_client_that_hangs_up_cancels_upstream_and_is_settled() {
+    let sim = SimConfig {
+        token_delay: Duration::from_millis(30),
+        ..SimConfig::default()
+    };
+    let h = start_with("hangup", &config(10_000, ""), sim).await;
+    let mut body = chat("gpt-4o", 16);
+    body["stream"] = json!(true);
+    let r = h
+        .post("/chat/completions", BLOCK)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut stream = r.bytes_stream();
+    let mut seen = 0;
+    while let Some(chunk) = stream.next().await {
+        seen += chunk.map(|c| c.len()).unwrap_or(0);
+        if seen > 400 {
+            break;
+        }
+    }
+    drop(stream);
+    h.settled().await;
+    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    assert!(record.estimated, "{record:?}");
+    assert_eq!(record.status, 0, "the client got no complete answer");
+    assert!(record.input == 9 && record.output < 16, "{record:?}");
+    // The upstream call was cancelled: the simulator never finished it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(h.served().completed, 0);
+    let state = h
+        .gateway
+        .ledger
+        .lock()
+        .map(|l| l.state(pool(&h), 10_000))
+        .unwrap_or_else(|_| panic!("lock"));
+    assert_eq!((state.reserved, state.used), (0, 9 + record.output));
+}
+
+#[tokio::test]
+async fn other_v1_paths_are_forwarded_unmetered_with_the_upstream_key() {
+    let h = start("passthrough", &config(10_000, "")).await;
+    let r = h
+        .post("/moderations", BILL)
+        .json(&json!({"input": "hi"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 404);
+    let body: Value = r.json().await.unwrap_or_default();
+    assert_eq!(
+        body["error"]["message"],
+        "Invalid URL (POST /v1/moderations)"
+    );
+    // The simulator saw the gateway's upstream key, not the client's.
+    assert_eq!(h.served().requests, 1);
+    assert!(!h.sim.stats().contains_key(BILL));
+    assert!(h.gateway.store.recent(10).unwrap_or_default().is_empty());
+}
