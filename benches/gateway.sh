@@ -1,0 +1,204 @@
+#!/usr/bin/env bash
+# The gateway benchmark: added latency, throughput, CPU per call and memory
+# of tokenwarden (metering on: exact counting, SQLite ledger) against an
+# upstream that answers from memory (nginx returning a recorded response or
+# stream), side by side in one run with the upstream reached directly and
+# through nginx proxy_pass (the floor for any gateway), and TensorZero's
+# gateway when its wheel can be installed. Method and results:
+# docs/benchmarks.md. Run: benches/gateway.sh (root: installs nginx, wrk).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo=$(pwd)
+SECONDS_PER_RUN=${SECONDS_PER_RUN:-10}
+
+if ! command -v nginx >/dev/null || ! command -v wrk >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx wrk
+fi
+cargo build --release --locked --bin tokenwarden >/dev/null
+cargo bench --locked --bench load --no-run >/dev/null 2>&1
+load=$(ls -t target/release/deps/load-* | grep -v '\.d$' | head -n 1)
+
+dir=$(mktemp -d /tmp/tokenwarden-bench.XXXXXX)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$dir/nginx.pid" ] && kill "$(cat "$dir/nginx.pid")" 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+UP_JSON=$(free_port); UP_SSE=$(free_port); PROXY_JSON=$(free_port); PROXY_SSE=$(free_port); GW=$(free_port)
+
+# nginx: two upstreams answering from memory, two plain reverse proxies in front of them.
+cat > "$dir/nginx.conf" <<NGINX
+worker_processes 1;
+pid $dir/nginx.pid;
+error_log $dir/nginx-error.log;
+daemon on;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream json_up { server 127.0.0.1:$UP_JSON; keepalive 256; }
+  upstream sse_up { server 127.0.0.1:$UP_SSE; keepalive 256; }
+  # Static files answer POST with 405; error_page turns that into the file (as a GET).
+  server { listen 127.0.0.1:$UP_JSON; types { } default_type application/json;
+           location / { root $repo/benches/fixtures; try_files /chat.json =404; error_page 405 =200 \$uri; } }
+  server { listen 127.0.0.1:$UP_SSE; types { } default_type "text/event-stream; charset=utf-8";
+           location / { root $repo/benches/fixtures; try_files /chat.sse =404; error_page 405 =200 \$uri; } }
+  server { listen 127.0.0.1:$PROXY_JSON; location / { proxy_pass http://json_up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$PROXY_SSE; location / { proxy_pass http://sse_up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
+}
+NGINX
+nginx -c "$dir/nginx.conf"
+
+# The simulated upstream, streaming slowly: for holding 1,000 streams open.
+SIM=$(free_port)
+target/release/tokenwarden simulate --listen "127.0.0.1:$SIM" --token-ms 100 --output-tokens 200 >/dev/null 2>&1 &
+pids+=("$!")
+
+KEY_JSON=tw-bench-json-000000000001
+KEY_SSE=tw-bench-sse-0000000000001
+cat > "$dir/tokenwarden.toml" <<TOML
+[server]
+listen = "127.0.0.1:$GW"
+[store]
+url = "sqlite://$dir/ledger.db"
+[upstreams.json]
+base_url = "http://127.0.0.1:$UP_JSON/v1"
+api_key = "sk-bench"
+[upstreams.sse]
+base_url = "http://127.0.0.1:$UP_SSE/v1"
+api_key = "sk-bench"
+[upstreams.slow]
+base_url = "http://127.0.0.1:$SIM/v1"
+api_key = "sk-bench"
+[[orgs]]
+name = "bench"
+[[orgs.projects]]
+name = "slow"
+upstream = "slow"
+keys = ["tw-bench-slow-000000000001"]
+[[orgs.projects]]
+name = "json"
+upstream = "json"
+keys = ["$KEY_JSON"]
+[[orgs.projects]]
+name = "sse"
+upstream = "sse"
+keys = ["$KEY_SSE"]
+[program.groups.mini]
+daily_tokens = 1000000000000
+TOML
+target/release/tokenwarden serve --config "$dir/tokenwarden.toml" >"$dir/gw.out" 2>"$dir/gw.err" &
+gw_pid=$!; pids+=("$gw_pid")
+for _ in $(seq 50); do grep -q listening "$dir/gw.out" 2>/dev/null && break; sleep 0.1; done
+
+nginx_worker() { pgrep -P "$(cat "$dir/nginx.pid")" | head -n 1; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+wrk_lua() { # body file, key
+  cat > "$dir/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $2"
+local f = io.open("$1", "rb"); wrk.body = f:read("*a"); f:close()
+LUA
+}
+
+# One row: target name, URL, body, key, pid whose CPU is the target's own (or "-").
+row() {
+  local name=$1 url=$2 body=$3 key=$4 pid=$5
+  wrk_lua "$body" "$key"
+  local t0=0; [ "$pid" != - ] && t0=$(cpu_ticks "$pid")
+  local out; out=$(wrk -t1 -c32 -d"${SECONDS_PER_RUN}s" --latency -s "$dir/post.lua" "$url")
+  local t1=0; [ "$pid" != - ] && t1=$(cpu_ticks "$pid")
+  local rps; rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  local reqs; reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+  local errors; errors=$(awk '/Non-2xx/ {print $4}' <<<"$out"); errors=${errors:-0}
+  local cpu_us=-; [ "$pid" != - ] && cpu_us=$(( (t1 - t0) * 10000 * 1000 / (reqs > 0 ? reqs : 1) / 1000 ))
+  local rss=-; [ "$pid" != - ] && rss=$(( $(rss_kb "$pid") / 1024 ))
+  local one; one=$(wrk -t1 -c1 -d5s --latency -s "$dir/post.lua" "$url" | awk '/^ +50%/ {print $2}')
+  local fixed; fixed=$("$load" "$url" "$key" "$body" 1000 "$SECONDS_PER_RUN")
+  local p50 p99; p50=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['p50_us'])" "$fixed"); p99=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['p99_us'])" "$fixed")
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$rps" "$one" "$p50" "$p99" "$cpu_us" "$rss" "$errors"
+}
+
+# TensorZero's gateway, embedded in its Python wheel, in front of the same upstreams.
+tz_base=
+tz_venv=target/bench/tz-venv
+if [ -x "$tz_venv/bin/python" ] || { python3 -m venv "$tz_venv" && "$tz_venv/bin/pip" install --quiet tensorzero==2026.6.0; }; then
+  cat > "$dir/tz.toml" <<TZ
+[models."gpt-4o-mini"]
+routing = ["up"]
+[models."gpt-4o-mini".providers.up]
+type = "openai"
+api_base = "http://127.0.0.1:$UP_JSON/v1"
+model_name = "gpt-4o-mini"
+api_key_location = "none"
+[models."sse"]
+routing = ["up"]
+[models."sse".providers.up]
+type = "openai"
+api_base = "http://127.0.0.1:$UP_SSE/v1"
+model_name = "gpt-4o-mini"
+api_key_location = "none"
+[models."slow"]
+routing = ["up"]
+[models."slow".providers.up]
+type = "openai"
+api_base = "http://127.0.0.1:$SIM/v1"
+model_name = "gpt-4o-mini"
+api_key_location = "env::SIM_KEY"
+TZ
+  cat > "$dir/tz.py" <<'PY'
+import sys, time, tensorzero
+gw = tensorzero._start_http_gateway(config_file=sys.argv[1], clickhouse_url=None, postgres_url=None, valkey_url=None, async_setup=False)
+print(gw.base_url if hasattr(gw, "base_url") else gw, flush=True)
+time.sleep(100000)
+PY
+  SIM_KEY=sk-bench "$tz_venv/bin/python" "$dir/tz.py" "$dir/tz.toml" >"$dir/tz.out" 2>&1 &
+  tz_pid=$!; pids+=("$tz_pid")
+  for _ in $(seq 100); do tz_base=$(grep -m1 '^http' "$dir/tz.out" || true); [ -n "$tz_base" ] && break; sleep 0.1; done
+  for m in gpt-4o-mini sse slow; do
+    sed "s/\"gpt-4o-mini\"/\"tensorzero::model_name::$m\"/" benches/fixtures/request.json > "$dir/tz-$m.json"
+    sed "s/\"gpt-4o-mini\"/\"tensorzero::model_name::$m\"/" benches/fixtures/request-stream.json > "$dir/tz-$m-stream.json"
+  done
+fi
+
+echo "| target | calls/s at 32 connections | p50 one call at a time | p50 µs at 1,000/s | p99 µs at 1,000/s | CPU µs per call | RSS MB | non-2xx |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+for kind in json sse; do
+  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy=$PROXY_JSON; key=$KEY_JSON
+  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; key=$KEY_SSE; fi
+  row "direct to upstream ($kind)" "http://127.0.0.1:$up/v1/chat/completions" "$body" "$key" -
+  row "nginx proxy_pass ($kind)" "http://127.0.0.1:$proxy/v1/chat/completions" "$body" "$key" "$(nginx_worker)"
+  row "tokenwarden ($kind)" "http://127.0.0.1:$GW/v1/chat/completions" "$body" "$key" "$gw_pid"
+  if [ -n "$tz_base" ]; then
+    tz_body=$dir/tz-gpt-4o-mini.json; [ "$kind" = sse ] && tz_body=$dir/tz-sse-stream.json
+    row "TensorZero 2026.6.0 ($kind)" "$tz_base/chat/completions" "$tz_body" none "$tz_pid"
+  else
+    echo "| TensorZero ($kind) | not run: the wheel could not be installed or started | | | | | | |"
+  fi
+done
+
+# Memory with 1,000 streams open at once (upstream: the simulator, 100 ms a token).
+ulimit -n 65536 2>/dev/null || true
+hold() { # name, port, path, key, body, pid
+  python3 benches/open_streams.py 127.0.0.1 "$2" "$3" "$4" "$5" 1000 6 >"$dir/hold.out" 2>&1 &
+  local holder=$!
+  for _ in $(seq 300); do grep -q '^open' "$dir/hold.out" && break; sleep 0.1; done
+  printf '| %s | %s | %s MB |\n' "$1" "$(cat "$dir/hold.out" | head -n 1)" "$(( $(rss_kb "$6") / 1024 ))"
+  wait "$holder" || true
+}
+echo
+echo "| target | streams | RSS with 1,000 streams open |"
+echo "|---|---|---:|"
+hold tokenwarden "$GW" /v1/chat/completions tw-bench-slow-000000000001 benches/fixtures/request-stream.json "$gw_pid"
+if [ -n "$tz_base" ]; then
+  tz_port=$(sed -E 's#http://127.0.0.1:([0-9]+).*#\1#' <<<"$tz_base")
+  hold "TensorZero 2026.6.0" "$tz_port" /openai/v1/chat/completions none "$dir/tz-slow-stream.json" "$tz_pid"
+fi
+sqlite3 "$dir/ledger.db" "select count(*), sum(input_tokens + output_tokens) from requests where state = 'settled'" 2>/dev/null | sed 's/^/ledger: calls|tokens = /' || true
