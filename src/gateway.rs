@@ -98,9 +98,10 @@ impl Gateway {
         let keys = auth::KeyTable::new(&config);
         let client = upstream::client(&config)
             .map_err(|e| StoreError::from_message(format!("http client: {e}")))?;
-        for encoding in crate::tokens::Encoding::ALL {
-            encoding.warm_up();
-        }
+        // o200k_base serves every model of the program: load it now, not on
+        // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
+        // its first use, so a gateway that never sees one saves its ~38 MB.
+        crate::tokens::Encoding::O200kBase.warm_up();
         let gateway = Arc::new(Gateway {
             keys,
             ledger: Mutex::new(Ledger::new()),

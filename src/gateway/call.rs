@@ -132,17 +132,8 @@ impl Call {
     /// Settle now and write the record in the background.
     pub fn settle_in_background(&mut self, outcome: Outcome) {
         let (row, record) = self.settle(outcome);
-        let store = self.gateway.store.clone();
-        let write = move || {
-            if let Err(e) = store.settle(row, &record) {
-                tracing::error!(error = %e, row, "could not record a settled call");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                handle.spawn_blocking(write);
-            }
-            Err(_) => write(),
+        if let Err(e) = self.gateway.store.settle_nowait(row, record) {
+            tracing::error!(error = %e, row, "could not record a settled call");
         }
     }
 }

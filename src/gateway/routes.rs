@@ -284,7 +284,7 @@ async fn metered(
                 .groups
                 .get(pool.group)
                 .map_or("?", |g| g.name.as_str());
-            if let Err(e) = gateway.store.refuse(&admitted, 429) {
+            if let Err(e) = gateway.store.refuse_async(admitted, 429).await {
                 tracing::error!(error = %e, "could not record a refused call");
             }
             return Err(ApiError::FreeTokensExhausted {

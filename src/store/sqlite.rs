@@ -1,9 +1,12 @@
 //! The SQLite store: one file, WAL, versioned migrations.
 //!
-//! Writes go through one connection behind a mutex (SQLite has one writer
-//! anyway) on tokio's blocking pool, so a slow disk never stalls the async
-//! workers. `synchronous = NORMAL` in WAL mode makes each commit survive the
-//! process dying (`kill -9`), which is what the ledger promises.
+//! Writes go to one writer thread that owns the write connection (SQLite has
+//! one writer anyway) and commits whatever has queued up in one transaction
+//! (group commit): under load, many calls share a commit instead of queueing
+//! for one each. A caller that must know its row is durable waits for the
+//! commit's answer; a stream settling in the background does not. Reads use
+//! their own connection. `synchronous = NORMAL` in WAL mode makes each commit
+//! survive the process dying (`kill -9`), which is what the ledger promises.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -56,9 +59,40 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
+/// A write for the writer thread, with where to send its result.
+enum Job {
+    Admit(Admitted, Reply<i64>),
+    Settle(i64, Settled, Reply<()>),
+    Refuse(Admitted, u16, Reply<()>),
+    Recover(Reply<usize>),
+}
+
+/// Where a job's result goes: an async caller, a blocking caller, or nobody.
+enum Reply<T> {
+    Async(tokio::sync::oneshot::Sender<Result<T, String>>),
+    Blocking(std::sync::mpsc::SyncSender<Result<T, String>>),
+    None,
+}
+
+impl<T> Reply<T> {
+    fn send(self, result: Result<T, String>) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::None => {}
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// The one connection; SQLite serializes writers anyway.
+    /// To the writer thread; it stops when the last store handle is dropped.
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// The read connection (WAL lets it read while the writer writes).
     conn: Arc<Mutex<Connection>>,
 }
 
@@ -70,21 +104,33 @@ fn as_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+fn connect(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
 impl SqliteStore {
-    /// Open (creating if needed) and migrate the database at `path`.
+    /// Open (creating if needed) and migrate the database at `path`, and
+    /// start its writer thread.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError(format!("{}: {e}", dir.display())))?;
         }
-        let mut conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrate(&mut conn)?;
+        let mut writer = connect(path)?;
+        migrate(&mut writer)?;
+        let reader = connect(path)?;
+        let (jobs, queue) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tokenwarden-store".into())
+            .spawn(move || write_loop(writer, queue))
+            .map_err(|e| StoreError(format!("store writer thread: {e}")))?;
         Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
+            jobs,
+            conn: Arc::new(Mutex::new(reader)),
         })
     }
 
@@ -99,142 +145,65 @@ impl SqliteStore {
         Ok(f(&mut conn)?)
     }
 
-    /// Run `f` on the blocking pool.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| StoreError(format!("store task: {e}")))?
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| StoreError("the store writer has stopped".into()))
     }
 
-    /// Record an admitted call as pending; returns its id.
-    pub fn admit(&self, a: &Admitted) -> Result<i64, StoreError> {
-        self.with(|conn| {
-            conn.prepare_cached(
-                "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-                    served_model, grp, decision, reserved, free_lane, streamed, state)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending')",
-            )?
-            .execute(params![
-                a.started_ms,
-                a.day.0,
-                a.org,
-                a.project,
-                a.key_id,
-                a.endpoint,
-                a.requested_model,
-                a.served_model,
-                a.group,
-                a.decision,
-                as_i64(a.reserved),
-                a.free_lane,
-                a.streamed,
-            ])?;
-            Ok(conn.last_insert_rowid())
-        })
+    async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(job(Reply::Async(tx)))?;
+        rx.await
+            .map_err(|_| StoreError("the store writer has stopped".into()))?
+            .map_err(StoreError)
     }
 
+    fn ask_blocking<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(job(Reply::Blocking(tx)))?;
+        rx.recv()
+            .map_err(|_| StoreError("the store writer has stopped".into()))?
+            .map_err(StoreError)
+    }
+
+    /// Record an admitted call as pending, durably; returns its id.
     pub async fn admit_async(&self, a: Admitted) -> Result<i64, StoreError> {
-        self.blocking(move |s| s.admit(&a)).await
+        self.ask(|reply| Job::Admit(a, reply)).await
     }
 
-    /// Record a refused call (no tokens, nothing reserved).
-    pub fn refuse(&self, a: &Admitted, status: u16) -> Result<(), StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            tx.prepare_cached(
-                "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-                    served_model, grp, decision, reserved, free_lane, streamed, state, status)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'refused', 0, 0, ?10, 'settled', ?11)",
-            )?
-            .execute(params![
-                a.started_ms,
-                a.day.0,
-                a.org,
-                a.project,
-                a.key_id,
-                a.endpoint,
-                a.requested_model,
-                a.served_model,
-                a.group,
-                a.streamed,
-                status,
-            ])?;
-            add_daily(&tx, a.day, &a.org, a.group.as_deref().unwrap_or(""), 0, 0, 0, 1)?;
-            tx.commit()
-        })
+    /// The same, for callers outside the async runtime.
+    pub fn admit(&self, a: &Admitted) -> Result<i64, StoreError> {
+        self.ask_blocking(|reply| Job::Admit(a.clone(), reply))
     }
 
-    /// Settle a pending call and add it to its day's totals, in one transaction.
-    pub fn settle(&self, id: i64, s: &Settled) -> Result<(), StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let row: Option<(i64, String, Option<String>, String)> = tx
-                .prepare_cached("SELECT day, org, grp, state FROM requests WHERE id = ?1")?
-                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-                .optional()?;
-            let Some((day, org, group, state)) = row else {
-                return Ok(());
-            };
-            if state != "pending" {
-                return Ok(());
-            }
-            tx.prepare_cached(
-                "UPDATE requests SET state = 'settled', served_model = COALESCE(?2, served_model),
-                    input_tokens = ?3, cached_tokens = ?4, output_tokens = ?5, reasoning_tokens = ?6,
-                    free = ?7, cost_pico = ?8, status = ?9, latency_ms = ?10, estimated = ?11
-                 WHERE id = ?1",
-            )?
-            .execute(params![
-                id,
-                s.served_model,
-                as_i64(s.input),
-                as_i64(s.cached),
-                as_i64(s.output),
-                as_i64(s.reasoning),
-                s.free,
-                as_i64(s.cost_pico),
-                s.status,
-                as_i64(s.latency_ms),
-                s.estimated,
-            ])?;
-            let total = as_i64(s.input.saturating_add(s.output));
-            let (free, billed) = if s.free { (total, 0) } else { (0, total) };
-            add_daily(&tx, Day(day), &org, group.as_deref().unwrap_or(""), free, billed, as_i64(s.cost_pico), 1)?;
-            tx.commit()
-        })
+    /// Record a refused call (no tokens, nothing reserved), durably.
+    pub async fn refuse_async(&self, a: Admitted, status: u16) -> Result<(), StoreError> {
+        self.ask(|reply| Job::Refuse(a, status, reply)).await
     }
 
+    /// Settle a pending call and add it to its day's totals, durably.
     pub async fn settle_async(&self, id: i64, s: Settled) -> Result<(), StoreError> {
-        self.blocking(move |store| store.settle(id, &s)).await
+        self.ask(|reply| Job::Settle(id, s, reply)).await
+    }
+
+    /// The same, for callers outside the async runtime.
+    pub fn settle(&self, id: i64, s: &Settled) -> Result<(), StoreError> {
+        self.ask_blocking(|reply| Job::Settle(id, s.clone(), reply))
+    }
+
+    /// Settle without waiting for the commit (a stream that ended, a client
+    /// that hung up: nobody is waiting for an answer).
+    pub fn settle_nowait(&self, id: i64, s: Settled) -> Result<(), StoreError> {
+        self.submit(Job::Settle(id, s, Reply::None))
     }
 
     /// Settle every call left pending by a crash as `interrupted`: a free-lane
     /// call's reservation counts as free tokens used (an upper bound, so the
     /// allowance is never handed out twice). Returns how many there were.
     pub fn recover(&self) -> Result<usize, StoreError> {
-        self.with(|conn| {
-            let tx = conn.transaction()?;
-            let pending: Vec<(i64, i64, String, Option<String>, i64, bool)> = tx
-                .prepare("SELECT id, day, org, grp, reserved, free_lane FROM requests WHERE state = 'pending'")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
-                .collect::<Result<_, _>>()?;
-            for (id, day, org, group, reserved, free_lane) in &pending {
-                let free_tokens = if *free_lane { *reserved } else { 0 };
-                tx.execute(
-                    "UPDATE requests SET state = 'interrupted', estimated = 1, free = ?2, input_tokens = ?3 WHERE id = ?1",
-                    params![id, *free_lane, free_tokens],
-                )?;
-                add_daily(&tx, Day(*day), org, group.as_deref().unwrap_or(""), free_tokens, 0, 0, 1)?;
-            }
-            tx.commit()?;
-            Ok(pending.len())
-        })
+        self.ask_blocking(Job::Recover)
     }
-
     /// The totals of `day`, every org and group.
     pub fn daily(&self, day: Day) -> Result<Vec<DailyTotal>, StoreError> {
         self.with(|conn| {
@@ -298,6 +267,219 @@ impl SqliteStore {
             .map(as_u64)
         })
     }
+}
+
+/// The writer thread: take every job that has queued up, apply them in one
+/// transaction, commit, then answer each. If the batch fails, each job is
+/// retried alone so that one bad write cannot fail the others.
+fn write_loop(mut conn: Connection, queue: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let together = (|| -> Result<Vec<Done>, rusqlite::Error> {
+            let tx = conn.transaction()?;
+            let done = batch
+                .iter()
+                .map(|job| apply(&tx, job))
+                .collect::<Result<Vec<_>, _>>()?;
+            tx.commit()?;
+            Ok(done)
+        })();
+        match together {
+            Ok(done) => {
+                for (job, done) in batch.into_iter().zip(done) {
+                    answer(job, Ok(done));
+                }
+            }
+            Err(_) => {
+                for job in batch {
+                    let alone = (|| -> Result<Done, rusqlite::Error> {
+                        let tx = conn.transaction()?;
+                        let done = apply(&tx, &job)?;
+                        tx.commit()?;
+                        Ok(done)
+                    })();
+                    if let Err(e) = &alone {
+                        tracing::error!(error = %e, "a ledger write failed");
+                    }
+                    answer(job, alone.map_err(|e| e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// What a job produced.
+enum Done {
+    Row(i64),
+    Unit,
+    Count(usize),
+}
+
+fn answer(job: Job, done: Result<Done, String>) {
+    match job {
+        Job::Admit(_, reply) => {
+            reply.send(done.map(|d| if let Done::Row(id) = d { id } else { 0 }))
+        }
+        Job::Settle(_, _, reply) | Job::Refuse(_, _, reply) => reply.send(done.map(|_| ())),
+        Job::Recover(reply) => reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 })),
+    }
+}
+
+fn apply(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Done, rusqlite::Error> {
+    match job {
+        Job::Admit(a, _) => admit(tx, a).map(Done::Row),
+        Job::Settle(id, s, _) => settle(tx, *id, s).map(|()| Done::Unit),
+        Job::Refuse(a, status, _) => refuse(tx, a, *status).map(|()| Done::Unit),
+        Job::Recover(_) => recover(tx).map(Done::Count),
+    }
+}
+
+fn admit(tx: &rusqlite::Transaction<'_>, a: &Admitted) -> Result<i64, rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
+            served_model, grp, decision, reserved, free_lane, streamed, state)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending')",
+    )?
+    .execute(params![
+        a.started_ms,
+        a.day.0,
+        a.org,
+        a.project,
+        a.key_id,
+        a.endpoint,
+        a.requested_model,
+        a.served_model,
+        a.group,
+        a.decision,
+        as_i64(a.reserved),
+        a.free_lane,
+        a.streamed,
+    ])?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn refuse(
+    tx: &rusqlite::Transaction<'_>,
+    a: &Admitted,
+    status: u16,
+) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
+            served_model, grp, decision, reserved, free_lane, streamed, state, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'refused', 0, 0, ?10, 'settled', ?11)",
+    )?
+    .execute(params![
+        a.started_ms,
+        a.day.0,
+        a.org,
+        a.project,
+        a.key_id,
+        a.endpoint,
+        a.requested_model,
+        a.served_model,
+        a.group,
+        a.streamed,
+        status,
+    ])?;
+    add_daily(
+        tx,
+        a.day,
+        &a.org,
+        a.group.as_deref().unwrap_or(""),
+        0,
+        0,
+        0,
+        1,
+    )
+}
+
+/// Settle a pending call and add it to its day's totals; settling twice changes nothing.
+fn settle(tx: &rusqlite::Transaction<'_>, id: i64, s: &Settled) -> Result<(), rusqlite::Error> {
+    let row: Option<(i64, String, Option<String>, String)> = tx
+        .prepare_cached("SELECT day, org, grp, state FROM requests WHERE id = ?1")?
+        .query_row(params![id], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
+        .optional()?;
+    let Some((day, org, group, state)) = row else {
+        return Ok(());
+    };
+    if state != "pending" {
+        return Ok(());
+    }
+    tx.prepare_cached(
+        "UPDATE requests SET state = 'settled', served_model = COALESCE(?2, served_model),
+            input_tokens = ?3, cached_tokens = ?4, output_tokens = ?5, reasoning_tokens = ?6,
+            free = ?7, cost_pico = ?8, status = ?9, latency_ms = ?10, estimated = ?11
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        s.served_model,
+        as_i64(s.input),
+        as_i64(s.cached),
+        as_i64(s.output),
+        as_i64(s.reasoning),
+        s.free,
+        as_i64(s.cost_pico),
+        s.status,
+        as_i64(s.latency_ms),
+        s.estimated,
+    ])?;
+    let total = as_i64(s.input.saturating_add(s.output));
+    let (free, billed) = if s.free { (total, 0) } else { (0, total) };
+    add_daily(
+        tx,
+        Day(day),
+        &org,
+        group.as_deref().unwrap_or(""),
+        free,
+        billed,
+        as_i64(s.cost_pico),
+        1,
+    )
+}
+
+fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, rusqlite::Error> {
+    let pending: Vec<(i64, i64, String, Option<String>, i64, bool)> = tx
+        .prepare(
+            "SELECT id, day, org, grp, reserved, free_lane FROM requests WHERE state = 'pending'",
+        )?
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    for (id, day, org, group, reserved, free_lane) in &pending {
+        let free_tokens = if *free_lane { *reserved } else { 0 };
+        tx.execute(
+            "UPDATE requests SET state = 'interrupted', estimated = 1, free = ?2, input_tokens = ?3 WHERE id = ?1",
+            params![id, *free_lane, free_tokens],
+        )?;
+        add_daily(
+            tx,
+            Day(*day),
+            org,
+            group.as_deref().unwrap_or(""),
+            free_tokens,
+            0,
+            0,
+            1,
+        )?;
+    }
+    Ok(pending.len())
 }
 
 #[allow(clippy::too_many_arguments)]
