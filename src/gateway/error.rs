@@ -31,7 +31,15 @@ pub enum ApiError {
     /// 429 `insufficient_quota` / `free_tokens_exhausted`: refused by `block`
     /// (or `clamp`, `downgrade` with nowhere to go).
     #[error("{message}")]
-    FreeTokensExhausted { message: String, retry_after: u64 },
+    FreeTokensExhausted {
+        message: String,
+        /// Seconds to 00:00 UTC: `Retry-After` and `x-free-tokens-reset`.
+        retry_after: u64,
+        /// The group's cap (`x-free-tokens-limit`).
+        limit: u64,
+        /// What is left (`x-free-tokens-remaining`).
+        remaining: u64,
+    },
     /// 502: upstream could not be reached or answered nonsense.
     #[error("{0}")]
     BadGateway(String),
@@ -118,9 +126,26 @@ impl From<RequestError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status_code(), axum::Json(self.body())).into_response();
-        if let ApiError::FreeTokensExhausted { retry_after, .. } = &self {
-            if let Ok(value) = HeaderValue::from_str(&retry_after.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
+        if let ApiError::FreeTokensExhausted {
+            retry_after,
+            limit,
+            remaining,
+            ..
+        } = &self
+        {
+            let headers = response.headers_mut();
+            for (name, value) in [
+                (header::RETRY_AFTER.as_str(), retry_after),
+                ("x-free-tokens-limit", limit),
+                ("x-free-tokens-remaining", remaining),
+                ("x-free-tokens-reset", retry_after),
+            ] {
+                if let (Ok(name), Ok(value)) = (
+                    axum::http::HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(&value.to_string()),
+                ) {
+                    headers.insert(name, value);
+                }
             }
         }
         response

@@ -294,6 +294,8 @@ async fn metered(
                     org.name
                 ),
                 retry_after,
+                limit: cap,
+                remaining: left,
             });
         }
         Decision::Free(ticket) => (ticket, model, request.pool, request.cap),

@@ -94,6 +94,43 @@ pub struct SqliteStore {
     jobs: std::sync::mpsc::Sender<Job>,
     /// The read connection (WAL lets it read while the writer writes).
     conn: Arc<Mutex<Connection>>,
+    /// Stops the checkpoint thread when the last store handle is dropped.
+    _checkpoints: Arc<Checkpoints>,
+}
+
+/// Moves WAL checkpoints off the writer: SQLite's automatic checkpoint runs
+/// inside the commit that crosses 1,000 pages, and every call queued behind
+/// that commit waits for it. A thread of its own checkpoints (passively,
+/// never blocking the writer) every quarter second instead.
+struct Checkpoints {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Checkpoints {
+    fn start(path: &Path) -> Result<Self, StoreError> {
+        let conn = connect(path)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::Builder::new()
+            .name("tokenwarden-checkpoint".into())
+            .spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|e| StoreError(format!("store checkpoint thread: {e}")))?;
+        Ok(Checkpoints { stop })
+    }
+}
+
+impl Drop for Checkpoints {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn as_i64(n: u64) -> i64 {
@@ -122,6 +159,7 @@ impl SqliteStore {
         }
         let mut writer = connect(path)?;
         migrate(&mut writer)?;
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
         let (jobs, queue) = std::sync::mpsc::channel();
         std::thread::Builder::new()
@@ -131,6 +169,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             jobs,
             conn: Arc::new(Mutex::new(reader)),
+            _checkpoints: Arc::new(Checkpoints::start(path)?),
         })
     }
 

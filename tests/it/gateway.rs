@@ -308,6 +308,9 @@ async fn block_refuses_with_429_insufficient_quota_and_retry_after() {
         "{message}"
     );
     assert_eq!(header(&headers, "retry-after"), 12 * 3600);
+    assert_eq!(header(&headers, "x-free-tokens-limit"), 1_000);
+    assert_eq!(header(&headers, "x-free-tokens-remaining"), 491);
+    assert_eq!(header(&headers, "x-free-tokens-reset"), 12 * 3600);
     // The refused call never reached upstream; the mini group is still open.
     assert_eq!(h.served().requests, 1);
     let (status, _, _) = send(&h, BLOCK, &chat("gpt-4o-mini", 500), 500).await;
