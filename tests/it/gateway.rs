@@ -689,3 +689,44 @@ async fn other_v1_paths_are_forwarded_unmetered_with_the_upstream_key() {
     assert!(!h.sim.stats().contains_key(BILL));
     assert!(h.gateway.store.recent(10).unwrap_or_default().is_empty());
 }
+
+#[tokio::test]
+async fn a_restart_remembers_todays_usage() {
+    let h = start("restart", &config(1_000, "")).await;
+    send(&h, BLOCK, &chat("gpt-4o", 480), 480).await;
+    send(&h, BLOCK, &chat("gpt-4o-mini", 16), 16).await;
+    let again = h.restart();
+    let (flagship, mini) = (group_index(&h, "flagship"), group_index(&h, "mini"));
+    let state = |group, cap| {
+        let key = tokenwarden::meter::PoolKey {
+            org: 0,
+            group,
+            day: h.today(),
+        };
+        again
+            .ledger
+            .lock()
+            .map(|l| l.state(key, cap))
+            .unwrap_or_else(|_| panic!("lock"))
+    };
+    assert_eq!(state(flagship, 1_000).used, 489);
+    assert_eq!(state(mini, 10_000_000).used, 25);
+}
+
+#[tokio::test]
+async fn enterprise_and_zero_data_retention_orgs_get_no_free_tokens() {
+    let extra = "[[orgs]]\nname = \"bigco\"\nenterprise = true\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"tw-test-enterprise-000001\"]\n\n[[orgs]]\nname = \"zdr\"\nzero_data_retention = true\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"tw-test-zdr-0000000000001\"]\n";
+    let text = format!("{extra}{}", config(1_000, ""));
+    let h = start("enterprise", &text).await;
+    for (key, org) in [
+        ("tw-test-enterprise-000001", "bigco"),
+        ("tw-test-zdr-0000000000001", "zdr"),
+    ] {
+        let (status, headers, _) = send(&h, key, &chat("gpt-4o", 5), 5).await;
+        assert_eq!((status, header(&headers, "x-free-tokens-limit")), (200, 0));
+        let totals = h
+            .daily(org, "flagship")
+            .unwrap_or_else(|| panic!("no totals for {org}"));
+        assert_eq!((totals.free_tokens, totals.billed_tokens), (0, 14));
+    }
+}

@@ -27,6 +27,8 @@ pub struct Harness {
     pub clock: Arc<ManualClock>,
     pub dir: PathBuf,
     pub client: reqwest::Client,
+    /// The configuration's text, to build a second gateway on the same ledger.
+    config_text: String,
     stops: Vec<oneshot::Sender<()>>,
 }
 
@@ -92,8 +94,8 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n{config}"
     );
-    let env = HashMap::from([("UPSTREAM_KEY".to_owned(), UPSTREAM_KEY.to_owned())]);
-    let config = Config::from_toml(&text, &env).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let config =
+        Config::from_toml(&text, &upstream_env()).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let store = SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
     let clock = Arc::new(ManualClock::new(NOON_MS));
     let gw = Gateway::new(config, store, clock.clone()).unwrap_or_else(|e| panic!("{e}"));
@@ -105,11 +107,25 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
         clock,
         dir,
         client: crate::harness::http_client(),
+        config_text: text,
         stops: vec![sim_stop, gw_stop],
     }
 }
 
+fn upstream_env() -> HashMap<String, String> {
+    HashMap::from([("UPSTREAM_KEY".to_owned(), UPSTREAM_KEY.to_owned())])
+}
+
 impl Harness {
+    /// A second gateway on the same ledger, as after a restart.
+    pub fn restart(&self) -> Arc<Gateway> {
+        let config =
+            Config::from_toml(&self.config_text, &upstream_env()).unwrap_or_else(|e| panic!("{e}"));
+        let store =
+            SqliteStore::open(&self.dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
+        Gateway::new(config, store, self.clock.clone()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
         self.client
             .post(format!("{}{path}", self.base))
