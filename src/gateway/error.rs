@@ -25,6 +25,9 @@ pub enum ApiError {
     /// 404: a route that does not exist.
     #[error("Invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
+    /// 408: a body that did not arrive in time.
+    #[error("The request body took too long to arrive.")]
+    RequestTimeout,
     /// 413: a body over the configured limit.
     #[error("The request body is larger than {limit} bytes.")]
     PayloadTooLarge { limit: usize },
@@ -57,6 +60,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::FreeTokensExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -89,6 +93,7 @@ impl ApiError {
             ApiError::InvalidRequest { code, .. } => *code,
             ApiError::ModelNotFound(_) => Some("model_not_found"),
             ApiError::UnknownRoute { .. } => Some("unknown_url"),
+            ApiError::RequestTimeout => Some("request_timeout"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::FreeTokensExhausted { .. } => Some("free_tokens_exhausted"),
             ApiError::BadGateway(_) | ApiError::GatewayTimeout | ApiError::Internal => None,

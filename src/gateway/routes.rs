@@ -33,14 +33,21 @@ pub async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     }
 }
 
-/// Read a body up to the configured limit; a larger one is a 413.
+/// How long a client may take to send its body: a client trickling bytes
+/// must not hold a connection and its buffer forever.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Read a body up to the configured limit (a larger one is a 413) and
+/// within [`BODY_READ_TIMEOUT`] (a slower one is a 408).
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+    let collect = Limited::new(body, limit).collect();
+    match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
+        Err(_) => Err(ApiError::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge { limit })
         }
-        Err(_) => Err(ApiError::InvalidRequest {
+        Ok(Err(_)) => Err(ApiError::InvalidRequest {
             message: "The request body could not be read.".into(),
             param: None,
             code: None,

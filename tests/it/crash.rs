@@ -106,9 +106,12 @@ async fn kill_9_under_load_loses_no_served_call() {
         "the upstream served {} calls; the ledger holds {settled} settled and {interrupted} interrupted",
         served.requests
     );
+    // Whole answers are durable before they are sent; a stream's settled row
+    // is written just after its last event, so a stream the client finished
+    // may come back as interrupted (its reservation counted), never missing.
     assert!(
-        settled >= answered,
-        "{answered} answered calls but {settled} settled"
+        settled + interrupted >= answered,
+        "{answered} answered calls but {settled} + {interrupted} in the ledger"
     );
     eprintln!("crash test: answered {answered}, upstream served {} ({} completed), ledger {settled} settled + {interrupted} interrupted", served.requests, served.completed);
 
