@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::routing::{any, get, post};
+use axum::routing::{any, get};
 use axum::serve::ListenerExt;
 use axum::Router;
 
@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::day::Day;
 use crate::meter::{Ledger, PoolKey};
 use crate::store::{SqliteStore, StoreError};
+use crate::tokens::request::Endpoint;
 
 pub mod auth;
 pub mod call;
@@ -158,10 +159,13 @@ impl Gateway {
 /// The router: every route and its layer, in one place.
 pub fn router(gateway: Arc<Gateway>) -> Router {
     let v1 = Router::new()
-        .route("/chat/completions", post(routes::chat_completions))
-        .route("/responses", post(routes::responses))
-        .route("/completions", post(routes::completions))
-        .route("/embeddings", post(routes::embeddings))
+        .route(
+            "/chat/completions",
+            routes::metered_route(Endpoint::ChatCompletions),
+        )
+        .route("/responses", routes::metered_route(Endpoint::Responses))
+        .route("/completions", routes::metered_route(Endpoint::Completions))
+        .route("/embeddings", routes::metered_route(Endpoint::Embeddings))
         .route("/models", get(routes::models))
         .fallback(any(routes::passthrough))
         // Every /v1 route needs a client key; it runs before the handlers

@@ -111,10 +111,13 @@ impl Simulator {
 /// The simulator's routes.
 pub fn router(sim: Arc<Simulator>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/responses", post(responses))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
+        .route(
+            "/v1/chat/completions",
+            endpoint_route(Endpoint::ChatCompletions),
+        )
+        .route("/v1/responses", endpoint_route(Endpoint::Responses))
+        .route("/v1/completions", endpoint_route(Endpoint::Completions))
+        .route("/v1/embeddings", endpoint_route(Endpoint::Embeddings))
         .route("/v1/models", get(models))
         .route("/stats", get(stats))
         .fallback(unknown_route)
@@ -481,28 +484,13 @@ fn embedding_body(call: &Call) -> Value {
     })
 }
 
-async fn chat(State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes) -> Response {
-    serve_call(sim, Endpoint::ChatCompletions, headers, body).await
-}
-
-async fn responses(State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes) -> Response {
-    serve_call(sim, Endpoint::Responses, headers, body).await
-}
-
-async fn completions(
-    State(sim): State<Arc<Simulator>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve_call(sim, Endpoint::Completions, headers, body).await
-}
-
-async fn embeddings(
-    State(sim): State<Arc<Simulator>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    serve_call(sim, Endpoint::Embeddings, headers, body).await
+/// The route of one of the four endpoints the simulator serves.
+fn endpoint_route(endpoint: Endpoint) -> axum::routing::MethodRouter<Arc<Simulator>> {
+    post(
+        move |State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes| {
+            serve_call(sim, endpoint, headers, body)
+        },
+    )
 }
 
 async fn models(State(sim): State<Arc<Simulator>>, headers: HeaderMap) -> Response {

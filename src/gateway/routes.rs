@@ -6,6 +6,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{post, MethodRouter};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
@@ -55,48 +56,18 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-pub async fn chat_completions(
-    s: State<Arc<Gateway>>,
-    c: Extension<Caller>,
-    h: HeaderMap,
-    b: Body,
-) -> Response {
-    metered(s.0, c.0, Endpoint::ChatCompletions, h, b)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-pub async fn responses(
-    s: State<Arc<Gateway>>,
-    c: Extension<Caller>,
-    h: HeaderMap,
-    b: Body,
-) -> Response {
-    metered(s.0, c.0, Endpoint::Responses, h, b)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-pub async fn completions(
-    s: State<Arc<Gateway>>,
-    c: Extension<Caller>,
-    h: HeaderMap,
-    b: Body,
-) -> Response {
-    metered(s.0, c.0, Endpoint::Completions, h, b)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
-}
-
-pub async fn embeddings(
-    s: State<Arc<Gateway>>,
-    c: Extension<Caller>,
-    h: HeaderMap,
-    b: Body,
-) -> Response {
-    metered(s.0, c.0, Endpoint::Embeddings, h, b)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+/// The route of a metered endpoint: every one takes the same road.
+pub fn metered_route(endpoint: Endpoint) -> MethodRouter<Arc<Gateway>> {
+    post(
+        move |State(gateway): State<Arc<Gateway>>,
+              Extension(caller): Extension<Caller>,
+              headers: HeaderMap,
+              body: Body| async move {
+            metered(gateway, caller, endpoint, headers, body)
+                .await
+                .unwrap_or_else(IntoResponse::into_response)
+        },
+    )
 }
 
 /// `GET /v1/models`: the catalog's models (every project may use every model).

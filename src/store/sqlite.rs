@@ -379,11 +379,19 @@ fn apply(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Done, rusqlite::Er
     }
 }
 
-fn admit(tx: &rusqlite::Transaction<'_>, a: &Admitted) -> Result<i64, rusqlite::Error> {
+/// Insert a call's row; `decision`, `state` and `status` differ between an
+/// admitted call and a refused one.
+fn insert(
+    tx: &rusqlite::Transaction<'_>,
+    a: &Admitted,
+    decision: &str,
+    state: &str,
+    status: u16,
+) -> Result<i64, rusqlite::Error> {
     tx.prepare_cached(
         "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-            served_model, grp, decision, reserved, free_lane, streamed, state)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'pending')",
+            served_model, grp, decision, reserved, free_lane, streamed, state, status)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
     )?
     .execute(params![
         a.started_ms,
@@ -395,37 +403,27 @@ fn admit(tx: &rusqlite::Transaction<'_>, a: &Admitted) -> Result<i64, rusqlite::
         a.requested_model,
         a.served_model,
         a.group,
-        a.decision,
+        decision,
         as_i64(a.reserved),
         a.free_lane,
         a.streamed,
+        state,
+        status,
     ])?;
     Ok(tx.last_insert_rowid())
 }
 
+fn admit(tx: &rusqlite::Transaction<'_>, a: &Admitted) -> Result<i64, rusqlite::Error> {
+    insert(tx, a, a.decision, "pending", 0)
+}
+
+/// A refused call: settled at once, nothing reserved or used.
 fn refuse(
     tx: &rusqlite::Transaction<'_>,
     a: &Admitted,
     status: u16,
 ) -> Result<(), rusqlite::Error> {
-    tx.prepare_cached(
-        "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-            served_model, grp, decision, reserved, free_lane, streamed, state, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'refused', 0, 0, ?10, 'settled', ?11)",
-    )?
-    .execute(params![
-        a.started_ms,
-        a.day.0,
-        a.org,
-        a.project,
-        a.key_id,
-        a.endpoint,
-        a.requested_model,
-        a.served_model,
-        a.group,
-        a.streamed,
-        status,
-    ])?;
+    insert(tx, a, "refused", "settled", status)?;
     add_daily(
         tx,
         a.day,
