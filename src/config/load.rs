@@ -1,0 +1,451 @@
+//! Loading a configuration: the raw TOML form (every table with
+//! `deny_unknown_fields`, env-expandable values with their spans), then one
+//! pass that expands `${VAR}`, checks every value and reference, and builds
+//! the [`Config`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{
+    Config, ConfigError, Env, Fallback, Org, OrgSharing, Policy, Project, Secret, Server, StoreUrl,
+    Upstream, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
+};
+use crate::catalog::{Catalog, Group};
+use crate::day::Day;
+
+// ---- raw form ---------------------------------------------------------------
+
+type Text = Spanned<String>;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    upstreams: BTreeMap<String, RawUpstream>,
+    #[serde(default)]
+    orgs: Vec<RawOrg>,
+    #[serde(default)]
+    program: RawProgram,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<Text>,
+    admin_token: Option<Text>,
+    max_body_bytes: Option<u64>,
+    upstream_timeout_secs: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    url: Option<Text>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    base_url: Text,
+    api_key: Option<Text>,
+    organization: Option<Text>,
+    project: Option<Text>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrg {
+    name: String,
+    #[serde(default = "default_tier")]
+    tier: u8,
+    #[serde(default)]
+    sharing: OrgSharing,
+    #[serde(default)]
+    enterprise: bool,
+    #[serde(default)]
+    zero_data_retention: bool,
+    #[serde(default)]
+    projects: Vec<RawProject>,
+}
+
+fn default_tier() -> u8 {
+    5
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProject {
+    name: String,
+    #[serde(default = "default_true")]
+    sharing: bool,
+    upstream: Option<String>,
+    #[serde(default)]
+    on_exhausted: Policy,
+    #[serde(default)]
+    downgrade_fallback: Fallback,
+    #[serde(default)]
+    keys: Vec<Text>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProgram {
+    starts: Option<String>,
+    ends: Option<String>,
+    #[serde(default)]
+    groups: BTreeMap<String, RawGroup>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    daily_tokens: Option<u64>,
+    daily_tokens_tiers_1_2: Option<u64>,
+    #[serde(default)]
+    models: Vec<String>,
+}
+
+/// The line (1-based) of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset).map_or(0, |t| t.matches('\n').count()) + 1
+}
+
+struct Loader<'a> {
+    text: &'a str,
+    env: &'a dyn Env,
+}
+
+impl Loader<'_> {
+    fn error(
+        &self,
+        path: impl Into<String>,
+        span: Option<std::ops::Range<usize>>,
+        message: impl Into<String>,
+    ) -> ConfigError {
+        let path = path.into();
+        let path = match span {
+            Some(span) => format!("{path} (line {})", line_of(self.text, span.start)),
+            None => path,
+        };
+        ConfigError::Invalid {
+            path,
+            message: message.into(),
+        }
+    }
+
+    /// `${VAR}` replaced from the environment; a missing variable is an error.
+    fn expand(&self, path: &str, value: &Text) -> Result<String, ConfigError> {
+        let raw = value.get_ref();
+        let mut out = String::with_capacity(raw.len());
+        let mut rest = raw.as_str();
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                return Err(self.error(path, Some(value.span()), "unclosed ${ in value"));
+            };
+            let name = &after[..end];
+            let valid =
+                !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(self.error(
+                    path,
+                    Some(value.span()),
+                    format!("${{{name}}} is not an environment variable name"),
+                ));
+            }
+            match self.env.var(name) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    return Err(self.error(
+                        path,
+                        Some(value.span()),
+                        format!("environment variable {name} is not set"),
+                    ))
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+}
+
+impl Config {
+    /// Parse and validate a configuration file's text.
+    pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: "config".into(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let loader = Loader { text, env };
+        Self::validate(raw, &loader)
+    }
+
+    /// Read, parse and validate a configuration file.
+    pub fn load(path: &std::path::Path, env: &dyn Env) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_toml(&text, env).map_err(|e| match e {
+            ConfigError::Invalid { path: key, message } => ConfigError::Invalid {
+                path: format!("{}: {key}", path.display()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    fn validate(raw: RawConfig, l: &Loader<'_>) -> Result<Config, ConfigError> {
+        let listen_text = match &raw.server.listen {
+            Some(v) => l.expand("server.listen", v)?,
+            None => DEFAULT_LISTEN.to_owned(),
+        };
+        let listen = listen_text.parse().map_err(|_| {
+            l.error(
+                "server.listen",
+                raw.server.listen.as_ref().map(Spanned::span),
+                format!("{listen_text:?} is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+        let admin_token = match &raw.server.admin_token {
+            Some(v) => {
+                let token = l.expand("server.admin_token", v)?;
+                if token.len() < 16 {
+                    return Err(l.error(
+                        "server.admin_token",
+                        Some(v.span()),
+                        "must be at least 16 characters",
+                    ));
+                }
+                Some(Secret::new(token))
+            }
+            None => None,
+        };
+        let server = Server {
+            listen,
+            admin_token,
+            max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES) as usize,
+            upstream_timeout: Duration::from_secs(
+                raw.server
+                    .upstream_timeout_secs
+                    .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS),
+            ),
+        };
+
+        let store_text = match &raw.store.url {
+            Some(v) => l.expand("store.url", v)?,
+            None => DEFAULT_STORE.to_owned(),
+        };
+        let store = match store_text.strip_prefix("sqlite://") {
+            Some(path) if !path.is_empty() => StoreUrl::Sqlite(PathBuf::from(path)),
+            _ => {
+                return Err(l.error(
+                    "store.url",
+                    raw.store.url.as_ref().map(Spanned::span),
+                    format!("{store_text:?} is not a store URL (sqlite://PATH)"),
+                ))
+            }
+        };
+
+        let mut upstreams = BTreeMap::new();
+        for (name, u) in &raw.upstreams {
+            let path = format!("upstreams.{name}");
+            let base_url = l.expand(&format!("{path}.base_url"), &u.base_url)?;
+            if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+                return Err(l.error(
+                    format!("{path}.base_url"),
+                    Some(u.base_url.span()),
+                    "must start with http:// or https://",
+                ));
+            }
+            let optional = |key: &str, v: &Option<Text>| -> Result<Option<String>, ConfigError> {
+                v.as_ref()
+                    .map(|v| l.expand(&format!("{path}.{key}"), v))
+                    .transpose()
+            };
+            upstreams.insert(
+                name.clone(),
+                Upstream {
+                    name: name.clone(),
+                    base_url: base_url.trim_end_matches('/').to_owned(),
+                    api_key: optional("api_key", &u.api_key)?.map(Secret::new),
+                    organization: optional("organization", &u.organization)?,
+                    project: optional("project", &u.project)?,
+                },
+            );
+        }
+
+        let mut orgs = Vec::new();
+        let mut org_names = HashSet::new();
+        let mut all_keys = HashSet::new();
+        for (i, o) in raw.orgs.iter().enumerate() {
+            let path = format!("orgs[{i}]");
+            if o.name.is_empty() || !org_names.insert(o.name.clone()) {
+                return Err(l.error(
+                    format!("{path}.name"),
+                    None,
+                    format!("{:?} is empty or names another org too", o.name),
+                ));
+            }
+            if !(1..=5).contains(&o.tier) {
+                return Err(l.error(
+                    format!("{path}.tier"),
+                    None,
+                    format!("{} is not a usage tier (1-5)", o.tier),
+                ));
+            }
+            let mut projects = Vec::new();
+            let mut project_names = HashSet::new();
+            for (j, p) in o.projects.iter().enumerate() {
+                let path = format!("{path}.projects[{j}]");
+                if p.name.is_empty() || !project_names.insert(p.name.clone()) {
+                    return Err(l.error(
+                        format!("{path}.name"),
+                        None,
+                        format!(
+                            "{:?} is empty or names another project of {} too",
+                            p.name, o.name
+                        ),
+                    ));
+                }
+                let upstream = match &p.upstream {
+                    Some(name) if upstreams.contains_key(name) => name.clone(),
+                    Some(name) => {
+                        return Err(l.error(
+                            format!("{path}.upstream"),
+                            None,
+                            format!("{name:?} names no [upstreams.{name}] section"),
+                        ))
+                    }
+                    None if upstreams.len() == 1 => {
+                        upstreams.keys().next().cloned().unwrap_or_default()
+                    }
+                    None => {
+                        return Err(l.error(
+                            format!("{path}.upstream"),
+                            None,
+                            "is required when there is not exactly one upstream",
+                        ))
+                    }
+                };
+                let mut keys = Vec::new();
+                for (k, key) in p.keys.iter().enumerate() {
+                    let value = l.expand(&format!("{path}.keys[{k}]"), key)?;
+                    if value.len() < 16 {
+                        return Err(l.error(
+                            format!("{path}.keys[{k}]"),
+                            Some(key.span()),
+                            "a client key must be at least 16 characters",
+                        ));
+                    }
+                    if !all_keys.insert(value.clone()) {
+                        return Err(l.error(
+                            format!("{path}.keys[{k}]"),
+                            Some(key.span()),
+                            "this key is given to another project too",
+                        ));
+                    }
+                    keys.push(Secret::new(value));
+                }
+                projects.push(Project {
+                    name: p.name.clone(),
+                    shares: match o.sharing {
+                        OrgSharing::Disabled => false,
+                        OrgSharing::All => true,
+                        OrgSharing::Selected => p.sharing,
+                    },
+                    upstream,
+                    on_exhausted: p.on_exhausted,
+                    downgrade_fallback: p.downgrade_fallback,
+                    keys,
+                });
+            }
+            orgs.push(Org {
+                name: o.name.clone(),
+                tier: o.tier,
+                sharing: o.sharing,
+                eligible: !o.enterprise && !o.zero_data_retention,
+                projects,
+            });
+        }
+
+        let mut catalog = Catalog::builtin()?;
+        let day = |key: &str, value: &str| {
+            Day::parse(value).ok_or_else(|| {
+                l.error(
+                    format!("program.{key}"),
+                    None,
+                    format!("{value:?} is not a YYYY-MM-DD date"),
+                )
+            })
+        };
+        if let Some(starts) = &raw.program.starts {
+            catalog.program_starts = day("starts", starts)?;
+        }
+        if let Some(ends) = &raw.program.ends {
+            catalog.program_ends = Some(day("ends", ends)?);
+        }
+        for (name, g) in &raw.program.groups {
+            let path = format!("program.groups.{name}");
+            let existing = catalog.groups.iter().position(|group| &group.name == name);
+            let index = match existing {
+                Some(index) => index,
+                None => {
+                    let Some(daily) = g.daily_tokens else {
+                        return Err(l.error(
+                            format!("{path}.daily_tokens"),
+                            None,
+                            "a new group needs daily_tokens",
+                        ));
+                    };
+                    catalog.groups.push(Group {
+                        name: name.clone(),
+                        daily_tokens: daily,
+                        daily_tokens_tiers_1_2: daily,
+                    });
+                    catalog.groups.len() - 1
+                }
+            };
+            if let Some(group) = catalog.groups.get_mut(index) {
+                if let Some(daily) = g.daily_tokens {
+                    group.daily_tokens = daily;
+                    // One number sets both caps unless the tiers 1-2 cap is given too.
+                    group.daily_tokens_tiers_1_2 = g.daily_tokens_tiers_1_2.unwrap_or(daily);
+                } else if let Some(low) = g.daily_tokens_tiers_1_2 {
+                    group.daily_tokens_tiers_1_2 = low;
+                }
+            }
+            for (k, model) in g.models.iter().enumerate() {
+                if !catalog.assign_group(model, index) {
+                    return Err(l.error(
+                        format!("{path}.models[{k}]"),
+                        None,
+                        format!("{model:?} matches no model of the catalog"),
+                    ));
+                }
+            }
+        }
+
+        Ok(Config {
+            server,
+            store,
+            upstreams,
+            orgs,
+            catalog,
+        })
+    }
+}
