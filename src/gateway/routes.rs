@@ -197,10 +197,12 @@ async fn metered(
         })
     };
     let cap_of = |m: &ModelRef<'_>| m.group().map_or(0, |g| g.daily_tokens_for_tier(org.tier));
+    // Only a project whose policy is downgrade needs the target's side.
     let target = model
         .model
         .downgrade
         .as_deref()
+        .filter(|_| project.on_exhausted == crate::config::Policy::Downgrade)
         .and_then(|name| catalog.lookup(name).ok().map(|t| (name, t)));
     let downgrade = target.and_then(|(name, t)| {
         let prompt = if t.model.encoding == model.model.encoding {
