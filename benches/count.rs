@@ -199,4 +199,26 @@ fn main() {
             );
         }
     }
+
+    // The privacy guard scans what is about to be shared: it should cost less
+    // than counting the same text.
+    println!();
+    println!("| input | work | MiB/s (median of {rounds}) | result |");
+    println!("|---|---|---:|---:|");
+    for input in inputs().into_iter().take(2) {
+        let (count_speed, tokens, _) = measure(&input.text, rounds, budget, &|t| {
+            Encoding::O200kBase.count(t)
+        });
+        println!(
+            "| {} | count (o200k_base) | {count_speed:.1} | {tokens} tokens |",
+            input.name
+        );
+        let (scan_speed, findings, _) = measure(&input.text, rounds, budget, &|t| {
+            tokenwarden::guard::scan(t).len() as u64
+        });
+        println!(
+            "| {} | privacy guard scan | {scan_speed:.1} | {findings} findings |",
+            input.name
+        );
+    }
 }

@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod day;
 pub mod gateway;
+pub mod guard;
 pub mod meter;
 pub mod simulator;
 pub mod store;

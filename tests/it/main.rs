@@ -3,6 +3,7 @@
 mod cli;
 mod crash;
 mod gateway;
+mod guard;
 mod harness;
 mod properties;
 mod reference;

@@ -1,0 +1,292 @@
+//! The privacy guard's detectors: secrets and personal data in text that is
+//! about to be shared. Pure functions; the gateway decides what a finding
+//! does (block, reroute, redact). Values are never returned to callers that
+//! log: a [`Finding`] holds a kind and a byte range, and [`redact`] replaces
+//! each finding with a typed placeholder.
+//!
+//! Each detector is a pattern that finds candidates and, where the format has
+//! one, a check that rejects look-alikes: the Luhn checksum for payment
+//! cards, the mod-97 check digits for IBANs, the reserved ranges of US social
+//! security numbers, the digit count and date shapes for phone numbers.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde::Serialize;
+
+/// What a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    PemPrivateKey,
+    Jwt,
+    OpenaiKey,
+    AwsAccessKey,
+    GithubToken,
+    SlackToken,
+    Email,
+    Iban,
+    PaymentCard,
+    UsSsn,
+    Phone,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 11] = [
+        Kind::PemPrivateKey,
+        Kind::Jwt,
+        Kind::OpenaiKey,
+        Kind::AwsAccessKey,
+        Kind::GithubToken,
+        Kind::SlackToken,
+        Kind::Email,
+        Kind::Iban,
+        Kind::PaymentCard,
+        Kind::UsSsn,
+        Kind::Phone,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::PemPrivateKey => "pem_private_key",
+            Kind::Jwt => "jwt",
+            Kind::OpenaiKey => "openai_key",
+            Kind::AwsAccessKey => "aws_access_key",
+            Kind::GithubToken => "github_token",
+            Kind::SlackToken => "slack_token",
+            Kind::Email => "email",
+            Kind::Iban => "iban",
+            Kind::PaymentCard => "payment_card",
+            Kind::UsSsn => "us_ssn",
+            Kind::Phone => "phone",
+        }
+    }
+
+    /// The placeholder a redacted finding becomes.
+    pub fn placeholder(self) -> String {
+        format!("[REDACTED_{}]", self.name().to_ascii_uppercase())
+    }
+}
+
+/// One finding: its kind and where it is (never its value).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: Kind,
+    pub start: usize,
+    pub end: usize,
+}
+
+struct Detector {
+    kind: Kind,
+    pattern: Regex,
+    /// Rejects look-alikes the pattern lets through.
+    check: fn(&str) -> bool,
+}
+
+fn always(_: &str) -> bool {
+    true
+}
+
+fn digits(text: &str) -> Vec<u32> {
+    text.chars().filter_map(|c| c.to_digit(10)).collect()
+}
+
+/// The Luhn checksum, and a length and prefix that card networks use.
+fn payment_card(text: &str) -> bool {
+    let d = digits(text);
+    if !(13..=19).contains(&d.len()) || d.iter().all(|&x| x == d[0]) {
+        return false;
+    }
+    let sum: u32 = d
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &x)| {
+            if i % 2 == 1 {
+                if x * 2 > 9 {
+                    x * 2 - 9
+                } else {
+                    x * 2
+                }
+            } else {
+                x
+            }
+        })
+        .sum();
+    sum % 10 == 0 && matches!(d[0], 2..=6)
+}
+
+/// The IBAN check: move the first four characters to the end, letters to
+/// numbers (A = 10), and the remainder mod 97 must be 1.
+fn iban(text: &str) -> bool {
+    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    if !(15..=34).contains(&compact.len()) {
+        return false;
+    }
+    let (head, tail) = compact.split_at(4);
+    let mut remainder: u64 = 0;
+    for c in tail.chars().chain(head.chars()) {
+        let value = match c.to_digit(36) {
+            Some(v) => v as u64,
+            None => return false,
+        };
+        remainder = if value >= 10 {
+            (remainder * 100 + value) % 97
+        } else {
+            (remainder * 10 + value) % 97
+        };
+    }
+    remainder == 1
+}
+
+/// Not in the ranges the SSA never issues (area 000, 666, 900-999; group 00; serial 0000).
+fn us_ssn(text: &str) -> bool {
+    let d = digits(text);
+    let area = d[0] * 100 + d[1] * 10 + d[2];
+    let group = d[3] * 10 + d[4];
+    let serial = d[5] * 1000 + d[6] * 100 + d[7] * 10 + d[8];
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+/// 10 to 15 digits (8 or more after a `+`), not a date, not groups of four.
+fn phone(text: &str) -> bool {
+    static DATE: LazyLock<Option<Regex>> = LazyLock::new(|| {
+        Regex::new(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{4}").ok()
+    });
+    let count = digits(text).len();
+    let international = text.starts_with('+');
+    // Runs of four-digit groups are account and card numbers, not phones.
+    let groups: Vec<usize> = text
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|g| !g.is_empty())
+        .map(str::len)
+        .collect();
+    if !international
+        && !text.starts_with('(')
+        && groups.len() >= 3
+        && groups[..3].iter().all(|&g| g == 4)
+    {
+        return false;
+    }
+    let long_enough = if international {
+        (8..=15).contains(&count)
+    } else {
+        (10..=15).contains(&count)
+    };
+    long_enough && !DATE.as_ref().is_some_and(|d| d.is_match(text))
+}
+
+static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
+    // ASCII mode (`(?-u)`) for every pattern but the PEM block's: the
+    // formats are ASCII, and Unicode word boundaries send the regex engine to
+    // its slow path on any non-ASCII text.
+    let detector = |kind, pattern: &str, check| {
+        let pattern = if kind == Kind::PemPrivateKey {
+            pattern.to_owned()
+        } else {
+            format!("(?-u){pattern}")
+        };
+        match Regex::new(&pattern) {
+            Ok(pattern) => Some(Detector {
+                kind,
+                pattern,
+                check,
+            }),
+            Err(e) => {
+                tracing::error!(error = %e, "a privacy guard pattern does not compile");
+                None
+            }
+        }
+    };
+    [
+        detector(
+            Kind::PemPrivateKey,
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?s:.*?)(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|$)",
+            always,
+        ),
+        detector(Kind::Jwt, r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}", always),
+        detector(Kind::OpenaiKey, r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", always),
+        detector(Kind::AwsAccessKey, r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b", always),
+        detector(Kind::GithubToken, r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b", always),
+        detector(Kind::SlackToken, r"\bxox[abposr]-[A-Za-z0-9-]{10,}", always),
+        detector(
+            Kind::Email,
+            r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b",
+            always,
+        ),
+        detector(Kind::Iban, r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", iban),
+        detector(Kind::PaymentCard, r"\b(?:\d[ -]?){12,18}\d\b", payment_card),
+        detector(Kind::UsSsn, r"\b\d{3}-\d{2}-\d{4}\b", us_ssn),
+        detector(Kind::Phone, r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,5}\b", phone),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+});
+
+/// Every finding in `text`, in order; where two overlap, the detector listed
+/// first wins (a key inside a PEM block is the block; a card is not a phone).
+pub fn scan(text: &str) -> Vec<Finding> {
+    let mut findings: Vec<Finding> = Vec::new();
+    for detector in DETECTORS.iter() {
+        for m in detector.pattern.find_iter(text) {
+            let overlaps = findings
+                .iter()
+                .any(|f| m.start() < f.end && f.start < m.end());
+            if !overlaps && (detector.check)(m.as_str()) {
+                findings.push(Finding {
+                    kind: detector.kind,
+                    start: m.start(),
+                    end: m.end(),
+                });
+            }
+        }
+    }
+    findings.sort_by_key(|f| f.start);
+    findings
+}
+
+/// `text` with every finding replaced by its placeholder, and the kinds found.
+pub fn redact(text: &str) -> (String, Vec<Kind>) {
+    let findings = scan(text);
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    let mut kinds = Vec::new();
+    for f in &findings {
+        out.push_str(&text[last..f.start]);
+        out.push_str(&f.kind.placeholder());
+        last = f.end;
+        if !kinds.contains(&f.kind) {
+            kinds.push(f.kind);
+        }
+    }
+    out.push_str(&text[last..]);
+    (out, kinds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_detector_compiles() {
+        assert_eq!(DETECTORS.len(), Kind::ALL.len());
+    }
+
+    #[test]
+    fn checksums() {
+        assert!(payment_card("4111 1111 1111 1111"));
+        assert!(!payment_card("4111 1111 1111 1112"));
+        assert!(iban("GB82 WEST 1234 5698 7654 32"));
+        assert!(!iban("GB82 WEST 1234 5698 7654 33"));
+        assert!(us_ssn("123-45-6789"));
+        assert!(!us_ssn("666-45-6789") && !us_ssn("123-00-6789") && !us_ssn("912-45-6789"));
+    }
+
+    #[test]
+    fn redaction_replaces_values_with_typed_placeholders() {
+        let (out, kinds) = redact("mail jane.doe@example.com, card 4111-1111-1111-1111.");
+        assert_eq!(out, "mail [REDACTED_EMAIL], card [REDACTED_PAYMENT_CARD].");
+        assert_eq!(kinds, vec![Kind::Email, Kind::PaymentCard]);
+    }
+}

@@ -1,0 +1,138 @@
+//! The privacy guard's detectors on a corpus of positives and near misses,
+//! per kind. The corpus is what docs/privacy-guard.md reports recall and
+//! false positives on.
+
+use tokenwarden::guard::{redact, scan, Kind};
+
+/// (kind, text that holds exactly one finding of that kind).
+const POSITIVES: &[(Kind, &str)] = &[
+    (Kind::Email, "write to jane.doe@example.com today"),
+    (Kind::Email, "cc: ops+alerts@mail.corp-example.co.uk"),
+    (Kind::Email, "<a href=\"mailto:x_y@sub.example.org\">"),
+    (Kind::Phone, "call +1 415 555 0132 after six"),
+    (Kind::Phone, "office: (415) 555-0132"),
+    (Kind::Phone, "tel 020 7946 0958"),
+    (Kind::Phone, "mobile +44 7700 900123"),
+    (Kind::Phone, "+33 1 23 45 67 89"),
+    (Kind::PaymentCard, "card 4111 1111 1111 1111 exp 12/28"),
+    (Kind::PaymentCard, "mc 5555-5555-5555-4444"),
+    (Kind::PaymentCard, "amex 378282246310005"),
+    (Kind::PaymentCard, "4012888888881881"),
+    (Kind::Iban, "IBAN GB82 WEST 1234 5698 7654 32 please"),
+    (Kind::Iban, "DE89370400440532013000"),
+    (Kind::Iban, "FR14 2004 1010 0505 0001 3M02 606"),
+    (Kind::UsSsn, "SSN 123-45-6789 on file"),
+    (Kind::UsSsn, "ssn: 078-05-1121"),
+    (Kind::OpenaiKey, "OPENAI_API_KEY=sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z"),
+    (Kind::OpenaiKey, "key sk-1234567890abcdefghijklmnopqrstuvwxyzABCD"),
+    (Kind::AwsAccessKey, "aws_access_key_id = AKIAIOSFODNN7EXAMPLE"),
+    (Kind::AwsAccessKey, "ASIAY34FZKBOKMUTVV7A was leaked"),
+    (Kind::GithubToken, "token ghp_16C7e42F292c6912E7710c838347Ae178B4a in ci"),
+    (Kind::GithubToken, "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"),
+    (Kind::SlackToken, "SLACK_TOKEN=xoxb-1234567890-0987654321-AbCdEfGhIjKl"),
+    (Kind::Jwt, "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"),
+    (Kind::PemPrivateKey, "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq\n-----END RSA PRIVATE KEY-----"),
+    (Kind::PemPrivateKey, "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END PRIVATE KEY-----"),
+];
+
+/// Texts that look like findings and are not.
+const NEGATIVES: &[&str] = &[
+    // card-like numbers that fail Luhn, or are not card-shaped
+    "order 4111 1111 1111 1112 shipped",
+    "tracking 1234 5678 9012 3456",
+    "0000 0000 0000 0000",
+    // `sk-` inside ordinary words and short ids
+    "the task-force met about risk-averse desk-bound plans",
+    "sku sk-12 and sk-short",
+    // dates and versions that look like phone numbers
+    "released 2024-11-24 and 2025/01/31",
+    "on 24/11/2024 at 10:30",
+    "version 1.2.3.4 and build 20241124",
+    "room 101, floor 3",
+    // IBAN-shaped strings with wrong check digits
+    "GB83 WEST 1234 5698 7654 32",
+    "DE00370400440532013000",
+    // SSN-shaped values in reserved ranges
+    "ids 000-12-3456, 666-12-3456, 912-34-5678, 123-00-4567",
+    // e-mail look-alikes
+    "user at example dot com; @handle; a@b",
+    "import foo@1.2.3",
+    // key look-alikes
+    "AKIA is a prefix; AKIASHORT",
+    "ghp_short and xoxb-1",
+    "eyJhbGciOiJIUzI1NiJ9 alone",
+    "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----",
+    // ordinary prose and code
+    "The quick brown fox jumps over the lazy dog 42 times.",
+    "fn main() { let x = 1_000_000; println!(\"{x}\"); }",
+];
+
+#[test]
+fn detectors_find_every_positive_and_no_near_miss() {
+    let mut missed = Vec::new();
+    for (kind, text) in POSITIVES {
+        let found = scan(text);
+        if found.len() != 1 || found[0].kind != *kind {
+            missed.push(format!("{kind:?} in {text:?}: found {found:?}"));
+        }
+    }
+    let mut false_positives = Vec::new();
+    for text in NEGATIVES {
+        let found = scan(text);
+        if !found.is_empty() {
+            false_positives.push(format!("{text:?}: {found:?}"));
+        }
+    }
+    let recall = 1.0 - missed.len() as f64 / POSITIVES.len() as f64;
+    let fp_rate = false_positives.len() as f64 / NEGATIVES.len() as f64;
+    eprintln!(
+        "guard corpus: {} positives, recall {:.1}%; {} negatives, false positives {:.1}%",
+        POSITIVES.len(),
+        recall * 100.0,
+        NEGATIVES.len(),
+        fp_rate * 100.0
+    );
+    assert!(missed.is_empty(), "missed:\n{}", missed.join("\n"));
+    assert!(
+        false_positives.is_empty(),
+        "false positives:\n{}",
+        false_positives.join("\n")
+    );
+    // Every kind has positives.
+    for kind in Kind::ALL {
+        assert!(
+            POSITIVES.iter().any(|(k, _)| *k == kind),
+            "{kind:?} has no positive case"
+        );
+    }
+}
+
+#[test]
+fn redaction_leaves_no_value_behind() {
+    let text: String = POSITIVES
+        .iter()
+        .map(|(_, t)| *t)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (redacted, kinds) = redact(&text);
+    assert_eq!(kinds.len(), Kind::ALL.len());
+    for value in [
+        "jane.doe@example.com",
+        "4111 1111 1111 1111",
+        "GB82 WEST",
+        "123-45-6789",
+        "AKIAIOSFODNN7EXAMPLE",
+        "sk-proj-Ab3d",
+        "MIIEowIBAAKCAQEA7bq",
+        "+1 415 555 0132",
+    ] {
+        assert!(!redacted.contains(value), "{value} survived redaction");
+    }
+    assert!(
+        redacted.contains("[REDACTED_EMAIL]") && redacted.contains("[REDACTED_PEM_PRIVATE_KEY]")
+    );
+    assert!(
+        scan(&redacted).is_empty(),
+        "a placeholder looks like a finding"
+    );
+}
