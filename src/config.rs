@@ -96,6 +96,21 @@ pub enum Policy {
     Clamp,
 }
 
+/// The privacy guard's action for a sharing project's call with findings.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guard {
+    /// No scanning.
+    #[default]
+    Off,
+    /// Refuse the call with a 400 naming the kinds found.
+    Block,
+    /// Send it to `reroute_to`, a project that does not share: billed, not shared.
+    Reroute,
+    /// Replace each finding with a typed placeholder before it leaves.
+    Redact,
+}
+
 /// What `downgrade` does when the target's group has no room either.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -161,6 +176,11 @@ pub struct Project {
     pub on_exhausted: Policy,
     pub downgrade_fallback: Fallback,
     pub keys: Vec<Secret>,
+    /// What a secret or personal datum found in a sharing call does.
+    pub privacy_guard: Guard,
+    /// Index (in the same org) of the non-sharing project that `reroute` and
+    /// the `x-tokenwarden-private` header send calls to.
+    pub reroute_to: Option<usize>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -310,6 +330,47 @@ models = ["o1-pro"]
             .err()
             .unwrap_or_default();
         assert!(e.contains("store.url"), "{e}");
+    }
+
+    #[test]
+    fn reroute_targets_must_be_projects_of_the_org_that_do_not_share() {
+        let guarded = GOOD.replace(
+            "on_exhausted = \"block\"\n",
+            "on_exhausted = \"block\"\nprivacy_guard = \"reroute\"\n",
+        );
+        let e = load(&guarded).err().unwrap_or_default();
+        assert!(
+            e.contains("orgs[0].projects[0].reroute_to") && e.contains("needs reroute_to"),
+            "{e}"
+        );
+        let to_private = guarded.replace(
+            "privacy_guard = \"reroute\"\n",
+            "privacy_guard = \"reroute\"\nreroute_to = \"private\"\n",
+        );
+        let c = load(&to_private).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (
+                c.orgs[0].projects[0].privacy_guard,
+                c.orgs[0].projects[0].reroute_to
+            ),
+            (Guard::Reroute, Some(1))
+        );
+        let to_itself = guarded.replace(
+            "privacy_guard = \"reroute\"\n",
+            "privacy_guard = \"reroute\"\nreroute_to = \"web\"\n",
+        );
+        assert!(load(&to_itself)
+            .err()
+            .unwrap_or_default()
+            .contains("shares its traffic"));
+        let to_nowhere = guarded.replace(
+            "privacy_guard = \"reroute\"\n",
+            "privacy_guard = \"reroute\"\nreroute_to = \"vault\"\n",
+        );
+        assert!(load(&to_nowhere)
+            .err()
+            .unwrap_or_default()
+            .contains("is not a project of org acme"));
     }
 
     #[test]

@@ -11,8 +11,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Config, ConfigError, Env, Fallback, Org, OrgSharing, Policy, Project, Secret, Server, StoreUrl,
-    Upstream, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
+    Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy, Project, Secret, Server,
+    StoreUrl, Upstream, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE,
+    DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
@@ -91,6 +92,9 @@ struct RawProject {
     on_exhausted: Policy,
     #[serde(default)]
     downgrade_fallback: Fallback,
+    #[serde(default)]
+    privacy_guard: Guard,
+    reroute_to: Option<String>,
     #[serde(default)]
     keys: Vec<Text>,
 }
@@ -372,7 +376,43 @@ impl Config {
                     on_exhausted: p.on_exhausted,
                     downgrade_fallback: p.downgrade_fallback,
                     keys,
+                    privacy_guard: p.privacy_guard,
+                    reroute_to: None,
                 });
+            }
+            // reroute_to names a project of the same org that does not share.
+            for (j, p) in o.projects.iter().enumerate() {
+                let path = format!("{path}.projects[{j}].reroute_to");
+                let target = match &p.reroute_to {
+                    Some(name) => match projects.iter().position(|q| &q.name == name) {
+                        Some(t) if !projects[t].shares && t != j => Some(t),
+                        Some(_) => {
+                            return Err(l.error(
+                                path,
+                                None,
+                                format!("{name:?} shares its traffic; a reroute target must not"),
+                            ))
+                        }
+                        None => {
+                            return Err(l.error(
+                                path,
+                                None,
+                                format!("{name:?} is not a project of org {}", o.name),
+                            ))
+                        }
+                    },
+                    None if p.privacy_guard == Guard::Reroute => {
+                        return Err(l.error(
+                            path,
+                            None,
+                            "privacy_guard = \"reroute\" needs reroute_to",
+                        ))
+                    }
+                    None => None,
+                };
+                if let Some(project) = projects.get_mut(j) {
+                    project.reroute_to = target;
+                }
             }
             orgs.push(Org {
                 name: o.name.clone(),

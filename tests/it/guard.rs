@@ -136,3 +136,173 @@ fn redaction_leaves_no_value_behind() {
         "a placeholder looks like a finding"
     );
 }
+
+mod gateway {
+    use serde_json::{json, Value};
+    use tokenwarden::tokens::request::{count_request, Endpoint};
+
+    use crate::harness::{start, Harness};
+
+    const BLOCK: &str = "tw-guard-block-0000000001";
+    const REDACT: &str = "tw-guard-redact-000000001";
+    const REROUTE: &str = "tw-guard-reroute-00000001";
+    const VAULT: &str = "tw-guard-vault-0000000001";
+
+    fn config() -> String {
+        format!(
+            r#"
+[[orgs]]
+name = "acme"
+sharing = "selected"
+
+[[orgs.projects]]
+name = "shared-block"
+privacy_guard = "block"
+keys = ["{BLOCK}"]
+
+[[orgs.projects]]
+name = "shared-redact"
+privacy_guard = "redact"
+keys = ["{REDACT}"]
+
+[[orgs.projects]]
+name = "shared-reroute"
+privacy_guard = "reroute"
+reroute_to = "vault"
+keys = ["{REROUTE}"]
+
+[[orgs.projects]]
+name = "vault"
+sharing = false
+keys = ["{VAULT}"]
+"#
+        )
+    }
+
+    fn body(content: &str) -> Value {
+        json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+    }
+
+    async fn send(h: &Harness, key: &str, content: &str, private: bool) -> (u16, Value) {
+        let mut request = h.post("/chat/completions", key).json(&body(content));
+        if private {
+            request = request.header("x-tokenwarden-private", "true");
+        }
+        let r = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+        (r.status().as_u16(), r.json().await.unwrap_or_default())
+    }
+
+    #[tokio::test]
+    async fn block_names_the_kinds_never_the_values() {
+        let h = start("guard-block", &config()).await;
+        let (status, body) = send(
+            &h,
+            BLOCK,
+            "my card is 4111 1111 1111 1111, mail me at a.b@example.com",
+            false,
+        )
+        .await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "sensitive_data_detected");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("payment_card") && message.contains("email"),
+            "{message}"
+        );
+        assert!(
+            !message.contains("4111") && !message.contains("a.b@"),
+            "{message}"
+        );
+        assert_eq!(h.served().requests, 0);
+        assert!(h.gateway.store.recent(5).unwrap_or_default().is_empty());
+        // Clean text passes.
+        assert_eq!(send(&h, BLOCK, "nothing to hide", false).await.0, 200);
+        // No reroute_to: a private call cannot be honoured.
+        let (status, body) = send(&h, BLOCK, "nothing to hide", true).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("no_private_route"))
+        );
+    }
+
+    #[tokio::test]
+    async fn redact_replaces_findings_before_the_call_leaves() {
+        let h = start("guard-redact", &config()).await;
+        let (status, body) = send(&h, REDACT, "mail jane.doe@example.com please", false).await;
+        assert_eq!(status, 200, "{body}");
+        // The upstream counted the redacted prompt, not the original.
+        let catalog = &h.gateway.config.catalog;
+        let expected = count_request(
+            catalog,
+            Some(Endpoint::ChatCompletions),
+            &super::body_with("mail [REDACTED_EMAIL] please"),
+            None,
+        );
+        let original = count_request(
+            catalog,
+            Some(Endpoint::ChatCompletions),
+            &super::body_with("mail jane.doe@example.com please"),
+            None,
+        );
+        let (expected, original) = (
+            expected.map(|c| c.prompt.tokens).unwrap_or(0),
+            original.map(|c| c.prompt.tokens).unwrap_or(0),
+        );
+        assert_ne!(expected, original);
+        assert_eq!(body["usage"]["prompt_tokens"], expected);
+        let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+        assert_eq!(
+            (record.project.as_str(), record.free),
+            ("shared-redact", true)
+        );
+    }
+
+    #[tokio::test]
+    async fn reroute_and_the_private_header_send_calls_to_a_project_that_does_not_share() {
+        let h = start("guard-reroute", &config()).await;
+        assert_eq!(
+            send(&h, REROUTE, "my SSN is 123-45-6789", false).await.0,
+            200
+        );
+        assert_eq!(
+            send(&h, REROUTE, "nothing to hide, but private", true)
+                .await
+                .0,
+            200
+        );
+        assert_eq!(send(&h, REROUTE, "nothing to hide", false).await.0, 200);
+        let records = h.gateway.store.recent(3).unwrap_or_default();
+        let projects: Vec<(&str, bool)> = records
+            .iter()
+            .rev()
+            .map(|r| (r.project.as_str(), r.free))
+            .collect();
+        assert_eq!(
+            projects,
+            vec![("vault", false), ("vault", false), ("shared-reroute", true)]
+        );
+    }
+
+    #[tokio::test]
+    async fn no_content_reaches_the_ledger() {
+        let h = start("guard-ledger", &config()).await;
+        let marker = "zebra-quartz-7731-marker";
+        for key in [VAULT, REDACT, REROUTE] {
+            assert_eq!(
+                send(&h, key, &format!("remember {marker}"), false).await.0,
+                200
+            );
+        }
+        h.settled().await;
+        for entry in std::fs::read_dir(&h.dir).unwrap_or_else(|e| panic!("{e}")) {
+            let path = entry.map(|e| e.path()).unwrap_or_default();
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            let found = bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
+            assert!(!found, "{} holds the call's content", path.display());
+        }
+    }
+}
+
+fn body_with(content: &str) -> serde_json::Value {
+    serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 4, "messages": [{"role": "user", "content": content}]})
+}
