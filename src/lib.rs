@@ -4,7 +4,9 @@
 //! A request walks one road, and the modules follow it:
 //!
 //! 1. authenticate the key: key -> project -> org ([`gateway::auth`]);
-//! 2. read the body: model, messages, output cap ([`tokens::request`]);
+//! 2. read the body: model, messages, output cap ([`tokens::request`]); for a
+//!    sharing project, the privacy [`guard`] blocks, reroutes or redacts
+//!    secrets and personal data;
 //! 3. look the model up in the [`catalog`]: group, encoding, prices;
 //! 4. count its prompt ([`tokens`]): exact text counts in OpenAI's
 //!    encodings, the chat formula, tools, images ([`tokens::image`]);
@@ -17,7 +19,8 @@
 //! [`config`] turns the TOML file into the orgs, projects, keys, upstreams
 //! and program settings all of this reads; [`simulator`] is the
 //! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
-//! them. The dashboard, metrics, alerts and data sharing come next.
+//! them. The dashboard, metrics, alerts, and capture and export of shared
+//! data come next.
 
 pub mod catalog;
 pub mod cli;

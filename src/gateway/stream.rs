@@ -144,6 +144,8 @@ pub struct Tap {
     /// Data of the events seen, kept (as cheap slices) to count the output
     /// if the stream ends without usage.
     seen: Vec<Bytes>,
+    /// Upstream has ended (or failed): never poll it again.
+    ended: bool,
 }
 
 impl Tap {
@@ -162,6 +164,7 @@ impl Tap {
             usage: None,
             served_model: None,
             seen: Vec::new(),
+            ended: false,
         }
     }
 
@@ -253,6 +256,9 @@ impl Stream for Tap {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         loop {
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -272,12 +278,14 @@ impl Stream for Tap {
                 Poll::Ready(Some(Err(e))) => {
                     // Upstream cut the stream: settle with an estimate and cut the client's too.
                     tracing::warn!(error = %e.without_url(), "upstream stream ended abruptly");
+                    this.ended = true;
                     this.finish(200);
                     return Poll::Ready(Some(Err(std::io::Error::other(
                         "upstream stream ended abruptly",
                     ))));
                 }
                 Poll::Ready(None) => {
+                    this.ended = true;
                     let rest = std::mem::take(&mut this.buffer);
                     if !rest.is_empty() {
                         let rest = rest.freeze();
