@@ -129,9 +129,15 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    // TOKENWARDEN_LOG: error, warn, info (the default), debug (adds a line per settled call) or trace.
+    let level = std::env::var("TOKENWARDEN_LOG")
+        .ok()
+        .and_then(|v| v.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_max_level(level)
         .init();
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -117,6 +117,18 @@ impl Call {
             latency_ms: self.started.elapsed().as_millis() as u64,
             estimated,
         };
+        // The access log (TOKENWARDEN_LOG=debug): metadata only, never content
+        // or keys. Off by default, as the benchmark measured it.
+        tracing::debug!(
+            row = self.row,
+            status = record.status,
+            input = record.input,
+            output = record.output,
+            free = record.free,
+            estimated,
+            latency_ms = record.latency_ms,
+            "call settled"
+        );
         (self.row, record)
     }
 
