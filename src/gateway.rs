@@ -5,7 +5,9 @@
 //! - public: `GET /healthz` (the only route without a key);
 //! - client key ([`auth`]): `POST /v1/chat/completions`, `/v1/responses`,
 //!   `/v1/completions`, `/v1/embeddings` (metered, [`routes`]),
-//!   `GET /v1/models`, and any other `/v1/*` path (forwarded unmetered).
+//!   `GET /v1/models`, and any other `/v1/*` path (forwarded unmetered);
+//! - admin token ([`auth::require_admin`]): `GET /v1/organization/usage/completions`
+//!   and `GET /v1/organization/costs` ([`usage`]).
 //!
 //! A metered call walks: authenticate -> read the body (bounded) -> count it
 //! -> ask the meter -> write it as pending -> forward ([`upstream`]) -> tap
@@ -33,6 +35,7 @@ pub mod error;
 pub mod routes;
 pub mod stream;
 pub mod upstream;
+pub mod usage;
 
 /// Time, replaceable in tests (the day rolling over at 00:00 UTC).
 pub trait Clock: Send + Sync {
@@ -174,6 +177,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             gateway.clone(),
             auth::require_key,
         ));
+    // The usage API answers to the admin token, not a client key.
+    let admin = Router::new()
+        .route("/organization/usage/completions", get(usage::completions))
+        .route("/organization/costs", get(usage::costs))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            auth::require_admin,
+        ));
+    let v1 = admin.merge(v1);
     Router::new()
         .nest("/v1", v1)
         .route("/healthz", get(routes::healthz))

@@ -103,3 +103,21 @@ pub struct Record {
     pub status: u16,
     pub estimated: bool,
 }
+
+/// One bucket's usage for one combination of the grouped columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Bucket index from the query's start.
+    pub bucket: i64,
+    pub org: String,
+    pub project_id: Option<String>,
+    pub api_key_id: Option<String>,
+    pub model: Option<String>,
+    /// `free` or `billed`, when grouped by lane.
+    pub lane: Option<String>,
+    pub input_tokens: u64,
+    pub input_cached_tokens: u64,
+    pub output_tokens: u64,
+    pub num_model_requests: u64,
+    pub cost_pico: u64,
+}

@@ -101,6 +101,34 @@ pub async fn require_key(
     }
 }
 
+/// Middleware for the admin routes: `Authorization: Bearer ADMIN_TOKEN`,
+/// compared in constant time. With no admin token configured they are closed.
+pub async fn require_admin(
+    State(gateway): State<Arc<Gateway>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or_default();
+    let allowed = gateway
+        .config
+        .server
+        .admin_token
+        .as_ref()
+        .is_some_and(|token| constant_time_eq(&hash(token.expose()), &hash(presented)));
+    if allowed {
+        next.run(request).await
+    } else {
+        ApiError::Unauthorized("This route needs the admin token (server.admin_token).")
+            .into_response()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection};
 
-use super::{Admitted, DailyTotal, Record, Settled, StoreError};
+use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
 
 mod write;
 
@@ -267,6 +267,62 @@ impl SqliteStore {
                 })
             })?
             .collect()
+        })
+    }
+
+    /// Usage between `start_ms` and `end_ms`, one row per bucket and group:
+    /// the bucket is `(started_ms - start_ms) / width_ms`; `group_by` names
+    /// columns among project, key_id, requested_model and lane.
+    pub fn usage_rows(
+        &self,
+        start_ms: i64,
+        end_ms: i64,
+        width_ms: i64,
+        group_by: &[&str],
+    ) -> Result<Vec<UsageRow>, StoreError> {
+        let column = |name: &str| match name {
+            "project_id" => Some("project"),
+            "api_key_id" => Some("key_id"),
+            "model" => Some("requested_model"),
+            "lane" => Some("CASE WHEN free = 1 THEN 'free' ELSE 'billed' END"),
+            _ => None,
+        };
+        let mut select = Vec::new();
+        for name in ["project_id", "api_key_id", "model", "lane"] {
+            let expr = if group_by.contains(&name) {
+                column(name).unwrap_or("NULL")
+            } else {
+                "NULL"
+            };
+            select.push(format!("{expr} AS {name}"));
+        }
+        let sql = format!(
+            "SELECT (started_ms - ?1) / ?3 AS bucket, {}, org,
+                    SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), COUNT(*), SUM(cost_pico)
+             FROM requests
+             WHERE started_ms >= ?1 AND started_ms < ?2 AND state != 'pending' AND decision != 'refused'
+             GROUP BY bucket, org, project_id, api_key_id, model, lane
+             ORDER BY bucket, org, project_id, api_key_id, model, lane",
+            select.join(", ")
+        );
+        self.with(|conn| {
+            conn.prepare(&sql)?
+                .query_map(params![start_ms, end_ms, width_ms], |r| {
+                    Ok(UsageRow {
+                        bucket: r.get(0)?,
+                        project_id: r.get(1)?,
+                        api_key_id: r.get(2)?,
+                        model: r.get(3)?,
+                        lane: r.get(4)?,
+                        org: r.get(5)?,
+                        input_tokens: as_u64(r.get(6)?),
+                        input_cached_tokens: as_u64(r.get(7)?),
+                        output_tokens: as_u64(r.get(8)?),
+                        num_model_requests: as_u64(r.get(9)?),
+                        cost_pico: as_u64(r.get(10)?),
+                    })
+                })?
+                .collect()
         })
     }
 

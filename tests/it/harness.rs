@@ -80,6 +80,11 @@ pub async fn start_timeout(label: &str, config: &str, seconds: u64) -> Harness {
     .await
 }
 
+/// A harness with extra `[server]` lines (an admin token, say).
+pub async fn start_with_server(label: &str, config: &str, server: &str) -> Harness {
+    start_inner(label, config, SimConfig::default(), server).await
+}
+
 pub async fn start_with(label: &str, config: &str, sim_config: SimConfig) -> Harness {
     start_inner(label, config, sim_config, "max_body_bytes = 1048576\n").await
 }

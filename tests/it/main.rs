@@ -9,6 +9,7 @@ mod properties;
 mod reference;
 mod requests;
 mod sdk;
+mod usage;
 
 use tokenwarden::catalog::Catalog;
 
