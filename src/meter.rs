@@ -144,6 +144,10 @@ pub struct Settlement {
 #[derive(Debug, Default)]
 pub struct Ledger {
     pools: HashMap<PoolKey, Pool>,
+    /// The latest day a call asked about: when it moves on, earlier days'
+    /// pools (their totals live in the store) are dropped, so the ledger does
+    /// not grow day after day.
+    today: Option<Day>,
 }
 
 impl Ledger {
@@ -182,6 +186,14 @@ impl Ledger {
 
     /// Decide a call, reserving what it may use for free.
     pub fn admit(&mut self, request: &Request) -> Decision {
+        if let Some(day) = request
+            .pool
+            .map(|k| k.day)
+            .filter(|&d| self.today.is_none_or(|t| d > t))
+        {
+            self.today = Some(day);
+            self.prune(day);
+        }
         let Some(key) = request.pool else {
             return Decision::Billed(Ticket {
                 pool: None,
@@ -392,6 +404,46 @@ mod tests {
         };
         assert!(!ledger.settle(&t, &usage(10, 10)).free);
         assert_eq!(ledger.state(key(0), 1_000).used, 0);
+    }
+
+    #[test]
+    fn a_new_day_drops_the_pools_of_past_days_but_not_calls_in_flight() {
+        let mut ledger = Ledger::new();
+        let yesterday = PoolKey {
+            day: Day(DAY.0 - 1),
+            ..key(0)
+        };
+        ledger.restore(yesterday, 500);
+        let late = Request {
+            pool: Some(yesterday),
+            ..request(10, 10, Policy::Block)
+        };
+        let Decision::Free(in_flight) = ledger.admit(&late) else {
+            panic!("expected free")
+        };
+        ledger.restore(
+            PoolKey {
+                day: Day(DAY.0 - 2),
+                ..key(0)
+            },
+            7,
+        );
+        assert_eq!(ledger.pools.len(), 2);
+        let Decision::Free(today) = ledger.admit(&request(10, 10, Policy::Block)) else {
+            panic!("expected free")
+        };
+        // Two days ago is gone; yesterday stays while its call is in flight.
+        assert_eq!(ledger.pools.len(), 2);
+        assert!(ledger.settle(&in_flight, &usage(10, 10)).free);
+        assert!(ledger.settle(&today, &usage(10, 10)).free);
+        ledger.admit(&Request {
+            pool: Some(PoolKey {
+                day: Day(DAY.0 + 1),
+                ..key(0)
+            }),
+            ..request(1, 1, Policy::Block)
+        });
+        assert_eq!(ledger.pools.len(), 1);
     }
 
     #[test]
