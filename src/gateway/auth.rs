@@ -72,20 +72,24 @@ impl KeyTable {
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header, if there is one.
+fn bearer(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
 /// Middleware: a valid `Authorization: Bearer KEY` or OpenAI's 401.
 pub async fn require_key(
     State(gateway): State<Arc<Gateway>>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    let Some(presented) = presented else {
+    let Some(presented) = bearer(&request) else {
         return ApiError::Unauthorized(
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
         )
@@ -108,13 +112,7 @@ pub async fn require_admin(
     request: Request,
     next: Next,
 ) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default();
+    let presented = bearer(&request).unwrap_or_default();
     let allowed = gateway
         .config
         .server

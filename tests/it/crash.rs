@@ -14,14 +14,35 @@ use crate::harness::{spawn, temp_dir, UPSTREAM_KEY};
 
 const KEY: &str = "tw-crash-test-key-0000001";
 
-/// Start `tokenwarden serve` and wait for the address it prints.
-fn start_gateway(config: &std::path::Path) -> (Child, String) {
+/// Write a configuration with one org and one project (`policy` its
+/// `on_exhausted`) in front of the simulator at `sim_addr`, its ledger in `dir`.
+fn write_config(
+    dir: &std::path::Path,
+    sim_addr: std::net::SocketAddr,
+    policy: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("tokenwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\non_exhausted = \"{policy}\"\nkeys = [\"{KEY}\"]\n",
+            dir.join("ledger.db").display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    config
+}
+
+/// Start `tokenwarden serve` at log level `log`, its stderr to `stderr`, and
+/// wait for the address it prints.
+fn start_gateway(config: &std::path::Path, log: &str, stderr: Stdio) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
         .args(["serve", "--config"])
         .arg(config)
         .env("UPSTREAM_KEY", UPSTREAM_KEY)
+        .env("TOKENWARDEN_LOG", log)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .unwrap_or_else(|e| panic!("spawn: {e}"));
     let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
@@ -52,17 +73,9 @@ async fn kill_9_under_load_loses_no_served_call() {
     );
     let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
     let db = dir.join("ledger.db");
-    let config = dir.join("tokenwarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\non_exhausted = \"block\"\nkeys = [\"{KEY}\"]\n",
-            db.display()
-        ),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let config = write_config(&dir, sim_addr, "block");
 
-    let (mut gateway, base) = start_gateway(&config);
+    let (mut gateway, base) = start_gateway(&config, "info", Stdio::null());
     let client = crate::harness::http_client();
     // Load until 60 calls have been answered (however slow the machine), then
     // kill -9 while the workers keep calls in flight.
@@ -106,7 +119,7 @@ async fn kill_9_under_load_loses_no_served_call() {
     assert!(answered >= 60, "{answered} calls answered");
 
     // Restart on the same ledger: pending calls are recovered as interrupted.
-    let (mut gateway, _) = start_gateway(&config);
+    let (mut gateway, _) = start_gateway(&config, "info", Stdio::null());
     let served = sim.stats().get(UPSTREAM_KEY).copied().unwrap_or_default();
     let store = SqliteStore::open(&db).unwrap_or_else(|e| panic!("{e}"));
     let settled = store.count_requests("settled").unwrap_or_default();
@@ -180,35 +193,10 @@ async fn logs_hold_no_keys_and_no_content() {
         SimConfig::default(),
     );
     let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
-    let config = dir.join("tokenwarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"{KEY}\"]\n",
-            dir.join("ledger.db").display()
-        ),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let config = write_config(&dir, sim_addr, "bill");
     let log = dir.join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("UPSTREAM_KEY", UPSTREAM_KEY)
-        .env("TOKENWARDEN_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}")))
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn: {e}"));
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_owned)
-        .unwrap_or_default();
+    let stderr = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
+    let (mut child, base) = start_gateway(&config, "trace", Stdio::from(stderr));
     let marker = "CONTENT-MARKER-4471";
     let client = crate::harness::http_client();
     for stream in [false, true] {
