@@ -36,10 +36,11 @@ pub fn single_project_config(
     key: &str,
     store: &str,
     listen: &str,
+    admin_token: &str,
 ) -> String {
     let api_key = format!("api_key = \"{api_key}\"\n");
     format!(
-        "[server]\nlisten = \"{listen}\"\n\n[store]\nurl = \"sqlite://{store}\"\n\n[upstreams.main]\nbase_url = \"{base_url}\"\n{api_key}\n[[orgs]]\nname = \"default\"\ntier = 5\nsharing = \"all\"\n\n[[orgs.projects]]\nname = \"default\"\non_exhausted = \"block\"\nkeys = [\"{key}\"]\n"
+        "[server]\nlisten = \"{listen}\"\nadmin_token = \"{admin_token}\"\n\n[store]\nurl = \"sqlite://{store}\"\n\n[upstreams.main]\nbase_url = \"{base_url}\"\n{api_key}\n[[orgs]]\nname = \"default\"\ntier = 5\nsharing = \"all\"\n\n[[orgs.projects]]\nname = \"default\"\non_exhausted = \"block\"\nkeys = [\"{key}\"]\n"
     )
 }
 
@@ -94,18 +95,21 @@ pub async fn serve(
             std::future::pending(),
         ));
         let key = new_key("tw-demo-");
+        let admin = new_key("tw-admin-");
         let text = single_project_config(
             &format!("http://{sim_addr}/v1"),
             "sim-demo-upstream-key",
             &key,
             "tokenwarden-demo.db",
             listen,
+            &admin,
         );
         let config = Config::from_toml(&text, &env)?;
         return run_gateway(config, |addr| {
             println!("tokenwarden demo: the gateway in front of its simulated upstream (http://{sim_addr}/v1)");
             println!("  base URL: http://{addr}/v1");
             println!("  API key:  {key}");
+            println!("  dashboard: http://{addr}/dashboard   (sign in with the admin token: {admin})");
             println!("  try:      curl http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'");
         })
         .await;
@@ -116,12 +120,14 @@ pub async fn serve(
         None if default_file.exists() => Config::load(default_file, &env)?,
         None if env.var("OPENAI_API_KEY").is_some() => {
             let key = new_key("tw-");
-            let text = single_project_config("https://api.openai.com/v1", "${OPENAI_API_KEY}", &key, "tokenwarden.db", listen);
+            let admin = new_key("tw-admin-");
+            let text = single_project_config("https://api.openai.com/v1", "${OPENAI_API_KEY}", &key, "tokenwarden.db", listen, &admin);
             let config = Config::from_toml(&text, &env)?;
             return run_gateway(config, |addr| {
                 println!("tokenwarden: in front of the OpenAI API, one org and project");
                 println!("  base URL: http://{addr}/v1");
                 println!("  API key:  {key}   (shown once; give it to your OpenAI SDK as its api_key)");
+                println!("  dashboard: http://{addr}/dashboard   (admin token, shown once: {admin})");
             })
             .await;
         }

@@ -128,7 +128,26 @@ pub struct Config {
     pub orgs: Vec<Org>,
     /// The built-in catalog with `[program]` applied.
     pub catalog: Catalog,
+    pub alerts: Alerts,
 }
+
+/// Alert rules, evaluated per org and group; each fires at most once a day.
+#[derive(Debug)]
+pub struct Alerts {
+    /// Where alerts are posted (JSON with a Slack-compatible `text`); a
+    /// secret, since webhook URLs carry their own credentials.
+    pub webhook: Option<Secret>,
+    /// Shares of the free allowance used that fire an alert, ascending.
+    pub used_percent: Vec<u8>,
+    /// Fire when today's pace would use the allowance up before 00:00 UTC.
+    pub projected_exhaustion: bool,
+    /// Fire when a group's billed cost today goes above this (pico-dollars).
+    pub billed_cost_above_pico: Option<u64>,
+    /// Delivery attempts after the first, with backoff doubling from 0.5 s.
+    pub retries: u32,
+}
+
+pub const DEFAULT_ALERT_PERCENTS: [u8; 4] = [50, 80, 95, 100];
 
 #[derive(Debug)]
 pub struct Server {
@@ -139,6 +158,8 @@ pub struct Server {
     pub max_body_bytes: usize,
     /// The longest an upstream call may take, streaming included.
     pub upstream_timeout: Duration,
+    /// `/metrics` without the admin token (default: the token is needed).
+    pub public_metrics: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -382,6 +403,33 @@ models = ["o1-pro"]
     }
 
     #[test]
+    fn alert_rules() {
+        let c = load(&format!(
+            "{GOOD}\n[alerts]\nwebhook_url = \"https://hooks.example/T0/${{ACME_KEY}}\"\nused_percent = [95, 50]\nbilled_cost_above = \"$12.5\"\n"
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.alerts.used_percent, [50, 95]);
+        assert_eq!(c.alerts.billed_cost_above_pico, Some(12_500_000_000_000));
+        assert!(c.alerts.projected_exhaustion);
+        assert!(!format!("{:?}", c.alerts).contains("hooks.example"));
+        let e = load(&format!("{GOOD}\n[alerts]\nused_percent = [0]\n"))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("alerts.used_percent"), "{e}");
+        let e = load(&format!("{GOOD}\n[alerts]\nbilled_cost_above = \"ten\"\n"))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("alerts.billed_cost_above") && e.contains("line"),
+            "{e}"
+        );
+        let e = load(&format!("{GOOD}\n[alerts]\nwebhook_url = \"ftp://x\"\n"))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("alerts.webhook_url"), "{e}");
+    }
+
+    #[test]
     fn defaults() {
         let c = match load("") {
             Ok(c) => c,
@@ -390,5 +438,7 @@ models = ["o1-pro"]
         assert_eq!(c.server.listen.to_string(), DEFAULT_LISTEN);
         assert!(c.server.admin_token.is_none());
         assert!(c.orgs.is_empty());
+        assert_eq!(c.alerts.used_percent, DEFAULT_ALERT_PERCENTS);
+        assert!(c.alerts.webhook.is_none() && !c.server.public_metrics);
     }
 }

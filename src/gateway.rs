@@ -7,7 +7,10 @@
 //!   `/v1/completions`, `/v1/embeddings` (metered, [`routes`]),
 //!   `GET /v1/models`, and any other `/v1/*` path (forwarded unmetered);
 //! - admin token ([`auth::require_admin`]): `GET /v1/organization/usage/completions`
-//!   and `GET /v1/organization/costs` ([`usage`]).
+//!   and `GET /v1/organization/costs` ([`usage`]), `GET /metrics` ([`metrics`];
+//!   public with `[server] public_metrics = true`);
+//! - dashboard session (a cookie set by signing in with the admin token):
+//!   `GET /dashboard` and its live events ([`dashboard`]).
 //!
 //! A metered call walks: authenticate -> read the body (bounded) -> count it
 //! -> ask the meter -> write it as pending -> forward ([`upstream`]) -> tap
@@ -31,7 +34,9 @@ use crate::tokens::request::Endpoint;
 
 pub mod auth;
 pub mod call;
+pub mod dashboard;
 pub mod error;
+pub mod metrics;
 pub mod routes;
 pub mod stream;
 pub mod upstream;
@@ -82,6 +87,13 @@ pub struct Gateway {
     /// One connection pool for every upstream.
     pub client: reqwest::Client,
     pub clock: Arc<dyn Clock>,
+    pub metrics: metrics::Metrics,
+    /// Which alerts fired today.
+    pub alerts: crate::alerts::Engine,
+    /// Posts fired alerts to the webhook, when one is configured.
+    delivery: Option<crate::alerts::Delivery>,
+    /// Signed-in dashboard sessions.
+    pub sessions: dashboard::Sessions,
 }
 
 impl Gateway {
@@ -106,6 +118,29 @@ impl Gateway {
         // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
         // its first use, so a gateway that never sees one saves its ~38 MB.
         crate::tokens::Encoding::O200kBase.warm_up();
+        let delivery = match (
+            &config.alerts.webhook,
+            tokio::runtime::Handle::try_current(),
+        ) {
+            (Some(webhook), Ok(_)) => {
+                let store = store.clone();
+                Some(crate::alerts::Delivery::start(
+                    webhook.clone(),
+                    config.alerts.retries,
+                    client.clone(),
+                    Arc::new(move |fired, attempts, delivered| {
+                        if let Err(e) = store.alert_delivered_nowait(fired, attempts, delivered) {
+                            tracing::error!(error = %e, "could not record an alert's delivery");
+                        }
+                    }),
+                ))
+            }
+            (Some(_), Err(_)) => {
+                tracing::error!("no async runtime: alerts will not be posted to the webhook");
+                None
+            }
+            (None, _) => None,
+        };
         let gateway = Arc::new(Gateway {
             keys,
             ledger: Mutex::new(Ledger::new()),
@@ -113,9 +148,79 @@ impl Gateway {
             client,
             clock,
             config,
+            metrics: metrics::Metrics::default(),
+            alerts: crate::alerts::Engine::default(),
+            delivery,
+            sessions: dashboard::Sessions::default(),
         });
         gateway.restore(gateway.today())?;
         Ok(gateway)
+    }
+
+    /// Whether org `org` gets free tokens today: eligible, sharing, and the
+    /// program running.
+    pub fn org_gets_free_tokens(&self, org: usize) -> bool {
+        let day = self.today();
+        let catalog = &self.config.catalog;
+        let running =
+            catalog.program_starts <= day && catalog.program_ends.is_none_or(|ends| day <= ends);
+        self.config.orgs.get(org).is_some_and(|o| {
+            o.eligible && o.sharing != crate::config::OrgSharing::Disabled && running
+        })
+    }
+
+    /// Today's state of org `org`'s pool in group `group` (cap 0 when the org
+    /// gets no free tokens).
+    pub fn pool_state(&self, org: usize, group: usize) -> crate::meter::PoolState {
+        let day = self.today();
+        let cap = match (
+            self.config.orgs.get(org),
+            self.config.catalog.groups.get(group),
+        ) {
+            (Some(o), Some(g)) if self.org_gets_free_tokens(org) => g.daily_tokens_for_tier(o.tier),
+            _ => 0,
+        };
+        match self.ledger.lock() {
+            Ok(ledger) => ledger.state(PoolKey { org, group, day }, cap),
+            Err(_) => crate::meter::PoolState {
+                cap,
+                used: 0,
+                reserved: 0,
+            },
+        }
+    }
+
+    /// After a call settled: add its billed cost and fire the alerts that
+    /// now hold for its org and group. Never waits on delivery.
+    pub fn check_alerts(&self, org: usize, group: Option<usize>, cost_pico: u64) {
+        let day = self.today();
+        let Some(org_name) = self.config.orgs.get(org).map(|o| o.name.as_str()) else {
+            return;
+        };
+        let group_name = group
+            .and_then(|g| self.config.catalog.groups.get(g))
+            .map_or("none", |g| g.name.as_str());
+        let billed = self.alerts.add_billed(day, org_name, group_name, cost_pico);
+        let state = group.map(|g| self.pool_state(org, g));
+        let view = crate::alerts::View {
+            org: org_name,
+            group: group_name,
+            day,
+            now_ms: self.clock.now_ms(),
+            cap: state.map_or(0, |s| s.cap),
+            used: state.map_or(0, |s| s.used),
+            billed_cost_pico: billed,
+        };
+        for fired in self.alerts.evaluate(&self.config.alerts, &view) {
+            tracing::warn!(rule = %fired.rule, org = %fired.org, group = %fired.group, "{}", fired.text);
+            self.metrics.alert(&fired.org, &fired.group, &fired.rule);
+            if let Err(e) = self.store.alert_nowait(fired.clone()) {
+                tracing::error!(error = %e, "could not record an alert");
+            }
+            if let Some(delivery) = &self.delivery {
+                delivery.send(fired);
+            }
+        }
     }
 
     pub fn today(&self) -> Day {
@@ -132,6 +237,14 @@ impl Gateway {
             .map(|(i, o)| (o.name.as_str(), i))
             .collect();
         let totals = self.store.daily(day)?;
+        let billed = totals
+            .iter()
+            .map(|t| {
+                let group = if t.group.is_empty() { "none" } else { &t.group };
+                (t.org.clone(), group.to_owned(), t.cost_pico)
+            })
+            .collect();
+        self.alerts.restore(day, self.store.alerts(day)?, billed);
         let mut ledger = self
             .ledger
             .lock()
@@ -186,8 +299,19 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             auth::require_admin,
         ));
     let v1 = admin.merge(v1);
+    // Metrics name orgs and projects: the admin token guards them unless
+    // `[server] public_metrics = true`.
+    let mut metrics = Router::new().route("/metrics", get(metrics::metrics));
+    if !gateway.config.server.public_metrics {
+        metrics = metrics.layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            auth::require_admin,
+        ));
+    }
     Router::new()
         .nest("/v1", v1)
+        .merge(metrics)
+        .merge(dashboard::routes())
         .route("/healthz", get(routes::healthz))
         .fallback(routes::not_found)
         .with_state(gateway)

@@ -14,14 +14,17 @@
 //! 6. write it to the [`store`] as pending, forward it upstream
 //!    ([`gateway::upstream`]), tap the usage out of the response or stream
 //!    ([`gateway::stream`]);
-//! 7. settle with the meter and the store on every path ([`gateway::call`]).
+//! 7. settle with the meter and the store on every path ([`gateway::call`]);
+//!    the settlement feeds the metrics ([`gateway::metrics`]) and the
+//!    [`alerts`], and each ledger commit wakes the live dashboard
+//!    ([`gateway::dashboard`]).
 //!
 //! [`config`] turns the TOML file into the orgs, projects, keys, upstreams
 //! and program settings all of this reads; [`simulator`] is the
 //! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
-//! them. The dashboard, metrics, alerts, and capture and export of shared
-//! data come next.
+//! them. Capture and export of shared data come next.
 
+pub mod alerts;
 pub mod catalog;
 pub mod cli;
 pub mod config;

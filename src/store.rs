@@ -102,6 +102,9 @@ pub struct Record {
     pub cost_pico: u64,
     pub status: u16,
     pub estimated: bool,
+    pub started_ms: i64,
+    pub key_id: String,
+    pub latency_ms: u64,
 }
 
 /// One bucket's usage for one combination of the grouped columns.

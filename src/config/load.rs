@@ -11,9 +11,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy, Project, Secret, Server,
-    StoreUrl, Upstream, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE,
-    DEFAULT_UPSTREAM_TIMEOUT_SECS,
+    Alerts, Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy, Project, Secret,
+    Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
@@ -35,6 +35,18 @@ struct RawConfig {
     orgs: Vec<RawOrg>,
     #[serde(default)]
     program: RawProgram,
+    #[serde(default)]
+    alerts: RawAlerts,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAlerts {
+    webhook_url: Option<Text>,
+    used_percent: Option<Vec<u8>>,
+    projected_exhaustion: Option<bool>,
+    billed_cost_above: Option<Text>,
+    retries: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -44,6 +56,7 @@ struct RawServer {
     admin_token: Option<Text>,
     max_body_bytes: Option<u64>,
     upstream_timeout_secs: Option<u64>,
+    public_metrics: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -248,7 +261,9 @@ impl Config {
                     .upstream_timeout_secs
                     .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS),
             ),
+            public_metrics: raw.server.public_metrics.unwrap_or(false),
         };
+        let alerts = Self::alerts(&raw.alerts, l)?;
 
         let store_text = match &raw.store.url {
             Some(v) => l.expand("store.url", v)?,
@@ -486,6 +501,58 @@ impl Config {
             upstreams,
             orgs,
             catalog,
+            alerts,
+        })
+    }
+
+    fn alerts(raw: &RawAlerts, l: &Loader<'_>) -> Result<Alerts, ConfigError> {
+        let webhook = match &raw.webhook_url {
+            Some(v) => {
+                let url = l.expand("alerts.webhook_url", v)?;
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(l.error(
+                        "alerts.webhook_url",
+                        Some(v.span()),
+                        "must start with http:// or https://",
+                    ));
+                }
+                Some(Secret::new(url))
+            }
+            None => None,
+        };
+        let mut used_percent = raw
+            .used_percent
+            .clone()
+            .unwrap_or_else(|| DEFAULT_ALERT_PERCENTS.to_vec());
+        if let Some(bad) = used_percent.iter().find(|p| !(1..=100).contains(*p)) {
+            return Err(l.error(
+                "alerts.used_percent",
+                None,
+                format!("{bad} is not a percentage from 1 to 100"),
+            ));
+        }
+        used_percent.sort_unstable();
+        used_percent.dedup();
+        let billed_cost_above_pico = match &raw.billed_cost_above {
+            Some(v) => {
+                let text = l.expand("alerts.billed_cost_above", v)?;
+                let dollars = text.trim().trim_start_matches('$');
+                Some(crate::catalog::parse_decimal(dollars, 12).ok_or_else(|| {
+                    l.error(
+                        "alerts.billed_cost_above",
+                        Some(v.span()),
+                        format!("{text:?} is not an amount in US dollars like \"25.00\""),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        Ok(Alerts {
+            webhook,
+            used_percent,
+            projected_exhaustion: raw.projected_exhaustion.unwrap_or(true),
+            billed_cost_above_pico,
+            retries: raw.retries.unwrap_or(5).min(20),
         })
     }
 }

@@ -34,7 +34,7 @@ fn hash(key: &str) -> [u8; 32] {
 }
 
 /// Equal in time that depends only on the length.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -26,8 +26,24 @@ pub struct Outcome {
     pub served_model: Option<String>,
 }
 
+/// Who a call is for and what it runs on: labels for the metrics and alerts.
+#[derive(Clone, Debug)]
+pub struct Labels {
+    pub org: usize,
+    pub project: usize,
+    /// The model the call is served by (after a downgrade).
+    pub model: String,
+    /// Index of the model's program group, if it has one.
+    pub group: Option<usize>,
+    /// When the request arrived.
+    pub arrived: Instant,
+}
+
 pub struct Call {
     gateway: Arc<Gateway>,
+    labels: Labels,
+    /// When the call was sent upstream.
+    upstream_started: Option<Instant>,
     /// The pending row in the store.
     row: i64,
     /// What the meter holds for this call.
@@ -36,7 +52,6 @@ pub struct Call {
     /// The counted prompt: an estimate's input when upstream reports no usage.
     prompt: u64,
     encoding: Encoding,
-    started: Instant,
     /// Set once settled, so that drop does not settle again.
     settled: bool,
 }
@@ -44,22 +59,30 @@ pub struct Call {
 impl Call {
     pub fn new(
         gateway: Arc<Gateway>,
+        labels: Labels,
         row: i64,
         ticket: Ticket,
         prices: Prices,
         prompt: u64,
         encoding: Encoding,
     ) -> Self {
+        gateway.metrics.call_started();
         Call {
             gateway,
+            labels,
+            upstream_started: None,
             row,
             ticket,
             prices,
             prompt,
             encoding,
-            started: Instant::now(),
             settled: false,
         }
+    }
+
+    /// The call goes upstream now.
+    pub fn sending(&mut self) {
+        self.upstream_started = Some(Instant::now());
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -114,7 +137,7 @@ impl Call {
             free: settlement.free && usage.total() > 0,
             cost_pico: cost,
             status: outcome.status,
-            latency_ms: self.started.elapsed().as_millis() as u64,
+            latency_ms: self.labels.arrived.elapsed().as_millis() as u64,
             estimated,
         };
         // The access log (TOKENWARDEN_LOG=debug): metadata only, never content
@@ -129,6 +152,23 @@ impl Call {
             latency_ms = record.latency_ms,
             "call settled"
         );
+        self.gateway
+            .metrics
+            .call_settled(&crate::gateway::metrics::Observed {
+                org: self.labels.org,
+                project: self.labels.project,
+                model: &self.labels.model,
+                group: self.labels.group,
+                free: record.free,
+                input: record.input,
+                cached: record.cached,
+                output: record.output,
+                cost_pico: record.cost_pico,
+                total: self.labels.arrived.elapsed(),
+                upstream: self.upstream_started.map(|t| t.elapsed()),
+            });
+        self.gateway
+            .check_alerts(self.labels.org, self.labels.group, record.cost_pico);
         (self.row, record)
     }
 

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
 use super::auth::Caller;
-use super::call::{Call, Outcome};
+use super::call::{Call, Labels, Outcome};
 use super::error::ApiError;
 use super::stream::{body_text, usage_of, Tap};
 use super::{upstream, Gateway};
@@ -42,7 +42,7 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 
 /// Read a body up to the configured limit (a larger one is a 413) and
 /// within [`BODY_READ_TIMEOUT`] (a slower one is a 408).
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let collect = Limited::new(body, limit).collect();
     match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
         Err(_) => Err(ApiError::RequestTimeout),
@@ -65,9 +65,15 @@ pub fn metered_route(endpoint: Endpoint) -> MethodRouter<Arc<Gateway>> {
               Extension(caller): Extension<Caller>,
               headers: HeaderMap,
               body: Body| async move {
-            metered(gateway, caller, endpoint, headers, body)
+            let (org, project) = (caller.org, caller.project);
+            let metrics_gateway = gateway.clone();
+            let response = metered(gateway, caller, endpoint, headers, body)
                 .await
-                .unwrap_or_else(IntoResponse::into_response)
+                .unwrap_or_else(IntoResponse::into_response);
+            metrics_gateway
+                .metrics
+                .request(org, project, response.status().as_u16());
+            response
         },
     )
 }
@@ -234,6 +240,15 @@ fn apply_privacy_guard(
     kinds.sort();
     let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     tracing::info!(org = %org.name, project = %project.name, kinds = ?names, action = ?project.privacy_guard, "privacy guard findings");
+    let action = match project.privacy_guard {
+        Guard::Off => "off",
+        Guard::Block => "block",
+        Guard::Reroute => "reroute",
+        Guard::Redact => "redact",
+    };
+    gateway
+        .metrics
+        .findings(caller.org, caller.project, &names, action);
     match project.privacy_guard {
         Guard::Off => Ok(false),
         Guard::Block => Err(ApiError::InvalidRequest {
@@ -282,6 +297,7 @@ async fn metered(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let arrived = std::time::Instant::now();
     let bytes = read_body(body, gateway.config.server.max_body_bytes).await?;
     let mut value = parse_body(&bytes)?;
     let private = headers
@@ -453,8 +469,15 @@ async fn metered(
             return Err(ApiError::Internal);
         }
     };
-    let call = Call::new(
+    let mut call = Call::new(
         gateway.clone(),
+        Labels {
+            org: caller.org,
+            project: caller.project,
+            model: served.model.name.clone(),
+            group: served.group_index(),
+            arrived,
+        },
         row,
         ticket,
         served.prices(),
@@ -462,6 +485,7 @@ async fn metered(
         served.model.encoding,
     );
     let path = endpoint.path().trim_start_matches("/v1");
+    call.sending();
     let response = match upstream::send(
         &gateway,
         &project.upstream,

@@ -11,12 +11,13 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
 
 mod write;
 
+use crate::alerts::Fired;
 use crate::day::Day;
 use write::{write_loop, Job, Reply};
 
@@ -61,6 +62,22 @@ const MIGRATIONS: &[&str] = &[
         requests INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (day, org, grp)
     );",
+    // 2: alerts, once per org, group, rule and day.
+    "CREATE TABLE alerts (
+        day INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        fired_ms INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        cap INTEGER NOT NULL,
+        used INTEGER NOT NULL,
+        billed_cost_pico INTEGER NOT NULL,
+        exhausted_at_ms INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        delivered INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (day, org, grp, rule)
+    );",
 ];
 
 #[derive(Clone)]
@@ -71,6 +88,8 @@ pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     /// Stops the checkpoint thread when the last store handle is dropped.
     _checkpoints: Arc<Checkpoints>,
+    /// Counts the writer's commits: the dashboard's cue to refresh.
+    commits: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Moves WAL checkpoints off the writer: SQLite's automatic checkpoint runs
@@ -137,14 +156,16 @@ impl SqliteStore {
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
         let (jobs, queue) = std::sync::mpsc::channel();
+        let (committed, commits) = tokio::sync::watch::channel(0u64);
         std::thread::Builder::new()
             .name("tokenwarden-store".into())
-            .spawn(move || write_loop(writer, queue))
+            .spawn(move || write_loop(writer, queue, committed))
             .map_err(|e| StoreError(format!("store writer thread: {e}")))?;
         Ok(SqliteStore {
             jobs,
             conn: Arc::new(Mutex::new(reader)),
             _checkpoints: Arc::new(Checkpoints::start(path)?),
+            commits,
         })
     }
 
@@ -215,6 +236,26 @@ impl SqliteStore {
     /// Settle every call left pending by a crash as `interrupted`: a free-lane
     /// call's reservation counts as free tokens used (an upper bound, so the
     /// allowance is never handed out twice). Returns how many there were.
+    /// Record a fired alert (ignored if the same rule already fired that day).
+    pub fn alert_nowait(&self, fired: Fired) -> Result<(), StoreError> {
+        self.submit(Job::Alert(fired))
+    }
+
+    /// Record how an alert's delivery ended.
+    pub fn alert_delivered_nowait(
+        &self,
+        fired: &Fired,
+        attempts: u32,
+        delivered: bool,
+    ) -> Result<(), StoreError> {
+        self.submit(Job::AlertDelivered(fired.clone(), attempts, delivered))
+    }
+
+    /// A receiver that changes after every commit of the writer.
+    pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.commits.clone()
+    }
+
     pub fn recover(&self) -> Result<usize, StoreError> {
         self.ask_blocking(Job::Recover)
     }
@@ -240,11 +281,77 @@ impl SqliteStore {
     }
 
     /// The latest `limit` calls, newest first (metadata only; no content is stored).
+    /// Daily totals of days `from..=to`, oldest first.
+    pub fn daily_range(&self, from: Day, to: Day) -> Result<Vec<DailyTotal>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT day, org, grp, free_tokens, billed_tokens, cost_pico, requests FROM daily
+                 WHERE day >= ?1 AND day <= ?2 ORDER BY day, org, grp",
+            )?
+            .query_map(params![from.0, to.0], |r| {
+                Ok(DailyTotal {
+                    day: Day(r.get(0)?),
+                    org: r.get(1)?,
+                    group: r.get(2)?,
+                    free_tokens: as_u64(r.get(3)?),
+                    billed_tokens: as_u64(r.get(4)?),
+                    cost_pico: as_u64(r.get(5)?),
+                    requests: as_u64(r.get(6)?),
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// The alerts fired on `day`, oldest first.
+    pub fn alerts(&self, day: Day) -> Result<Vec<Fired>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT org, grp, rule, fired_ms, text, cap, used, billed_cost_pico, exhausted_at_ms
+                 FROM alerts WHERE day = ?1 ORDER BY fired_ms, rowid",
+            )?
+            .query_map(params![day.0], |r| {
+                Ok(Fired {
+                    day,
+                    org: r.get(0)?,
+                    group: r.get(1)?,
+                    rule: r.get(2)?,
+                    fired_ms: r.get(3)?,
+                    text: r.get(4)?,
+                    cap: as_u64(r.get(5)?),
+                    used: as_u64(r.get(6)?),
+                    billed_cost_pico: as_u64(r.get(7)?),
+                    exhausted_at_ms: r.get(8)?,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    /// (attempts, delivered) of an alert, if it was recorded.
+    pub fn alert_delivery(
+        &self,
+        day: Day,
+        org: &str,
+        group: &str,
+        rule: &str,
+    ) -> Result<Option<(u32, bool)>, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT attempts, delivered FROM alerts WHERE day = ?1 AND org = ?2 AND grp = ?3 AND rule = ?4",
+                params![day.0, org, group, rule],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
     pub fn recent(&self, limit: u64) -> Result<Vec<Record>, StoreError> {
         self.with(|conn| {
             conn.prepare_cached(
                 "SELECT id, org, project, requested_model, served_model, grp, decision, state, input_tokens,
-                        cached_tokens, output_tokens, free, cost_pico, status, estimated
+                        cached_tokens, output_tokens, free, cost_pico, status, estimated, started_ms,
+                        key_id, latency_ms
                  FROM requests ORDER BY id DESC LIMIT ?1",
             )?
             .query_map(params![as_i64(limit)], |r| {
@@ -264,6 +371,9 @@ impl SqliteStore {
                     cost_pico: as_u64(r.get(12)?),
                     status: r.get(13)?,
                     estimated: r.get(14)?,
+                    started_ms: r.get(15)?,
+                    key_id: r.get(16)?,
+                    latency_ms: as_u64(r.get(17)?),
                 })
             })?
             .collect()

@@ -1,10 +1,13 @@
 //! tokenwarden's integration tests: one binary, one module per area.
 
+mod alerts;
 mod cli;
 mod crash;
+mod dashboard;
 mod gateway;
 mod guard;
 mod harness;
+mod metrics;
 mod properties;
 mod reference;
 mod requests;

@@ -4,6 +4,7 @@
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{as_i64, Admitted, Settled};
+use crate::alerts::Fired;
 use crate::day::Day;
 
 /// A write for the writer thread, with where to send its result.
@@ -12,6 +13,8 @@ pub(super) enum Job {
     Settle(i64, Settled, Reply<()>),
     Refuse(Admitted, u16, Reply<()>),
     Recover(Reply<usize>),
+    Alert(Fired),
+    AlertDelivered(Fired, u32, bool),
 }
 
 /// Where a job's result goes: an async caller, a blocking caller, or nobody.
@@ -38,7 +41,11 @@ impl<T> Reply<T> {
 /// The writer thread: take every job that has queued up, apply them in one
 /// transaction, commit, then answer each. If the batch fails, each job is
 /// retried alone so that one bad write cannot fail the others.
-pub(super) fn write_loop(mut conn: Connection, queue: std::sync::mpsc::Receiver<Job>) {
+pub(super) fn write_loop(
+    mut conn: Connection,
+    queue: std::sync::mpsc::Receiver<Job>,
+    committed: tokio::sync::watch::Sender<u64>,
+) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         while batch.len() < 1024 {
@@ -77,6 +84,7 @@ pub(super) fn write_loop(mut conn: Connection, queue: std::sync::mpsc::Receiver<
                 }
             }
         }
+        committed.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -94,6 +102,7 @@ fn answer(job: Job, done: Result<Done, String>) {
         }
         Job::Settle(_, _, reply) | Job::Refuse(_, _, reply) => reply.send(done.map(|_| ())),
         Job::Recover(reply) => reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 })),
+        Job::Alert(..) | Job::AlertDelivered(..) => {}
     }
 }
 
@@ -103,7 +112,37 @@ fn apply(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Done, rusqlite::Er
         Job::Settle(id, s, _) => settle(tx, *id, s).map(|()| Done::Unit),
         Job::Refuse(a, status, _) => refuse(tx, a, *status).map(|()| Done::Unit),
         Job::Recover(_) => recover(tx).map(Done::Count),
+        Job::Alert(f) => alert(tx, f).map(|()| Done::Unit),
+        Job::AlertDelivered(f, attempts, delivered) => tx
+            .prepare_cached(
+                "UPDATE alerts SET attempts = ?5, delivered = ?6
+                 WHERE day = ?1 AND org = ?2 AND grp = ?3 AND rule = ?4",
+            )?
+            .execute(params![
+                f.day.0, f.org, f.group, f.rule, attempts, delivered
+            ])
+            .map(|_| Done::Unit),
     }
+}
+
+fn alert(tx: &rusqlite::Transaction<'_>, f: &Fired) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO alerts (day, org, grp, rule, fired_ms, text, cap, used, billed_cost_pico, exhausted_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+    )?
+    .execute(params![
+        f.day.0,
+        f.org,
+        f.group,
+        f.rule,
+        f.fired_ms,
+        f.text,
+        as_i64(f.cap),
+        as_i64(f.used),
+        as_i64(f.billed_cost_pico),
+        f.exhausted_at_ms
+    ])?;
+    Ok(())
 }
 
 /// Insert a call's row; `decision`, `state` and `status` differ between an

@@ -1,0 +1,225 @@
+//! The dashboard: sign-in and sessions over plain HTTP, then the whole page
+//! in headless Chromium (tests/sdk/node/dashboard.mjs, playwright-core, with
+//! calls by the Node openai SDK), its numbers checked against the ledger.
+//! `scripts/test` installs Chromium and the Node packages; without them the
+//! browser test fails, it is never skipped.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::harness::{start_with_server, Harness};
+
+const ADMIN: &str = "admin-token-dashboard-0001";
+const KEY: &str = "tw-dash-app-0000000000001";
+const PRIVATE_KEY: &str = "tw-dash-private-000000001";
+
+fn config() -> String {
+    format!(
+        "[[orgs]]\nname = \"acme\"\nsharing = \"selected\"\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"{KEY}\"]\n\n[[orgs.projects]]\nname = \"vault\"\nsharing = false\nkeys = [\"{PRIVATE_KEY}\"]\n\n[program.groups.flagship]\ndaily_tokens = 1000\n"
+    )
+}
+
+async fn dashboard() -> Harness {
+    start_with_server(
+        "dashboard",
+        &config(),
+        &format!("admin_token = \"{ADMIN}\"\n"),
+    )
+    .await
+}
+
+fn root(h: &Harness) -> String {
+    h.base.trim_end_matches("/v1").to_owned()
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// A client that does not follow redirects (to see the sign-in's answer).
+fn no_redirects() -> reqwest::Client {
+    tokenwarden::gateway::upstream::install_crypto_provider();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn sign_in(client: &reqwest::Client, root: &str, token: &str) -> reqwest::Response {
+    client
+        .post(format!("{root}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn sign_in_sets_a_strict_http_only_session_and_a_wrong_token_gets_nothing() {
+    let h = dashboard().await;
+    let root = root(&h);
+    let client = no_redirects();
+
+    let wrong = sign_in(&client, &root, "not-the-admin-token-0000").await;
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+    let body = wrong.text().await.unwrap_or_default();
+    assert!(body.contains("not the admin token") && !body.contains("data-metric"));
+
+    let get = |cookie: &str| {
+        client
+            .get(format!("{root}/dashboard"))
+            .header("cookie", cookie.to_owned())
+            .send()
+    };
+    let forged = get("tw_session=0123456789abcdef").await;
+    let forged = forged.map(|r| r.status().as_u16()).unwrap_or(0);
+    assert_eq!(forged, 200);
+    let page = get("tw_session=0123456789abcdef")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let page = page.text().await.unwrap_or_default();
+    assert!(page.contains("id=\"token\"") && !page.contains("data-metric"));
+    let events = client
+        .get(format!("{root}/dashboard/events"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(events.unwrap_or(0), 401);
+
+    let good = sign_in(&client, &root, ADMIN).await;
+    assert_eq!(good.status().as_u16(), 303);
+    let cookie = good
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains(ADMIN),
+        "the cookie holds the token: {cookie}"
+    );
+    let session = cookie.split(';').next().unwrap_or_default().to_owned();
+    let page = get(&session).await.unwrap_or_else(|e| panic!("{e}"));
+    let csp = page
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+    let page = page.text().await.unwrap_or_default();
+    assert!(page.contains("data-metric=\"free-used\"") && !page.contains(ADMIN));
+
+    // Signing out ends the session on the server, not only in the browser.
+    let out = client
+        .post(format!("{root}/dashboard/logout"))
+        .header("cookie", session.clone())
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(out.unwrap_or(0), 303);
+    let page = get(&session).await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(!page
+        .text()
+        .await
+        .unwrap_or_default()
+        .contains("data-metric"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_in_chromium_matches_the_ledger_and_updates_live() {
+    assert!(
+        repo("tests/sdk/node/node_modules/playwright-core").exists(),
+        "tests/sdk/node/node_modules is missing: run scripts/test, which installs playwright-core"
+    );
+    let h = dashboard().await;
+    let shots = repo("target/artifacts");
+    std::fs::create_dir_all(&shots).unwrap_or_else(|e| panic!("{e}"));
+    let (root, script, shots_arg) = (
+        root(&h),
+        repo("tests/sdk/node/dashboard.mjs"),
+        shots.clone(),
+    );
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(&script)
+            .args([&root, KEY, ADMIN])
+            .arg(&shots_arg)
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("node: {e} (run scripts/test, which installs it)"));
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    let phases: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let phase = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p["phase"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} phase in:\n{stdout}"))
+    };
+    let n = |v: &Value| v.as_u64().unwrap_or(u64::MAX);
+    h.settled().await;
+
+    let served = phase("served");
+    let live = phase("live");
+    let mini = h.daily("acme", "mini").unwrap_or_else(|| panic!("no mini"));
+    let flagship = h
+        .daily("acme", "flagship")
+        .unwrap_or_else(|| panic!("no flagship"));
+    // The ledger now holds the live call too: the page showed it.
+    assert_eq!(n(&live["after"]), mini.free_tokens, "{live}");
+    assert!(n(&live["before"]) < n(&live["after"]), "{live}");
+    assert_eq!(n(&served["free_used_mini"]), n(&live["before"]), "{served}");
+    assert_eq!(n(&served["free_used_flagship"]), flagship.free_tokens);
+    assert_eq!(n(&served["billed_flagship"]), flagship.billed_tokens);
+    assert_eq!(n(&served["cost_flagship"]), flagship.cost_pico);
+    assert!(flagship.billed_tokens > 0 && flagship.cost_pico > 0);
+    assert_eq!(
+        n(&served["free_left_mini"]),
+        10_000_000 - n(&served["free_used_mini"])
+    );
+    // Everything so far came from the sharing project.
+    assert_eq!(
+        n(&served["shared"]),
+        n(&served["free_used_mini"]) + flagship.free_tokens + flagship.billed_tokens
+    );
+    assert_eq!(n(&served["private"]), 0);
+    let alerts = h
+        .gateway
+        .store
+        .alerts(h.today())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!alerts.is_empty(), "the flagship cap of 1000 was passed");
+    assert_eq!(n(&served["alerts"]), alerts.len() as u64);
+    assert_eq!(n(&served["recent_rows"]), 6);
+    assert_eq!(n(&served["charts"]), 1);
+    let phone = phase("phone");
+    assert!(n(&phone["page_width"]) <= 390, "{phone}");
+    for shot in ["dashboard-laptop.png", "dashboard-phone.png"] {
+        let size = std::fs::metadata(shots.join(shot)).map_or(0, |m| m.len());
+        assert!(size > 10_000, "{shot}: {size} bytes");
+    }
+    eprintln!(
+        "dashboard: live update {} ms after the call returned; screenshots in {}",
+        live["ms_after_call"],
+        shots.display()
+    );
+}
