@@ -170,6 +170,43 @@ pub struct UsageRow {
     pub requests: u64,
 }
 
+/// Today's shared and private tokens of one org.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct SharingRow {
+    pub org: String,
+    /// Tokens of calls whose traffic was shared in the program.
+    pub shared_tokens: u64,
+    /// Tokens of calls that were not shared (non-sharing projects, ineligible orgs).
+    pub private_tokens: u64,
+}
+
+/// Today's shared and private tokens per org, from the store.
+pub fn sharing_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec<SharingRow>> {
+    let crate::config::StoreUrl::Sqlite(path) = &config.store;
+    let store = SqliteStore::open(path)?;
+    let start = today.start_unix() * 1000;
+    let rows = store.usage_rows(start, start + 86_400_000, 86_400_000, &["sharing"])?;
+    Ok(config
+        .orgs
+        .iter()
+        .map(|org| {
+            let mut row = SharingRow {
+                org: org.name.clone(),
+                ..SharingRow::default()
+            };
+            for r in rows.iter().filter(|r| r.org == org.name) {
+                let tokens = r.input_tokens + r.output_tokens;
+                if r.sharing.as_deref() == Some("shared") {
+                    row.shared_tokens += tokens;
+                } else {
+                    row.private_tokens += tokens;
+                }
+            }
+            row
+        })
+        .collect())
+}
+
 /// Today's usage per org and group, from the store.
 pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec<UsageRow>> {
     let crate::config::StoreUrl::Sqlite(path) = &config.store;
@@ -241,4 +278,93 @@ pub fn usage_table(rows: &[UsageRow]) -> String {
         ));
     }
     out
+}
+
+/// What `tokenwarden export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// OpenAI's chat fine-tuning format: `{"messages": [...]}`.
+    Chat,
+    /// Each captured call: its metadata, request and response.
+    Raw,
+}
+
+#[derive(Debug, Default)]
+pub struct ExportSummary {
+    pub rows: u64,
+    pub written: u64,
+    /// Calls that are not a chat exchange (embeddings, completions), in `chat`.
+    pub skipped: u64,
+}
+
+/// The process's peak resident memory (VmHWM), in bytes, where Linux tells.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Stream the captured calls `filter` selects to `out`, one JSON line each,
+/// one row in memory at a time; progress (and, at the end, the peak memory)
+/// goes to `progress`.
+pub fn export(
+    config: &Config,
+    filter: &crate::store::ExportFilter,
+    format: ExportFormat,
+    out: impl std::io::Write,
+    mut progress: impl std::io::Write,
+) -> anyhow::Result<ExportSummary> {
+    let crate::config::StoreUrl::Sqlite(path) = &config.store;
+    let total = crate::store::count_captures(path, filter)?;
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+    let mut summary = ExportSummary::default();
+    let started = std::time::Instant::now();
+    let mut last_report = started;
+    crate::store::for_each_capture(path, filter, |row| {
+        summary.rows += 1;
+        let pair = crate::capture::decompress(&row.body)?;
+        let line = match format {
+            ExportFormat::Chat => {
+                crate::capture::to_chat(&row.endpoint, &pair["request"], &pair["response"])
+            }
+            ExportFormat::Raw => Some(serde_json::json!({
+                "id": row.id,
+                "created": row.started_ms / 1000,
+                "org": row.org,
+                "project": row.project,
+                "model": row.model,
+                "endpoint": row.endpoint,
+                "streamed": row.streamed,
+                "input_tokens": row.input_tokens,
+                "output_tokens": row.output_tokens,
+                "request": pair["request"],
+                "response": pair["response"],
+            })),
+        };
+        match line {
+            Some(line) => {
+                crate::capture::write_line(&mut out, &line)?;
+                summary.written += 1;
+            }
+            None => summary.skipped += 1,
+        }
+        if last_report.elapsed() >= std::time::Duration::from_secs(1) {
+            last_report = std::time::Instant::now();
+            let _ = writeln!(progress, "export: {} of {total} calls", summary.rows);
+        }
+        Ok(())
+    })?;
+    std::io::Write::flush(&mut out)?;
+    let peak = peak_rss_bytes().map_or_else(String::new, |b| {
+        format!(", peak memory {:.1} MB", b as f64 / 1e6)
+    });
+    let _ = writeln!(
+        progress,
+        "export: {} calls written, {} skipped (not a chat exchange), in {:.1} s{peak}",
+        summary.written,
+        summary.skipped,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(summary)
 }

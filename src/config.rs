@@ -148,6 +148,7 @@ pub struct Alerts {
 }
 
 pub const DEFAULT_ALERT_PERCENTS: [u8; 4] = [50, 80, 95, 100];
+pub const DEFAULT_CAPTURE_RETENTION_DAYS: u32 = 30;
 
 #[derive(Debug)]
 pub struct Server {
@@ -185,7 +186,24 @@ pub struct Org {
     pub sharing: OrgSharing,
     /// Enterprise and zero-data-retention organizations are not eligible.
     pub eligible: bool,
+    /// Keep the shared traffic (request and completion) of sharing projects.
+    pub capture: bool,
+    /// Captured calls older than this are purged.
+    pub capture_retention_days: u32,
     pub projects: Vec<Project>,
+}
+
+impl Org {
+    /// Whether a project's traffic is shared in the program: the project
+    /// shares and the org is eligible (not enterprise, not zero retention).
+    pub fn shared(&self, project: usize) -> bool {
+        self.eligible && self.projects.get(project).is_some_and(|p| p.shares)
+    }
+
+    /// Whether a project's calls are captured.
+    pub fn captures(&self, project: usize) -> bool {
+        self.capture && self.shared(project)
+    }
 }
 
 #[derive(Debug)]

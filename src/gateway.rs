@@ -42,6 +42,9 @@ pub mod stream;
 pub mod upstream;
 pub mod usage;
 
+/// How often captured calls past their retention are purged.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Time, replaceable in tests (the day rolling over at 00:00 UTC).
 pub trait Clock: Send + Sync {
     fn now_ms(&self) -> i64;
@@ -154,7 +157,44 @@ impl Gateway {
             sessions: dashboard::Sessions::default(),
         });
         gateway.restore(gateway.today())?;
+        gateway.purge_captures();
+        if gateway.config.orgs.iter().any(|o| o.capture) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                // The retention purge runs by itself; the task ends with the gateway.
+                let weak = Arc::downgrade(&gateway);
+                runtime.spawn(async move {
+                    loop {
+                        tokio::time::sleep(PURGE_EVERY).await;
+                        let Some(gateway) = weak.upgrade() else {
+                            return;
+                        };
+                        let _ = tokio::task::spawn_blocking(move || gateway.purge_captures()).await;
+                    }
+                });
+            }
+        }
         Ok(gateway)
+    }
+
+    /// Delete captured calls past their org's retention; returns how many.
+    pub fn purge_captures(&self) -> usize {
+        let now_ms = self.clock.now_ms();
+        let mut purged = 0;
+        for org in &self.config.orgs {
+            // Orgs that stopped capturing are purged on the same schedule.
+            let before = now_ms - i64::from(org.capture_retention_days) * 86_400_000;
+            match self.store.purge_captures(&org.name, before) {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(org = %org.name, purged = n, "captured calls past their retention purged");
+                    purged += n;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, org = %org.name, "could not purge captured calls")
+                }
+            }
+        }
+        purged
     }
 
     /// Whether org `org` gets free tokens today: eligible, sharing, and the

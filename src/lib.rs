@@ -25,10 +25,12 @@
 //! them. Capture and export of shared data come next.
 
 pub mod alerts;
+pub mod capture;
 pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod day;
+pub mod finetune;
 pub mod gateway;
 pub mod guard;
 pub mod meter;

@@ -62,6 +62,31 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write an org's captured shared traffic as JSON lines to stdout
+    /// (progress on stderr); `chat` is OpenAI's fine-tuning chat format.
+    Export {
+        #[arg(long, default_value = "tokenwarden.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        org: String,
+        /// Only this project's calls.
+        #[arg(long)]
+        project: Option<String>,
+        /// From this UTC day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        since: Option<String>,
+        /// To this UTC day (YYYY-MM-DD), inclusive.
+        #[arg(long)]
+        until: Option<String>,
+        /// chat: {"messages": [...]} with the assistant's reply last; raw: each call as kept.
+        #[arg(long, default_value = "chat")]
+        format: String,
+    },
+    /// Check a JSON-lines file against OpenAI's chat fine-tuning format.
+    CheckFinetune {
+        /// The file (- for stdin).
+        file: PathBuf,
+    },
     /// Validate a configuration file; exits non-zero with the key and line at fault.
     CheckConfig {
         #[arg(long, default_value = "tokenwarden.toml")]
@@ -94,6 +119,15 @@ fn main() -> ExitCode {
         Command::Count(args) => count(args),
         Command::CheckConfig { config } => check_config(&config),
         Command::Usage { config, json } => usage(&config, json),
+        Command::Export {
+            config,
+            org,
+            project,
+            since,
+            until,
+            format,
+        } => export(&config, org, project, since, until, &format),
+        Command::CheckFinetune { file } => check_finetune(&file),
         Command::Serve {
             config,
             demo,
@@ -151,15 +185,106 @@ fn usage(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
         .as_secs();
     let today = tokenwarden::day::Day::from_unix(i64::try_from(now)?);
     let rows = tokenwarden::cli::usage_rows(&config, today)?;
+    let sharing = tokenwarden::cli::sharing_rows(&config, today)?;
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"day": today, "usage": rows}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"day": today, "usage": rows, "sharing": sharing})
+            )?
         );
     } else {
         println!("usage on {today} (UTC)");
         print!("{}", tokenwarden::cli::usage_table(&rows));
+        println!();
+        println!(
+            "{:<16} {:>14} {:>14}",
+            "org", "shared tokens", "private tokens"
+        );
+        for s in &sharing {
+            println!(
+                "{:<16} {:>14} {:>14}",
+                s.org, s.shared_tokens, s.private_tokens
+            );
+        }
     }
+    Ok(())
+}
+
+fn export(
+    path: &std::path::Path,
+    org: String,
+    project: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    format: &str,
+) -> anyhow::Result<()> {
+    let config = Config::load(path, &ProcessEnv)?;
+    let format = match format {
+        "chat" => tokenwarden::cli::ExportFormat::Chat,
+        "raw" => tokenwarden::cli::ExportFormat::Raw,
+        other => anyhow::bail!("--format {other:?}: use chat or raw"),
+    };
+    let day =
+        |flag: &str, value: Option<String>| -> anyhow::Result<Option<tokenwarden::day::Day>> {
+            value
+                .map(|v| {
+                    tokenwarden::day::Day::parse(&v)
+                        .ok_or_else(|| anyhow::anyhow!("{flag} {v:?}: use a date like 2026-11-24"))
+                })
+                .transpose()
+        };
+    let filter = tokenwarden::store::ExportFilter {
+        org,
+        project,
+        since_ms: day("--since", since)?.map(|d| d.start_unix() * 1000),
+        until_ms: day("--until", until)?.map(|d| (d.start_unix() + 86_400) * 1000),
+    };
+    let stdout = std::io::stdout().lock();
+    let summary = tokenwarden::cli::export(&config, &filter, format, stdout, std::io::stderr())?;
+    if summary.written == 0 {
+        eprintln!(
+            "export: nothing captured for org {} in that range",
+            filter.org
+        );
+    }
+    Ok(())
+}
+
+fn check_finetune(path: &std::path::Path) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| path.display().to_string())?,
+        ))
+    };
+    let (mut examples, mut bad) = (0u64, 0u64);
+    for (i, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        examples += 1;
+        let errors = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(value) => tokenwarden::finetune::errors(&value),
+            Err(_) => vec!["invalid_json"],
+        };
+        if !errors.is_empty() {
+            bad += 1;
+            if bad <= 20 {
+                eprintln!("line {}: {}", i + 1, errors.join(", "));
+            }
+        }
+    }
+    if examples == 0 {
+        anyhow::bail!("{}: no examples", path.display());
+    }
+    if bad > 0 {
+        anyhow::bail!("{bad} of {examples} examples are not in the chat fine-tuning format");
+    }
+    println!("{examples} examples, all in OpenAI's chat fine-tuning format");
     Ok(())
 }
 

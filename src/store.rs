@@ -10,7 +10,7 @@ use crate::day::Day;
 
 pub mod sqlite;
 
-pub use sqlite::SqliteStore;
+pub use sqlite::{count_captures, for_each_capture, CapturedRow, ExportFilter, SqliteStore};
 
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]
@@ -49,6 +49,8 @@ pub struct Admitted {
     /// Whether the reservation is in the free pool (so counts if the call is lost).
     pub free_lane: bool,
     pub streamed: bool,
+    /// The call's traffic is shared in the program (a sharing project of an eligible org).
+    pub shared: bool,
 }
 
 /// How a call ended.
@@ -118,6 +120,8 @@ pub struct UsageRow {
     pub model: Option<String>,
     /// `free` or `billed`, when grouped by lane.
     pub lane: Option<String>,
+    /// `shared` or `private`, when grouped by sharing.
+    pub sharing: Option<String>,
     pub input_tokens: u64,
     pub input_cached_tokens: u64,
     pub output_tokens: u64,

@@ -12,8 +12,8 @@ use toml::Spanned;
 
 use super::{
     Alerts, Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy, Project, Secret,
-    Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
+    Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_CAPTURE_RETENTION_DAYS,
+    DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
@@ -86,6 +86,9 @@ struct RawOrg {
     enterprise: bool,
     #[serde(default)]
     zero_data_retention: bool,
+    #[serde(default)]
+    capture: bool,
+    capture_retention_days: Option<u32>,
     #[serde(default)]
     projects: Vec<RawProject>,
 }
@@ -429,11 +432,30 @@ impl Config {
                     project.reroute_to = target;
                 }
             }
+            if o.capture && o.zero_data_retention {
+                return Err(l.error(
+                    format!("{path}.capture"),
+                    None,
+                    "a zero-data-retention org cannot capture its traffic",
+                ));
+            }
+            let retention = o
+                .capture_retention_days
+                .unwrap_or(DEFAULT_CAPTURE_RETENTION_DAYS);
+            if retention == 0 {
+                return Err(l.error(
+                    format!("{path}.capture_retention_days"),
+                    None,
+                    "must be at least 1 day",
+                ));
+            }
             orgs.push(Org {
                 name: o.name.clone(),
                 tier: o.tier,
                 sharing: o.sharing,
                 eligible: !o.enterprise && !o.zero_data_retention,
+                capture: o.capture,
+                capture_retention_days: retention,
                 projects,
             });
         }

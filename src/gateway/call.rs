@@ -24,6 +24,8 @@ pub struct Outcome {
     /// Upstream answered with an error: nothing was used.
     pub failed: bool,
     pub served_model: Option<String>,
+    /// The whole completion (a stream's assembled), when the call is captured.
+    pub completion: Option<serde_json::Value>,
 }
 
 /// Who a call is for and what it runs on: labels for the metrics and alerts.
@@ -37,6 +39,8 @@ pub struct Labels {
     pub group: Option<usize>,
     /// When the request arrived.
     pub arrived: Instant,
+    /// The same, as Unix ms on the gateway's clock.
+    pub started_ms: i64,
 }
 
 pub struct Call {
@@ -44,6 +48,8 @@ pub struct Call {
     labels: Labels,
     /// When the call was sent upstream.
     upstream_started: Option<Instant>,
+    /// The request body as sent upstream, when the call's traffic is captured.
+    capture: Option<(crate::tokens::request::Endpoint, bytes::Bytes)>,
     /// The pending row in the store.
     row: i64,
     /// What the meter holds for this call.
@@ -71,6 +77,7 @@ impl Call {
             gateway,
             labels,
             upstream_started: None,
+            capture: None,
             row,
             ticket,
             prices,
@@ -78,6 +85,18 @@ impl Call {
             encoding,
             settled: false,
         }
+    }
+
+    /// Keep this call's request and completion (shared traffic of an org
+    /// that captures).
+    pub fn capture(&mut self, endpoint: crate::tokens::request::Endpoint, body: bytes::Bytes) {
+        if endpoint != crate::tokens::request::Endpoint::Embeddings {
+            self.capture = Some((endpoint, body));
+        }
+    }
+
+    pub fn captures(&self) -> bool {
+        self.capture.is_some()
     }
 
     /// The call goes upstream now.
@@ -90,8 +109,9 @@ impl Call {
     }
 
     /// Settle with the meter now and return the record for the store.
-    pub fn settle(&mut self, outcome: Outcome) -> (i64, Settled) {
+    pub fn settle(&mut self, mut outcome: Outcome) -> (i64, Settled) {
         self.settled = true;
+        let outcome_completion = outcome.completion.take();
         let (usage, estimated) = match (outcome.usage, outcome.failed) {
             (_, true) => (Usage::default(), false),
             (Some(usage), false) => (usage, false),
@@ -169,7 +189,64 @@ impl Call {
             });
         self.gateway
             .check_alerts(self.labels.org, self.labels.group, record.cost_pico);
+        if let (Some((endpoint, body)), Some(completion)) =
+            (self.capture.take(), outcome_completion)
+        {
+            if (200..300).contains(&record.status) {
+                self.keep(endpoint, &body, completion, &record);
+            }
+        }
         (self.row, record)
+    }
+
+    /// Compress and store a captured call; content never reaches a log.
+    fn keep(
+        &self,
+        endpoint: crate::tokens::request::Endpoint,
+        body: &[u8],
+        completion: serde_json::Value,
+        record: &Settled,
+    ) {
+        let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return;
+        };
+        let streamed = request
+            .get("stream")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let pair = serde_json::json!({"request": request, "response": completion});
+        let compressed = match crate::capture::compress(&pair) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(error = %e, row = self.row, "could not compress a captured call");
+                return;
+            }
+        };
+        let config = &self.gateway.config;
+        let Some(org) = config.orgs.get(self.labels.org) else {
+            return;
+        };
+        let capture = crate::capture::Capture {
+            started_ms: self.labels.started_ms,
+            org: org.name.clone(),
+            project: org
+                .projects
+                .get(self.labels.project)
+                .map(|p| p.name.clone())
+                .unwrap_or_default(),
+            model: record
+                .served_model
+                .clone()
+                .unwrap_or_else(|| self.labels.model.clone()),
+            endpoint: endpoint.path(),
+            streamed,
+            input_tokens: record.input,
+            output_tokens: record.output,
+            body: compressed,
+        };
+        if let Err(e) = self.gateway.store.capture_nowait(capture) {
+            tracing::error!(error = %e, row = self.row, "could not store a captured call");
+        }
     }
 
     /// Settle and write the record, waiting for the store (non-streaming calls

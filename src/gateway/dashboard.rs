@@ -555,6 +555,9 @@ pub fn render_live(gateway: &Gateway) -> String {
     let by_model = store
         .usage_rows(start_ms, end_ms, 86_400_000, &["model", "lane"])
         .unwrap_or_default();
+    let by_sharing = store
+        .usage_rows(start_ms, end_ms, 86_400_000, &["sharing"])
+        .unwrap_or_default();
     let daily = store.daily(today).unwrap_or_default();
     let history = store
         .daily_range(Day(today.0 - 29), today)
@@ -594,24 +597,28 @@ pub fn render_live(gateway: &Gateway) -> String {
                 "no free tokens (not eligible, not sharing, or the program is not running)"
             }
         );
-        // Shared against private tokens today: by whether each project shares.
+        // Shared against private tokens today, as each call was recorded.
         let projects = lines(&by_project, name, |r| r.project_id.clone());
-        let (mut shared, mut private) = (0, 0);
-        for (project, line) in &projects {
-            let shares = org.projects.iter().any(|p| &p.name == project && p.shares)
-                && org.sharing != crate::config::OrgSharing::Disabled;
-            if shares {
-                shared += line.input + line.output;
-            } else {
-                private += line.input + line.output;
-            }
-        }
+        let sharing = lines(&by_sharing, name, |r| r.sharing.clone());
+        let tokens_of = |kind: &str| sharing.get(kind).map_or(0, |l| l.input + l.output);
+        let (shared, private) = (tokens_of("shared"), tokens_of("private"));
         let _ = write!(
             out,
-            "<p class=\"meta\">Shared tokens today: {} · private: {}</p><div class=\"groups\">",
+            "<p class=\"meta\">Shared tokens today: {} · private: {}</p>",
             number("shared-tokens", name, "", shared),
             number("private-tokens", name, "", private)
         );
+        if org.capture {
+            let kept = store.count_captures(name).unwrap_or(0);
+            let _ = write!(
+                out,
+                "<p class=\"meta\">Captured calls kept: {} (retention {} days; <code>tokenwarden export --org {}</code>)</p>",
+                number("captured", name, "", kept),
+                org.capture_retention_days,
+                esc(name)
+            );
+        }
+        out.push_str("<div class=\"groups\">");
         for (g, group) in config.catalog.groups.iter().enumerate() {
             let state = gateway.pool_state(o, g);
             let total = daily

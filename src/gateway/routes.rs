@@ -384,6 +384,7 @@ async fn metered(
         reserved: 0,
         free_lane: false,
         streamed: stream,
+        shared: org.shared(caller.project),
     };
     let mut modified = redacted;
     let (ticket, served, header_pool, header_cap) = match decision {
@@ -477,6 +478,7 @@ async fn metered(
             model: served.model.name.clone(),
             group: served.group_index(),
             arrived,
+            started_ms: now_ms,
         },
         row,
         ticket,
@@ -484,6 +486,9 @@ async fn metered(
         counted.prompt.tokens,
         served.model.encoding,
     );
+    if org.captures(caller.project) {
+        call.capture(endpoint, body.clone());
+    }
     let path = endpoint.path().trim_start_matches("/v1");
     call.sending();
     let response = match upstream::send(
@@ -568,6 +573,7 @@ async fn metered(
                 .get("model")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
+            completion: call.captures().then_some(parsed),
             ..Outcome::default()
         }
     } else {

@@ -146,6 +146,10 @@ pub struct Tap {
     seen: Vec<Bytes>,
     /// Upstream has ended (or failed): never poll it again.
     ended: bool,
+    /// The call is captured: assemble its completion when the stream ends.
+    capture: bool,
+    /// A Responses stream's final response object (when captured).
+    completed: Option<Value>,
 }
 
 impl Tap {
@@ -156,6 +160,8 @@ impl Tap {
         client_wants_usage: bool,
     ) -> Self {
         Tap {
+            capture: call.captures(),
+            completed: None,
             call: Some(call),
             upstream: Box::pin(upstream.bytes_stream()),
             endpoint,
@@ -196,6 +202,11 @@ impl Tap {
         match self.endpoint {
             Endpoint::Responses => {
                 if let Some(response) = value.get("response") {
+                    if self.capture
+                        && value.get("type").and_then(Value::as_str) == Some("response.completed")
+                    {
+                        self.completed = Some(response.clone());
+                    }
                     self.usage = response
                         .get("usage")
                         .and_then(|u| usage_of(self.endpoint, u))
@@ -230,14 +241,26 @@ impl Tap {
     }
 
     /// Settle with what the stream showed: its usage, or an estimate.
-    fn finish(&mut self, status: u16) {
+    /// `complete`: the stream ended as it should (only then is it captured).
+    fn finish(&mut self, status: u16, complete: bool) {
         let Some(mut call) = self.call.take() else {
             return;
+        };
+        let completion = if self.capture && complete {
+            let events: Vec<Value> = self
+                .seen
+                .iter()
+                .filter_map(|data| serde_json::from_slice(data).ok())
+                .collect();
+            crate::capture::assemble(self.endpoint, &events, self.completed.as_ref())
+        } else {
+            None
         };
         let mut outcome = Outcome {
             usage: self.usage,
             status,
             served_model: self.served_model.take(),
+            completion,
             ..Outcome::default()
         };
         if outcome.usage.is_none() {
@@ -279,7 +302,7 @@ impl Stream for Tap {
                     // Upstream cut the stream: settle with an estimate and cut the client's too.
                     tracing::warn!(error = %e.without_url(), "upstream stream ended abruptly");
                     this.ended = true;
-                    this.finish(200);
+                    this.finish(200, false);
                     return Poll::Ready(Some(Err(std::io::Error::other(
                         "upstream stream ended abruptly",
                     ))));
@@ -290,12 +313,12 @@ impl Stream for Tap {
                     if !rest.is_empty() {
                         let rest = rest.freeze();
                         let pass = this.inspect(&rest);
-                        this.finish(200);
+                        this.finish(200, true);
                         if pass {
                             return Poll::Ready(Some(Ok(rest)));
                         }
                     }
-                    this.finish(200);
+                    this.finish(200, true);
                     return Poll::Ready(None);
                 }
             }
@@ -306,7 +329,7 @@ impl Stream for Tap {
 impl Drop for Tap {
     fn drop(&mut self) {
         // The client hung up mid-stream: what it was sent is counted.
-        self.finish(0);
+        self.finish(0, false);
     }
 }
 

@@ -5,9 +5,10 @@
 //! Parameters as OpenAI's: `start_time` (required, Unix seconds),
 //! `end_time`, `bucket_width` (`1m`, `1h`, `1d`), `group_by` (repeatable:
 //! `project_id`, `api_key_id`, `model`; and ours, `lane`, which splits free
-//! from billed), `limit` (buckets per page) and `page` (the cursor a page's
-//! `next_page` gives). Ours too: `org`, to keep to one organization. Every
-//! result also names its `org`, and grouped by lane its `lane`.
+//! from billed, and `sharing`, which splits shared from private traffic),
+//! `limit` (buckets per page) and `page` (the cursor a page's `next_page`
+//! gives). Ours too: `org`, to keep to one organization. Every result also
+//! names its `org`, grouped by lane its `lane`, and by sharing its `sharing`.
 
 use std::sync::Arc;
 
@@ -205,7 +206,7 @@ pub async fn completions(
     let q = parse(
         raw.as_deref(),
         now_s,
-        &["project_id", "api_key_id", "model", "lane"],
+        &["project_id", "api_key_id", "model", "lane", "sharing"],
     )?;
     let body = page(&gateway, &q, |r| {
         json!({
@@ -223,6 +224,7 @@ pub async fn completions(
             "batch": null,
             "org": r.org,
             "lane": r.lane,
+            "sharing": r.sharing,
         })
     })?;
     Ok(Json(body))

@@ -78,7 +78,131 @@ const MIGRATIONS: &[&str] = &[
         delivered INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (day, org, grp, rule)
     );",
+    // 3: whether a call's traffic was shared; captured shared traffic.
+    "ALTER TABLE requests ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE captures (
+        id INTEGER PRIMARY KEY,
+        started_ms INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        model TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        streamed INTEGER NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        body BLOB NOT NULL
+    );
+    CREATE INDEX captures_org_time ON captures(org, started_ms);",
 ];
+
+/// Which captured calls an export reads.
+#[derive(Clone, Debug, Default)]
+pub struct ExportFilter {
+    pub org: String,
+    pub project: Option<String>,
+    /// Unix ms, inclusive.
+    pub since_ms: Option<i64>,
+    /// Unix ms, exclusive.
+    pub until_ms: Option<i64>,
+}
+
+impl ExportFilter {
+    fn sql(&self, select: &str) -> String {
+        format!(
+            "SELECT {select} FROM captures WHERE org = ?1 AND (?2 IS NULL OR project = ?2)
+             AND started_ms >= COALESCE(?3, -9223372036854775808) AND started_ms < COALESCE(?4, 9223372036854775807)"
+        )
+    }
+}
+
+/// A captured call as read back for export.
+pub struct CapturedRow {
+    pub id: i64,
+    pub started_ms: i64,
+    pub org: String,
+    pub project: String,
+    pub model: String,
+    pub endpoint: String,
+    pub streamed: bool,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Still compressed.
+    pub body: Vec<u8>,
+}
+
+/// How many captured calls `filter` selects, read from the file at `path`.
+pub fn count_captures(path: &Path, filter: &ExportFilter) -> Result<u64, StoreError> {
+    let conn = read_only(path)?;
+    let n: i64 = conn.query_row(
+        &filter.sql("COUNT(*)"),
+        params![filter.org, filter.project, filter.since_ms, filter.until_ms],
+        |r| r.get(0),
+    )?;
+    Ok(as_u64(n))
+}
+
+/// Hand every captured call `filter` selects to `f`, oldest first, one row
+/// in memory at a time.
+pub fn for_each_capture(
+    path: &Path,
+    filter: &ExportFilter,
+    mut f: impl FnMut(CapturedRow) -> std::io::Result<()>,
+) -> Result<u64, StoreError> {
+    let conn = read_only(path)?;
+    let mut statement = conn.prepare(&(filter.sql(
+        "id, started_ms, org, project, model, endpoint, streamed, input_tokens, output_tokens, body",
+    ) + " ORDER BY started_ms, id"))?;
+    let mut rows = statement.query(params![
+        filter.org,
+        filter.project,
+        filter.since_ms,
+        filter.until_ms
+    ])?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        let row = CapturedRow {
+            id: r.get(0)?,
+            started_ms: r.get(1)?,
+            org: r.get(2)?,
+            project: r.get(3)?,
+            model: r.get(4)?,
+            endpoint: r.get(5)?,
+            streamed: r.get(6)?,
+            input_tokens: as_u64(r.get(7)?),
+            output_tokens: as_u64(r.get(8)?),
+            body: r.get(9)?,
+        };
+        f(row).map_err(|e| StoreError(format!("writing the export: {e}")))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// A connection that only reads (an export beside a running gateway).
+fn read_only(path: &Path) -> Result<Connection, StoreError> {
+    if !path.exists() {
+        return Err(StoreError(format!("{}: no such ledger", path.display())));
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let version: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(0);
+    if version < 3 {
+        return Err(StoreError(format!(
+            "{}: this ledger has no captures (schema version {version}); start tokenwarden serve on it once",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -251,6 +375,28 @@ impl SqliteStore {
         self.submit(Job::AlertDelivered(fired.clone(), attempts, delivered))
     }
 
+    /// Keep a captured call (in the background).
+    pub fn capture_nowait(&self, capture: crate::capture::Capture) -> Result<(), StoreError> {
+        self.submit(Job::Capture(capture))
+    }
+
+    /// Delete `org`'s captured calls that started before `before_ms`.
+    pub fn purge_captures(&self, org: &str, before_ms: i64) -> Result<usize, StoreError> {
+        self.ask_blocking(|reply| Job::Purge(org.to_owned(), before_ms, reply))
+    }
+
+    /// Captured calls kept, per org (for the tests and the dashboard).
+    pub fn count_captures(&self, org: &str) -> Result<u64, StoreError> {
+        self.with(|conn| {
+            conn.query_row(
+                "SELECT COUNT(*) FROM captures WHERE org = ?1",
+                params![org],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(as_u64)
+        })
+    }
+
     /// A receiver that changes after every commit of the writer.
     pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
         self.commits.clone()
@@ -395,10 +541,11 @@ impl SqliteStore {
             "api_key_id" => Some("key_id"),
             "model" => Some("requested_model"),
             "lane" => Some("CASE WHEN free = 1 THEN 'free' ELSE 'billed' END"),
+            "sharing" => Some("CASE WHEN shared = 1 THEN 'shared' ELSE 'private' END"),
             _ => None,
         };
         let mut select = Vec::new();
-        for name in ["project_id", "api_key_id", "model", "lane"] {
+        for name in ["project_id", "api_key_id", "model", "lane", "sharing"] {
             let expr = if group_by.contains(&name) {
                 column(name).unwrap_or("NULL")
             } else {
@@ -411,8 +558,8 @@ impl SqliteStore {
                     SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), COUNT(*), SUM(cost_pico)
              FROM requests
              WHERE started_ms >= ?1 AND started_ms < ?2 AND state != 'pending' AND decision != 'refused'
-             GROUP BY bucket, org, project_id, api_key_id, model, lane
-             ORDER BY bucket, org, project_id, api_key_id, model, lane",
+             GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing
+             ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing",
             select.join(", ")
         );
         self.with(|conn| {
@@ -424,12 +571,13 @@ impl SqliteStore {
                         api_key_id: r.get(2)?,
                         model: r.get(3)?,
                         lane: r.get(4)?,
-                        org: r.get(5)?,
-                        input_tokens: as_u64(r.get(6)?),
-                        input_cached_tokens: as_u64(r.get(7)?),
-                        output_tokens: as_u64(r.get(8)?),
-                        num_model_requests: as_u64(r.get(9)?),
-                        cost_pico: as_u64(r.get(10)?),
+                        sharing: r.get(5)?,
+                        org: r.get(6)?,
+                        input_tokens: as_u64(r.get(7)?),
+                        input_cached_tokens: as_u64(r.get(8)?),
+                        output_tokens: as_u64(r.get(9)?),
+                        num_model_requests: as_u64(r.get(10)?),
+                        cost_pico: as_u64(r.get(11)?),
                     })
                 })?
                 .collect()
@@ -496,6 +644,7 @@ mod tests {
             reserved,
             free_lane,
             streamed: false,
+            shared: true,
         }
     }
 

@@ -1,6 +1,7 @@
 //! tokenwarden's integration tests: one binary, one module per area.
 
 mod alerts;
+mod capture;
 mod cli;
 mod crash;
 mod dashboard;

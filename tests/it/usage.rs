@@ -231,3 +231,37 @@ async fn the_admin_token_guards_it_and_bad_parameters_are_400s() {
     let closed = start("usage-closed", &config()).await;
     assert_eq!(get(&closed, &ok, "").await.0, 401);
 }
+
+#[tokio::test]
+async fn sharing_splits_shared_from_private_tokens() {
+    let config = format!(
+        "[[orgs]]\nname = \"acme\"\nsharing = \"selected\"\n\n[[orgs.projects]]\nname = \"app\"\nsharing = true\nkeys = [\"{APP}\"]\n\n[[orgs.projects]]\nname = \"batch\"\nsharing = false\nkeys = [\"{BATCH}\"]\n"
+    );
+    let h = start_with_server(
+        "usage-sharing",
+        &config,
+        &format!("admin_token = \"{ADMIN}\"\n"),
+    )
+    .await;
+    call(&h, APP, "gpt-4o", 16).await;
+    call(&h, BATCH, "gpt-4o", 500).await;
+    let (status, page) = get(
+        &h,
+        &format!("/organization/usage/completions?start_time={DAY_START}&bucket_width=1d&group_by=sharing"),
+        ADMIN,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let results = page["data"][0]["results"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let tokens = |kind: &str| {
+        results.iter().find(|r| r["sharing"] == kind).map(|r| {
+            r["input_tokens"].as_u64().unwrap_or(0) + r["output_tokens"].as_u64().unwrap_or(0)
+        })
+    };
+    // The shared call was the app's (16 out), the private one the batch's (500 out).
+    assert_eq!(tokens("shared"), Some(25));
+    assert_eq!(tokens("private"), Some(509));
+}

@@ -5,6 +5,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{as_i64, Admitted, Settled};
 use crate::alerts::Fired;
+use crate::capture::Capture;
 use crate::day::Day;
 
 /// A write for the writer thread, with where to send its result.
@@ -15,6 +16,8 @@ pub(super) enum Job {
     Recover(Reply<usize>),
     Alert(Fired),
     AlertDelivered(Fired, u32, bool),
+    Capture(Capture),
+    Purge(String, i64, Reply<usize>),
 }
 
 /// Where a job's result goes: an async caller, a blocking caller, or nobody.
@@ -102,7 +105,10 @@ fn answer(job: Job, done: Result<Done, String>) {
         }
         Job::Settle(_, _, reply) | Job::Refuse(_, _, reply) => reply.send(done.map(|_| ())),
         Job::Recover(reply) => reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 })),
-        Job::Alert(..) | Job::AlertDelivered(..) => {}
+        Job::Purge(_, _, reply) => {
+            reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 }))
+        }
+        Job::Alert(..) | Job::AlertDelivered(..) | Job::Capture(..) => {}
     }
 }
 
@@ -113,6 +119,27 @@ fn apply(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Done, rusqlite::Er
         Job::Refuse(a, status, _) => refuse(tx, a, *status).map(|()| Done::Unit),
         Job::Recover(_) => recover(tx).map(Done::Count),
         Job::Alert(f) => alert(tx, f).map(|()| Done::Unit),
+        Job::Capture(c) => tx
+            .prepare_cached(
+                "INSERT INTO captures (started_ms, org, project, model, endpoint, streamed, input_tokens, output_tokens, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                c.started_ms,
+                c.org,
+                c.project,
+                c.model,
+                c.endpoint,
+                c.streamed,
+                as_i64(c.input_tokens),
+                as_i64(c.output_tokens),
+                c.body
+            ])
+            .map(|_| Done::Unit),
+        Job::Purge(org, before_ms, _) => tx
+            .prepare_cached("DELETE FROM captures WHERE org = ?1 AND started_ms < ?2")?
+            .execute(params![org, before_ms])
+            .map(Done::Count),
         Job::AlertDelivered(f, attempts, delivered) => tx
             .prepare_cached(
                 "UPDATE alerts SET attempts = ?5, delivered = ?6
@@ -156,8 +183,8 @@ fn insert(
 ) -> Result<i64, rusqlite::Error> {
     tx.prepare_cached(
         "INSERT INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-            served_model, grp, decision, reserved, free_lane, streamed, state, status)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            served_model, grp, decision, reserved, free_lane, streamed, state, status, shared)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         a.started_ms,
@@ -175,6 +202,7 @@ fn insert(
         a.streamed,
         state,
         status,
+        a.shared,
     ])?;
     Ok(tx.last_insert_rowid())
 }
