@@ -1,11 +1,12 @@
 //! The SQLite store: one file, WAL, versioned migrations.
 //!
-//! Writes go to one writer thread that owns the write connection (SQLite has
-//! one writer anyway) and commits whatever has queued up in one transaction
-//! (group commit): under load, many calls share a commit instead of queueing
-//! for one each. A caller that must know its row is durable waits for the
-//! commit's answer; a stream settling in the background does not. Reads use
-//! their own connection. `synchronous = NORMAL` in WAL mode makes each commit
+//! Writes go through one write connection (SQLite has one writer anyway):
+//! whoever finds it free commits whatever has queued up in one transaction
+//! (group commit, [`write::Writer`]): under load, many calls share a commit
+//! instead of queueing for one each, and one call at a time writes on its own
+//! thread with no hand-off. A caller that must know its row is durable waits
+//! for the commit's answer; a stream settling in the background does not.
+//! Reads use their own connection. `synchronous = NORMAL` in WAL mode makes each commit
 //! survive the process dying (`kill -9`), which is what the ledger promises.
 
 use std::path::Path;
@@ -19,7 +20,7 @@ mod write;
 
 use crate::alerts::Fired;
 use crate::day::Day;
-use write::{write_loop, Job, Reply};
+use write::{Job, Reply, Writer};
 
 /// Migrations, applied in order once each; never edit one that has shipped.
 const MIGRATIONS: &[&str] = &[
@@ -206,8 +207,8 @@ fn read_only(path: &Path) -> Result<Connection, StoreError> {
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// To the writer thread; it stops when the last store handle is dropped.
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// The write connection and its queue.
+    writer: Arc<Writer>,
     /// The read connection (WAL lets it read while the writer writes).
     conn: Arc<Mutex<Connection>>,
     /// Stops the checkpoint thread when the last store handle is dropped.
@@ -269,7 +270,7 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
 
 impl SqliteStore {
     /// Open (creating if needed) and migrate the database at `path`, and
-    /// start its writer thread.
+    /// set up its writer.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -279,14 +280,9 @@ impl SqliteStore {
         migrate(&mut writer)?;
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
-        let (jobs, queue) = std::sync::mpsc::channel();
         let (committed, commits) = tokio::sync::watch::channel(0u64);
-        std::thread::Builder::new()
-            .name("tokenwarden-store".into())
-            .spawn(move || write_loop(writer, queue, committed))
-            .map_err(|e| StoreError(format!("store writer thread: {e}")))?;
         Ok(SqliteStore {
-            jobs,
+            writer: Arc::new(Writer::new(writer, committed)),
             conn: Arc::new(Mutex::new(reader)),
             _checkpoints: Arc::new(Checkpoints::start(path)?),
             commits,
@@ -305,9 +301,8 @@ impl SqliteStore {
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        self.jobs
-            .send(job)
-            .map_err(|_| StoreError("the store writer has stopped".into()))
+        self.writer.submit(job);
+        Ok(())
     }
 
     async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {

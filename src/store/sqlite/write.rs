@@ -1,5 +1,7 @@
-//! The writer thread and the SQL of every write: one batch of queued jobs
-//! per transaction (group commit), each job answered after the commit.
+//! The writer and the SQL of every write: one batch of queued jobs per
+//! transaction (group commit), each job answered after the commit.
+
+use std::sync::{Mutex, TryLockError};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -8,7 +10,7 @@ use crate::alerts::Fired;
 use crate::capture::Capture;
 use crate::day::Day;
 
-/// A write for the writer thread, with where to send its result.
+/// A write for the writer, with where to send its result.
 pub(super) enum Job {
     Admit(Admitted, Reply<i64>),
     Settle(i64, Settled, Reply<()>),
@@ -41,53 +43,103 @@ impl<T> Reply<T> {
     }
 }
 
-/// The writer thread: take every job that has queued up, apply them in one
-/// transaction, commit, then answer each. If the batch fails, each job is
-/// retried alone so that one bad write cannot fail the others.
-pub(super) fn write_loop(
-    mut conn: Connection,
-    queue: std::sync::mpsc::Receiver<Job>,
+/// The writer: one connection, a queue, and whoever finds the connection
+/// free writes (flat combining). A caller queues its job and tries the
+/// connection's lock; if it gets it, it becomes the leader and commits every
+/// queued job, its own and others', in one transaction per batch (group
+/// commit), answering each after the commit; if not, the leader of the
+/// moment will take its job. A leader that lets go looks at the queue once
+/// more, so no job is left behind. One call at a time pays one insert and one
+/// commit on its own thread (tens of microseconds in WAL mode) instead of two
+/// thread hand-offs; under load, many calls still share a commit.
+pub(super) struct Writer {
+    conn: Mutex<Connection>,
+    queue: Mutex<Vec<Job>>,
+    /// Counts commits: the dashboard's cue.
     committed: tokio::sync::watch::Sender<u64>,
-) {
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+}
+
+/// Jobs in one transaction at most.
+const BATCH: usize = 1024;
+
+impl Writer {
+    pub(super) fn new(conn: Connection, committed: tokio::sync::watch::Sender<u64>) -> Self {
+        Writer {
+            conn: Mutex::new(conn),
+            queue: Mutex::new(Vec::new()),
+            committed,
+        }
+    }
+
+    pub(super) fn submit(&self, job: Job) {
+        lock(&self.queue).push(job);
+        self.drain();
+    }
+
+    fn drain(&self) {
+        loop {
+            let mut conn = match self.conn.try_lock() {
+                Ok(conn) => conn,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(TryLockError::WouldBlock) => return,
+            };
+            loop {
+                let batch: Vec<Job> = {
+                    let mut queue = lock(&self.queue);
+                    let n = queue.len().min(BATCH);
+                    queue.drain(..n).collect()
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                write_batch(&mut conn, batch);
+                self.committed.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            drop(conn);
+            if lock(&self.queue).is_empty() {
+                return;
             }
         }
-        let together = (|| -> Result<Vec<Done>, rusqlite::Error> {
-            let tx = conn.transaction()?;
-            let done = batch
-                .iter()
-                .map(|job| apply(&tx, job))
-                .collect::<Result<Vec<_>, _>>()?;
-            tx.commit()?;
-            Ok(done)
-        })();
-        match together {
-            Ok(done) => {
-                for (job, done) in batch.into_iter().zip(done) {
-                    answer(job, Ok(done));
-                }
-            }
-            Err(_) => {
-                for job in batch {
-                    let alone = (|| -> Result<Done, rusqlite::Error> {
-                        let tx = conn.transaction()?;
-                        let done = apply(&tx, &job)?;
-                        tx.commit()?;
-                        Ok(done)
-                    })();
-                    if let Err(e) = &alone {
-                        tracing::error!(error = %e, "a ledger write failed");
-                    }
-                    answer(job, alone.map_err(|e| e.to_string()));
-                }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Apply a batch in one transaction, commit, then answer each job. If the
+/// batch fails, each job is retried alone so that one bad write cannot fail
+/// the others.
+fn write_batch(conn: &mut Connection, batch: Vec<Job>) {
+    let together = (|| -> Result<Vec<Done>, rusqlite::Error> {
+        let tx = conn.transaction()?;
+        let done = batch
+            .iter()
+            .map(|job| apply(&tx, job))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.commit()?;
+        Ok(done)
+    })();
+    match together {
+        Ok(done) => {
+            for (job, done) in batch.into_iter().zip(done) {
+                answer(job, Ok(done));
             }
         }
-        committed.send_modify(|n| *n = n.wrapping_add(1));
+        Err(_) => {
+            for job in batch {
+                let alone = (|| -> Result<Done, rusqlite::Error> {
+                    let tx = conn.transaction()?;
+                    let done = apply(&tx, &job)?;
+                    tx.commit()?;
+                    Ok(done)
+                })();
+                if let Err(e) = &alone {
+                    tracing::error!(error = %e, "a ledger write failed");
+                }
+                answer(job, alone.map_err(|e| e.to_string()));
+            }
+        }
     }
 }
 
