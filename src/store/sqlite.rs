@@ -1,10 +1,10 @@
 //! The SQLite store: one file, WAL, versioned migrations.
 //!
 //! Writes go through one write connection (SQLite has one writer anyway):
-//! whoever finds it free commits whatever has queued up in one transaction
-//! (group commit, [`write::Writer`]): under load, many calls share a commit
-//! instead of queueing for one each, and one call at a time writes on its own
-//! thread with no hand-off. A caller that must know its row is durable waits
+//! a writer thread commits whatever has queued up in one transaction (group
+//! commit): under load, many calls share a commit instead of queueing for one
+//! each; when nothing is queued, a caller writes its own job on its own
+//! thread, with no hand-off ([`write::Writer`]). A caller that must know its row is durable waits
 //! for the commit's answer; a stream settling in the background does not.
 //! Reads use their own connection. `synchronous = NORMAL` in WAL mode makes each commit
 //! survive the process dying (`kill -9`), which is what the ledger promises.
@@ -207,14 +207,29 @@ fn read_only(path: &Path) -> Result<Connection, StoreError> {
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// The write connection and its queue.
-    writer: Arc<Writer>,
+    /// The write connection, its queue and its thread.
+    writer: Arc<WriterHandle>,
     /// The read connection (WAL lets it read while the writer writes).
     conn: Arc<Mutex<Connection>>,
     /// Stops the checkpoint thread when the last store handle is dropped.
     _checkpoints: Arc<Checkpoints>,
     /// Counts the writer's commits: the dashboard's cue to refresh.
     commits: tokio::sync::watch::Receiver<u64>,
+    /// Calls admitted and not yet settled: the writer writes inline only
+    /// when this is low (see [`write::Writer`]).
+    open_calls: Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// Open calls up to which a caller writes its own job.
+const INLINE_UP_TO: i64 = 2;
+
+/// Closes the writer (its thread ends) when the last store handle is dropped.
+struct WriterHandle(Arc<Writer>);
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// Moves WAL checkpoints off the writer: SQLite's automatic checkpoint runs
@@ -281,11 +296,14 @@ impl SqliteStore {
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
         let (committed, commits) = tokio::sync::watch::channel(0u64);
+        let writer = Writer::start(writer, committed)
+            .map_err(|e| StoreError(format!("store writer thread: {e}")))?;
         Ok(SqliteStore {
-            writer: Arc::new(Writer::new(writer, committed)),
+            writer: Arc::new(WriterHandle(writer)),
             conn: Arc::new(Mutex::new(reader)),
             _checkpoints: Arc::new(Checkpoints::start(path)?),
             commits,
+            open_calls: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         })
     }
 
@@ -301,7 +319,18 @@ impl SqliteStore {
     }
 
     fn submit(&self, job: Job) -> Result<(), StoreError> {
-        self.writer.submit(job);
+        use std::sync::atomic::Ordering;
+        match &job {
+            Job::Admit(..) => {
+                self.open_calls.fetch_add(1, Ordering::Relaxed);
+            }
+            Job::Settle(..) => {
+                self.open_calls.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let inline = self.open_calls.load(Ordering::Relaxed) <= INLINE_UP_TO;
+        self.writer.0.submit(job, inline);
         Ok(())
     }
 
