@@ -85,22 +85,23 @@ pub fn body_text(endpoint: Endpoint, body: &Value) -> String {
     text
 }
 
-/// The output text of one streamed event's data.
-fn delta_text(endpoint: Endpoint, data: &Value, text: &mut String) {
-    let piece = match endpoint {
-        Endpoint::Responses
-            if data.get("type").and_then(Value::as_str) == Some("response.output_text.delta") =>
-        {
-            data.get("delta")
-        }
-        Endpoint::Responses => None,
-        _ => data
-            .pointer("/choices/0/delta/content")
-            .or_else(|| data.pointer("/choices/0/text")),
-    };
-    if let Some(s) = piece.and_then(Value::as_str) {
-        text.push_str(s);
+/// The raw (still escaped) JSON string value that follows `key` (which ends
+/// with the opening quote), up to its closing quote.
+fn string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    if key.is_empty() {
+        return None;
     }
+    let at = data.windows(key.len()).position(|w| w == key)? + key.len();
+    let rest = &data[at..];
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(&rest[..i]),
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// The end of the first complete event in `buf` (after its blank line).
@@ -141,8 +142,13 @@ pub struct Tap {
     client_wants_usage: bool,
     usage: Option<Usage>,
     served_model: Option<String>,
-    /// Data of the events seen, kept (as cheap slices) to count the output
-    /// if the stream ends without usage.
+    /// The output text streamed so far, as the JSON string literals of the
+    /// events' deltas (`"Hel","lo",`): counted if the stream ends without
+    /// usage. Copied out of each event, so no event buffer stays pinned: a
+    /// long stream holds its text, not its events.
+    text: Vec<u8>,
+    /// Data of every event, kept only when the call is captured (to
+    /// assemble the completion).
     seen: Vec<Bytes>,
     /// Upstream has ended (or failed): never poll it again.
     ended: bool,
@@ -169,6 +175,7 @@ impl Tap {
             client_wants_usage,
             usage: None,
             served_model: None,
+            text: Vec::new(),
             seen: Vec::new(),
             ended: false,
         }
@@ -193,7 +200,7 @@ impl Tap {
             _ => contains(data, b"\"usage\":{") || contains(data, b"\"usage\": {"),
         };
         if !usage_like {
-            self.seen.push(data_bytes);
+            self.keep(data, data_bytes);
             return true;
         }
         let Ok(value) = serde_json::from_slice::<Value>(data) else {
@@ -232,11 +239,32 @@ impl Tap {
                         .map(str::to_owned);
                 }
                 if !choices_empty {
-                    self.seen.push(data_bytes);
+                    self.keep(data, data_bytes);
                 }
                 // The usage chunk the gateway asked for on the client's behalf stays here.
                 !(choices_empty && usage.is_some() && !self.client_wants_usage)
             }
+        }
+    }
+
+    /// Keep what settling may need of an event: its delta's text, and the
+    /// whole event when the call is captured.
+    fn keep(&mut self, data: &[u8], event: Bytes) {
+        let key: &[u8] = match self.endpoint {
+            Endpoint::Responses if contains(data, b"\"response.output_text.delta\"") => {
+                b"\"delta\":\""
+            }
+            Endpoint::Responses | Endpoint::Embeddings => b"",
+            Endpoint::Completions => b"\"text\":\"",
+            Endpoint::ChatCompletions => b"\"content\":\"",
+        };
+        if let Some(literal) = string_after(data, key) {
+            self.text.push(b'"');
+            self.text.extend_from_slice(literal);
+            self.text.extend_from_slice(b"\",");
+        }
+        if self.capture {
+            self.seen.push(event);
         }
     }
 
@@ -263,11 +291,14 @@ impl Tap {
             completion,
             ..Outcome::default()
         };
-        if outcome.usage.is_none() {
-            for data in &self.seen {
-                if let Ok(value) = serde_json::from_slice::<Value>(data) {
-                    delta_text(self.endpoint, &value, &mut outcome.output_text);
-                }
+        if outcome.usage.is_none() && !self.text.is_empty() {
+            self.text.pop();
+            let mut array = Vec::with_capacity(self.text.len() + 2);
+            array.push(b'[');
+            array.extend_from_slice(&self.text);
+            array.push(b']');
+            if let Ok(pieces) = serde_json::from_slice::<Vec<String>>(&array) {
+                outcome.output_text = pieces.concat();
             }
         }
         call.settle_in_background(outcome);
@@ -347,6 +378,18 @@ mod tests {
             Some(&b"{\"a\":1}"[..])
         );
         assert_eq!(data_of(b": keep-alive\n\n"), None);
+    }
+
+    #[test]
+    fn delta_strings_are_found_with_their_escapes() {
+        let data =
+            br#"{"choices":[{"index":0,"delta":{"content":"say \"hi\"\n"},"finish_reason":null}]}"#;
+        assert_eq!(
+            string_after(data, b"\"content\":\""),
+            Some(&br#"say \"hi\"\n"#[..])
+        );
+        assert_eq!(string_after(b"{\"content\":\"cut", b"\"content\":\""), None);
+        assert_eq!(string_after(data, b"\"text\":\""), None);
     }
 
     #[test]
