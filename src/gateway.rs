@@ -119,7 +119,7 @@ impl Gateway {
             .map_err(|e| StoreError::from_message(format!("http client: {e}")))?;
         // o200k_base serves every model of the program: load it now, not on
         // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
-        // its first use, so a gateway that never sees one saves its ~10 MB.
+        // its first use, so a gateway that never sees one saves its ~38 MB.
         crate::tokens::Encoding::O200kBase.warm_up();
         let delivery = match (
             &config.alerts.webhook,

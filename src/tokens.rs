@@ -2,25 +2,24 @@
 //! API bills their prompts. Pure functions, no I/O.
 //!
 //! Text counts are exact: the same ids as OpenAI's `tiktoken`
-//! (`encode_ordinary`), checked against reference vectors and, in property
-//! tests, against `tiktoken-rs` and `bpe-openai`. The vocabularies are
-//! OpenAI's own files (`vocab/`), held in a few megabytes ([`bpe`]); the
-//! merges are `tiktoken`'s, in O(n log n) on long pieces; an ASCII
-//! pre-tokenizer (`pretokenize`) and a direct vocabulary probe (`vocab`) are
-//! the fast paths, measured in `docs/benchmarks.md`.
+//! (`encode_ordinary`), checked against reference vectors. They are built on
+//! `bpe-openai`'s vocabularies and encoder, which are linear in time on any
+//! input (no quadratic blow-up on long runs without spaces), with two fast
+//! paths of our own measured in `docs/benchmarks.md`: an ASCII pre-tokenizer
+//! (`pretokenize`) and a direct vocabulary probe (`vocab`).
 
 use std::sync::LazyLock;
 
+use bpe_openai::Tokenizer;
 use serde::{Deserialize, Serialize};
 
-mod bpe;
 pub mod image;
 mod pretokenize;
 pub mod request;
 mod vocab;
 
-use bpe::{Bpe, Splitter};
 use pretokenize::{Flavor, Pieces};
+use vocab::Vocab;
 
 /// A byte-pair encoding of OpenAI's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,33 +32,27 @@ pub enum Encoding {
 }
 
 struct Engine {
-    bpe: Bpe,
-    /// The pre-tokenization regex, for pieces that start outside ASCII.
-    splitter: Splitter,
+    /// `bpe-openai`'s tokenizer: the vocabulary, the encoder, and the
+    /// pre-tokenization regex that decides non-ASCII pieces.
+    tokenizer: &'static Tokenizer,
+    vocab: Vocab,
     flavor: Flavor,
 }
 
-/// OpenAI's vocabulary files, gzipped (see `vocab/README.md`).
-const O200K_GZ: &[u8] = include_bytes!("../vocab/o200k_base.tiktoken.gz");
-const CL100K_GZ: &[u8] = include_bytes!("../vocab/cl100k_base.tiktoken.gz");
-
 impl Engine {
-    /// Build from data compiled into the binary: a failure is a build
-    /// defect, caught by every test that counts.
-    #[allow(clippy::expect_used)]
-    fn new(gz: &[u8], splitter: Result<Splitter, String>, flavor: Flavor) -> Self {
+    fn new(tokenizer: &'static Tokenizer, flavor: Flavor) -> Self {
         Engine {
-            bpe: Bpe::from_tiktoken_gz(gz).expect("the built-in vocabulary reads"),
-            splitter: splitter.expect("the built-in pattern compiles"),
+            vocab: Vocab::build(&tokenizer.bpe),
+            tokenizer,
             flavor,
         }
     }
 }
 
 static O200K: LazyLock<Engine> =
-    LazyLock::new(|| Engine::new(O200K_GZ, bpe::o200k_splitter(), Flavor::O200k));
+    LazyLock::new(|| Engine::new(bpe_openai::o200k_base(), Flavor::O200k));
 static CL100K: LazyLock<Engine> =
-    LazyLock::new(|| Engine::new(CL100K_GZ, bpe::cl100k_splitter(), Flavor::Cl100k));
+    LazyLock::new(|| Engine::new(bpe_openai::cl100k_base(), Flavor::Cl100k));
 
 impl Encoding {
     pub const ALL: [Encoding; 2] = [Encoding::O200kBase, Encoding::Cl100kBase];
@@ -88,9 +81,14 @@ impl Encoding {
     /// them (special tokens are ordinary text).
     pub fn count(self, text: &str) -> u64 {
         let engine = self.engine();
+        let bpe = &engine.tokenizer.bpe;
         let mut total = 0u64;
-        for piece in Pieces::new(text, engine.flavor, &engine.splitter) {
-            total += engine.bpe.count(piece.as_bytes()) as u64;
+        for piece in Pieces::new(text, engine.flavor, engine.tokenizer) {
+            let bytes = piece.as_bytes();
+            total += match engine.vocab.get(bpe, bytes) {
+                Some(_) => 1,
+                None => bpe.count(bytes) as u64,
+            };
         }
         total
     }
@@ -98,16 +96,25 @@ impl Encoding {
     /// The token ids of `text`, as `tiktoken`'s `encode_ordinary` gives them.
     pub fn encode(self, text: &str) -> Vec<u32> {
         let engine = self.engine();
+        let bpe = &engine.tokenizer.bpe;
         let mut ids = Vec::with_capacity(text.len() / 3);
-        for piece in Pieces::new(text, engine.flavor, &engine.splitter) {
-            engine.bpe.encode(piece.as_bytes(), &mut ids);
+        for piece in Pieces::new(text, engine.flavor, engine.tokenizer) {
+            let bytes = piece.as_bytes();
+            match engine.vocab.get(bpe, bytes) {
+                Some(id) => ids.push(id),
+                None => ids.extend(bpe.encode_via_backtracking(bytes)),
+            }
         }
         ids
     }
 
     /// The text of `ids`, if they decode to UTF-8.
     pub fn decode(self, ids: &[u32]) -> Option<String> {
-        String::from_utf8(self.engine().bpe.decode(ids)?).ok()
+        let bpe = &self.engine().tokenizer.bpe;
+        if ids.iter().any(|&id| id as usize >= bpe.num_tokens()) {
+            return None;
+        }
+        String::from_utf8(bpe.decode_tokens(ids)).ok()
     }
 }
 

@@ -2,7 +2,7 @@
 //!
 //! OpenAI's encodings first cut text with a regular expression (the
 //! "pre-tokenization" pattern) and only then merge bytes within each piece.
-//! The regex (`bpe::Splitter`, after `bpe-openai`) runs one anchored search per
+//! `bpe-openai` runs that pattern with `regex-automata`, one anchored search per
 //! piece, which costs about 10 ns a byte and was the largest single cost of
 //! counting. Most text is ASCII, and on ASCII the pattern's seven alternatives
 //! reduce to a handful of byte-class rules, so this module walks ASCII with a
@@ -28,7 +28,7 @@
 //! and come first, a letter run is `\p{L}+` with no upper/lower split, and the
 //! punctuation run is followed by `[\r\n]*` (no `/`).
 
-use super::bpe::Splitter;
+use bpe_openai::Tokenizer;
 
 /// Which pre-tokenization pattern the scanner follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -215,11 +215,11 @@ pub(crate) struct Pieces<'a> {
     text: &'a str,
     pos: usize,
     flavor: Flavor,
-    regex: &'a Splitter,
+    regex: &'a Tokenizer,
 }
 
 impl<'a> Pieces<'a> {
-    pub(crate) fn new(text: &'a str, flavor: Flavor, regex: &'a Splitter) -> Self {
+    pub(crate) fn new(text: &'a str, flavor: Flavor, regex: &'a Tokenizer) -> Self {
         Self {
             text,
             pos: 0,
@@ -244,7 +244,7 @@ impl<'a> Iterator for Pieces<'a> {
             // `start` depends only on the text from `start` on.
             Err(NonAscii) => {
                 let rest = self.text.get(start..)?;
-                start + self.regex.first(rest)
+                start + self.regex.split(rest).next().map_or(rest.len(), str::len)
             }
         };
         self.pos = end;

@@ -1,10 +1,14 @@
 //! A direct lookup from a piece's bytes to its token id.
 //!
 //! Most pre-tokenized pieces (a word with its leading space, a run of
-//! punctuation) are a single token of the vocabulary, so one hash probe
-//! answers the common case, and the merges ask it for every joined pair. The
-//! table is an open-addressing array of token ids (4 bytes a slot, at most a
-//! quarter full), built once per encoding from the token list itself.
+//! punctuation) are a single token of the vocabulary. `bpe`'s encoder finds
+//! that out only after allocating and walking its backtracking state, so one
+//! hash probe here answers the common case and leaves the encoder the pieces
+//! that really split. The table is an open-addressing array of token ids,
+//! built once per encoding from the encoder's own token list, so it can never
+//! disagree with it.
+
+use bpe_openai::byte_pair_encoding::BytePairEncoding;
 
 pub(crate) struct Vocab {
     /// Token id + 1 per slot; 0 marks an empty slot.
@@ -38,14 +42,15 @@ fn hash(bytes: &[u8]) -> u64 {
 }
 
 impl Vocab {
-    pub(crate) fn build<'a>(tokens: usize, token_bytes: impl Fn(u32) -> &'a [u8]) -> Self {
+    pub(crate) fn build(bpe: &BytePairEncoding) -> Self {
+        let tokens = bpe.num_tokens();
         // Load factor at most 1/4 keeps probe chains short.
         let size = (tokens * 4).next_power_of_two();
         let mask = size - 1;
         let mut slots = vec![0u32; size];
         let mut longest = 0;
         for id in 0..tokens as u32 {
-            let bytes = token_bytes(id);
+            let bytes = bpe.token_bytes(id);
             longest = longest.max(bytes.len());
             let mut i = hash(bytes) as usize & mask;
             while slots[i] != 0 {
@@ -62,11 +67,7 @@ impl Vocab {
 
     /// The token whose bytes are exactly `piece`, if there is one.
     #[inline]
-    pub(crate) fn get<'a>(
-        &self,
-        piece: &[u8],
-        token_bytes: impl Fn(u32) -> &'a [u8],
-    ) -> Option<u32> {
+    pub(crate) fn get(&self, bpe: &BytePairEncoding, piece: &[u8]) -> Option<u32> {
         if piece.len() > self.longest {
             return None;
         }
@@ -76,7 +77,7 @@ impl Vocab {
             if slot == 0 {
                 return None;
             }
-            if token_bytes(slot - 1) == piece {
+            if bpe.token_bytes(slot - 1) == piece {
                 return Some(slot - 1);
             }
             i = (i + 1) & self.mask;

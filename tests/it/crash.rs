@@ -184,7 +184,9 @@ async fn kill_9_under_load_loses_no_served_call() {
 }
 
 /// Even at the most verbose log level, no log line holds a client key, the
-/// upstream key or any content of a call.
+/// upstream key or any content of a call; and a project that does not share,
+/// in an org that captures its shared traffic, leaves its content neither in
+/// the logs nor in the ledger's files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_hold_no_keys_and_no_content() {
     let dir = temp_dir("logs");
@@ -194,6 +196,13 @@ async fn logs_hold_no_keys_and_no_content() {
     );
     let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
     let config = write_config(&dir, sim_addr, "bill");
+    const PRIVATE_KEY: &str = "tw-crash-private-00000001";
+    let private_marker = "PRIVATE-MARKER-9902";
+    let mut text = std::fs::read_to_string(&config).unwrap_or_default();
+    text.push_str(&format!(
+        "\n[[orgs]]\nname = \"platform\"\nsharing = \"selected\"\ncapture = true\n\n[[orgs.projects]]\nname = \"vault\"\nsharing = false\nkeys = [\"{PRIVATE_KEY}\"]\n"
+    ));
+    std::fs::write(&config, text).unwrap_or_else(|e| panic!("{e}"));
     let log = dir.join("stderr.log");
     let stderr = std::fs::File::create(&log).unwrap_or_else(|e| panic!("{e}"));
     let (mut child, base) = start_gateway(&config, "trace", Stdio::from(stderr));
@@ -208,6 +217,16 @@ async fn logs_hold_no_keys_and_no_content() {
             .send()
             .await;
         assert_eq!(r.map(|r| r.status().as_u16()).unwrap_or(0), 200);
+        let body = json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": private_marker}]});
+        let r = client
+            .post(format!("{base}/chat/completions"))
+            .bearer_auth(PRIVATE_KEY)
+            .json(&body)
+            .send()
+            .await;
+        let r = r.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status().as_u16(), 200);
+        let _ = r.bytes().await;
     }
     // A wrong key, a missing model: their errors are logged too, if at all.
     let _ = client
@@ -224,8 +243,32 @@ async fn logs_hold_no_keys_and_no_content() {
         text.contains("call settled"),
         "the trace log is empty:\n{text}"
     );
-    for secret in [KEY, UPSTREAM_KEY, marker, "tw-wrong-key-0000000000"] {
+    for secret in [
+        KEY,
+        PRIVATE_KEY,
+        UPSTREAM_KEY,
+        marker,
+        private_marker,
+        "tw-wrong-key-0000000000",
+    ] {
         assert!(!text.contains(secret), "{secret} is in the log:\n{text}");
+    }
+    // Nor in the ledger: neither org's content (acme does not capture; the
+    // platform's project does not share).
+    let mut ledger = Vec::new();
+    for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with("ledger.db") {
+            ledger.extend(std::fs::read(entry.path()).unwrap_or_default());
+        }
+    }
+    assert!(ledger.len() > 4096, "no ledger files in {}", dir.display());
+    for content in [marker, private_marker] {
+        assert!(
+            !ledger
+                .windows(content.len())
+                .any(|w| w == content.as_bytes()),
+            "{content} is in the ledger"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
