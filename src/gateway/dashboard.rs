@@ -191,30 +191,13 @@ async fn page(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Respon
     page_response(StatusCode::OK, shell("tokenwarden", &body, true))
 }
 
-/// Percent-decoding of one `application/x-www-form-urlencoded` value.
+/// One value of an `application/x-www-form-urlencoded` body, decoded.
 fn form_value(body: &[u8], name: &str) -> Option<String> {
     let text = std::str::from_utf8(body).ok()?;
-    let raw = text
-        .split('&')
+    text.split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == name)?
-        .1;
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| super::usage::decode(v))
 }
 
 /// `POST /dashboard/login`: the admin token, compared in constant time.
@@ -268,8 +251,9 @@ async fn logout(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
 
 /// How long an idle event stream waits before a keep-alive comment.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
-/// Commits that land this close together make one update.
-const COALESCE: Duration = Duration::from_millis(150);
+/// Commits that land this close together make one update (each update
+/// re-reads today's totals, so a busy ledger is not read once per commit).
+const COALESCE: Duration = Duration::from_millis(500);
 
 /// `GET /dashboard/events`: the live part again after every ledger commit.
 async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
@@ -778,8 +762,7 @@ mod tests {
             form_value(b"a=1&token=abc%2Bd+e%26f", "token").as_deref(),
             Some("abc+d e&f")
         );
-        assert_eq!(form_value(b"token=%zz", "token"), None);
-        assert_eq!(form_value(b"token=%4", "token"), None);
+        assert_eq!(form_value(b"token=%zz", "token").as_deref(), Some("%zz"));
         assert_eq!(form_value(b"other=1", "token"), None);
     }
 

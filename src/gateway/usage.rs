@@ -29,7 +29,7 @@ fn bad(message: impl Into<String>, param: &str) -> ApiError {
 }
 
 /// `%XX` and `+` decoded; invalid escapes are kept as they are.
-fn decode(text: &str) -> String {
+pub(crate) fn decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
