@@ -109,7 +109,8 @@ pub async fn serve(
             println!("tokenwarden demo: the gateway in front of its simulated upstream (http://{sim_addr}/v1)");
             println!("  base URL: http://{addr}/v1");
             println!("  API key:  {key}");
-            println!("  dashboard: http://{addr}/dashboard   (sign in with the admin token: {admin})");
+            println!("  dashboard: http://{addr}/dashboard");
+            println!("  admin token: {admin}   (signs in to the dashboard; the usage API and /metrics take it too)");
             println!("  try:      curl http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'");
         })
         .await;
@@ -127,7 +128,8 @@ pub async fn serve(
                 println!("tokenwarden: in front of the OpenAI API, one org and project");
                 println!("  base URL: http://{addr}/v1");
                 println!("  API key:  {key}   (shown once; give it to your OpenAI SDK as its api_key)");
-                println!("  dashboard: http://{addr}/dashboard   (admin token, shown once: {admin})");
+                println!("  dashboard: http://{addr}/dashboard");
+                println!("  admin token: {admin}   (shown once; signs in to the dashboard; the usage API and /metrics take it too)");
             })
             .await;
         }

@@ -171,3 +171,81 @@ fn check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tokenwarden serve` with no configuration file and `OPENAI_API_KEY` set:
+/// one org, project and key in front of the OpenAI API. (The test machine
+/// has no route to OpenAI, so it checks everything short of an upstream
+/// call: the printed key and admin token work, the ledger is made, the
+/// upstream key is never printed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_only_an_openai_key() {
+    use std::io::{BufRead, BufReader};
+    let dir = crate::harness::temp_dir("openai-key");
+    let upstream_key = "sk-test-upstream-0123456789abcdef";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .env("OPENAI_API_KEY", upstream_key)
+        .env("TOKENWARDEN_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = BufReader::new(stdout).lines();
+    let mut printed = Vec::new();
+    for _ in 0..5 {
+        match lines.next() {
+            Some(Ok(line)) => printed.push(line),
+            _ => break,
+        }
+    }
+    let text = printed.join("\n");
+    let field = |label: &str| {
+        printed
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no {label} in:\n{text}"))
+    };
+    assert!(text.contains("in front of the OpenAI API"), "{text}");
+    let base = field("base URL:");
+    let key = field("API key:");
+    let admin = field("admin token:");
+    assert!(
+        admin.starts_with("tw-admin-") && admin.len() >= 40,
+        "{admin}"
+    );
+    assert!(key.starts_with("tw-") && key.len() >= 40, "{key}");
+    let client = crate::harness::http_client();
+    let models = client
+        .get(format!("{base}/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(models.unwrap_or(0), 200);
+    let wrong = client
+        .get(format!("{base}/models"))
+        .bearer_auth("tw-not-the-key-00000000000")
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(wrong.unwrap_or(0), 401);
+    let usage = client
+        .get(format!(
+            "{base}/organization/usage/completions?start_time=0"
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(usage.unwrap_or(0), 200);
+    assert!(dir.join("tokenwarden.db").exists());
+    let _ = child.kill();
+    let output = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!text.contains(upstream_key) && !stderr.contains(upstream_key));
+    let _ = std::fs::remove_dir_all(&dir);
+}
