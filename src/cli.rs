@@ -73,7 +73,14 @@ pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> a
     let addr = listener.local_addr()?;
     let gateway = Gateway::new(config, store, Arc::new(SystemClock))?;
     announce(addr);
-    gateway::serve(listener, gateway::router(gateway), shutdown_signal()).await?;
+    let header_timeout = gateway.config.server.header_read_timeout;
+    gateway::serve_with_timeout(
+        listener,
+        gateway::router(gateway),
+        shutdown_signal(),
+        header_timeout,
+    )
+    .await?;
     Ok(())
 }
 

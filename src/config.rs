@@ -161,6 +161,8 @@ pub struct Server {
     pub upstream_timeout: Duration,
     /// `/metrics` without the admin token (default: the token is needed).
     pub public_metrics: bool,
+    /// A request's head (request line and headers) must arrive within this.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

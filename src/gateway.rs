@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::routing::{any, get};
-use axum::serve::ListenerExt;
 use axum::Router;
 
 use crate::config::Config;
@@ -357,17 +356,65 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .with_state(gateway)
 }
 
-/// Serve `app` on `listener` until `shutdown` resolves. Accepted sockets get
-/// `TCP_NODELAY`: without it small streamed events wait for Nagle's timer.
+/// How long a client may take to send a request's head (its request line
+/// and headers): a client trickling bytes must not hold a connection open.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a shutdown waits for calls in flight (streams included) to end.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Serve `app` on `listener` until `shutdown` resolves, then let the calls
+/// in flight finish (up to [`SHUTDOWN_GRACE`]). Accepted sockets get
+/// `TCP_NODELAY` (without it small streamed events wait for Nagle's timer);
+/// a request's head must arrive within [`HEADER_READ_TIMEOUT`] (bodies have
+/// their own limit, in the routes).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = listener.tap_io(|tcp| {
+    serve_with_timeout(listener, app, shutdown, HEADER_READ_TIMEOUT).await
+}
+
+/// [`serve`], with the request head's time limit given.
+pub async fn serve_with_timeout(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    header_timeout: std::time::Duration,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that goes away mid-call is not an error of the gateway's.
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("calls still in flight after the shutdown grace period");
+    }
+    Ok(())
 }

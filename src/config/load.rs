@@ -57,6 +57,7 @@ struct RawServer {
     max_body_bytes: Option<u64>,
     upstream_timeout_secs: Option<u64>,
     public_metrics: Option<bool>,
+    header_read_timeout_secs: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -265,6 +266,12 @@ impl Config {
                     .unwrap_or(DEFAULT_UPSTREAM_TIMEOUT_SECS),
             ),
             public_metrics: raw.server.public_metrics.unwrap_or(false),
+            header_read_timeout: Duration::from_secs(
+                raw.server
+                    .header_read_timeout_secs
+                    .unwrap_or(crate::gateway::HEADER_READ_TIMEOUT.as_secs())
+                    .max(1),
+            ),
         };
         let alerts = Self::alerts(&raw.alerts, l)?;
 

@@ -730,3 +730,60 @@ async fn enterprise_and_zero_data_retention_orgs_get_no_free_tokens() {
         assert_eq!((totals.free_tokens, totals.billed_tokens), (0, 14));
     }
 }
+
+/// A client that sends part of a request's head and then nothing is cut
+/// off after the head's time limit, while a complete request on another
+/// connection is served meanwhile.
+#[tokio::test]
+async fn a_request_head_that_never_ends_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = start("head-timeout", "").await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tokenwarden::gateway::serve_with_timeout(
+        listener,
+        tokenwarden::gateway::router(h.gateway.clone()),
+        async {
+            let _ = stopped.await;
+        },
+        Duration::from_secs(1),
+    ));
+    let mut slow = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: appl")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let health = h
+        .client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(health.unwrap_or(0), 200);
+    // The server closes the slow connection (the cap only keeps a broken
+    // server from hanging the suite).
+    let mut buf = [0u8; 1024];
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "the slow connection is still open");
+    let head = String::from_utf8_lossy(&seen);
+    assert!(
+        head.is_empty() || head.starts_with("HTTP/1.1 408"),
+        "{head}"
+    );
+    let _ = stop.send(());
+    let _ = server.await;
+}
