@@ -262,7 +262,7 @@ pub type Outcome = Arc<dyn Fn(&Fired, u32, bool) + Send + Sync>;
 
 /// The delivery side: a queue and the task that empties it.
 pub struct Delivery {
-    queue: tokio::sync::mpsc::Sender<Fired>,
+    queue: tokio::sync::mpsc::Sender<(Fired, Secret, u32)>,
 }
 
 /// Alerts waiting for delivery beyond this are dropped (and logged): a dead
@@ -272,20 +272,14 @@ const QUEUE: usize = 1024;
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Delivery {
-    /// Start the task that posts alerts to `webhook` (on the current Tokio
-    /// runtime). `done` hears of each alert's outcome: (alert, attempts, delivered).
-    pub fn start(
-        webhook: Secret,
-        retries: u32,
-        client: reqwest::Client,
-        done: Outcome,
-    ) -> Delivery {
-        let (queue, mut rx) = tokio::sync::mpsc::channel::<Fired>(QUEUE);
-        let webhook = Arc::new(webhook);
+    /// Start the task that posts alerts (on the current Tokio runtime).
+    /// `done` hears of each alert's outcome.
+    pub fn start(client: reqwest::Client, done: Outcome) -> Delivery {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<(Fired, Secret, u32)>(QUEUE);
         tokio::spawn(async move {
-            while let Some(fired) = rx.recv().await {
+            while let Some((fired, webhook, retries)) = rx.recv().await {
                 // One task per alert: a receiver slow on one alert does not hold the next.
-                let (webhook, client, done) = (webhook.clone(), client.clone(), done.clone());
+                let (client, done) = (client.clone(), done.clone());
                 tokio::spawn(async move {
                     let (attempts, delivered) = post(&client, &webhook, &fired, retries).await;
                     done(&fired, attempts, delivered);
@@ -295,9 +289,9 @@ impl Delivery {
         Delivery { queue }
     }
 
-    /// Queue an alert; never waits.
-    pub fn send(&self, fired: Fired) {
-        if let Err(e) = self.queue.try_send(fired) {
+    /// Queue an alert for `webhook`, with up to `retries` further attempts; never waits.
+    pub fn send(&self, fired: Fired, webhook: Secret, retries: u32) {
+        if let Err(e) = self.queue.try_send((fired, webhook, retries)) {
             tracing::error!(error = %e, "alert queue full; an alert was not delivered");
         }
     }

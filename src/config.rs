@@ -132,7 +132,7 @@ pub struct Config {
 }
 
 /// Alert rules, evaluated per org and group; each fires at most once a day.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Alerts {
     /// Where alerts are posted (JSON with a Slack-compatible `text`); a
     /// secret, since webhook URLs carry their own credentials.
@@ -192,6 +192,8 @@ pub struct Org {
     pub capture: bool,
     /// Captured calls older than this are purged.
     pub capture_retention_days: u32,
+    /// This org's alert rules: the global `[alerts]` with its overrides.
+    pub alerts: Alerts,
     pub projects: Vec<Project>,
 }
 
@@ -447,6 +449,27 @@ models = ["o1-pro"]
             .err()
             .unwrap_or_default();
         assert!(e.contains("alerts.webhook_url"), "{e}");
+        // An org's own rules override the global ones, key by key.
+        let text = format!("{GOOD}\n[alerts]\nwebhook_url = \"https://hooks.example/all\"\nbilled_cost_above = \"5\"\n")
+            .replace(
+                "sharing = \"selected\"\n",
+                "sharing = \"selected\"\nalerts = { used_percent = [90], webhook_url = \"https://hooks.example/acme\" }\n",
+            );
+        let c = load(&text).unwrap_or_else(|e| panic!("{e}"));
+        let acme = &c.orgs[0].alerts;
+        assert_eq!(acme.used_percent, [90]);
+        assert_eq!(
+            acme.webhook.as_ref().map(Secret::expose),
+            Some("https://hooks.example/acme")
+        );
+        assert_eq!(acme.billed_cost_above_pico, Some(5_000_000_000_000));
+        let e = load(&GOOD.replace(
+            "sharing = \"selected\"\n",
+            "sharing = \"selected\"\nalerts = { used_percent = [101] }\n",
+        ))
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("orgs[0].alerts.used_percent"), "{e}");
     }
 
     #[test]

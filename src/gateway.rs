@@ -120,15 +120,11 @@ impl Gateway {
         // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
         // its first use, so a gateway that never sees one saves its ~38 MB.
         crate::tokens::Encoding::O200kBase.warm_up();
-        let delivery = match (
-            &config.alerts.webhook,
-            tokio::runtime::Handle::try_current(),
-        ) {
-            (Some(webhook), Ok(_)) => {
+        let webhooks = config.orgs.iter().any(|o| o.alerts.webhook.is_some());
+        let delivery = match (webhooks, tokio::runtime::Handle::try_current()) {
+            (true, Ok(_)) => {
                 let store = store.clone();
                 Some(crate::alerts::Delivery::start(
-                    webhook.clone(),
-                    config.alerts.retries,
                     client.clone(),
                     Arc::new(move |fired, attempts, delivered| {
                         if let Err(e) = store.alert_delivered_nowait(fired, attempts, delivered) {
@@ -137,11 +133,11 @@ impl Gateway {
                     }),
                 ))
             }
-            (Some(_), Err(_)) => {
+            (true, Err(_)) => {
                 tracing::error!("no async runtime: alerts will not be posted to the webhook");
                 None
             }
-            (None, _) => None,
+            (false, _) => None,
         };
         let gateway = Arc::new(Gateway {
             keys,
@@ -233,9 +229,11 @@ impl Gateway {
     /// now hold for its org and group. Never waits on delivery.
     pub fn check_alerts(&self, org: usize, group: Option<usize>, cost_pico: u64) {
         let day = self.today();
-        let Some(org_name) = self.config.orgs.get(org).map(|o| o.name.as_str()) else {
+        let Some(org_config) = self.config.orgs.get(org) else {
             return;
         };
+        let org_name = org_config.name.as_str();
+        let rules = &org_config.alerts;
         let group_name = group
             .and_then(|g| self.config.catalog.groups.get(g))
             .map_or("none", |g| g.name.as_str());
@@ -250,14 +248,14 @@ impl Gateway {
             used: state.map_or(0, |s| s.used),
             billed_cost_pico: billed,
         };
-        for fired in self.alerts.evaluate(&self.config.alerts, &view) {
+        for fired in self.alerts.evaluate(rules, &view) {
             tracing::warn!(rule = %fired.rule, org = %fired.org, group = %fired.group, "{}", fired.text);
             self.metrics.alert(&fired.org, &fired.group, &fired.rule);
             if let Err(e) = self.store.alert_nowait(fired.clone()) {
                 tracing::error!(error = %e, "could not record an alert");
             }
-            if let Some(delivery) = &self.delivery {
-                delivery.send(fired);
+            if let (Some(delivery), Some(webhook)) = (&self.delivery, &rules.webhook) {
+                delivery.send(fired, webhook.clone(), rules.retries);
             }
         }
     }

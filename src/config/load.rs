@@ -90,6 +90,8 @@ struct RawOrg {
     #[serde(default)]
     capture: bool,
     capture_retention_days: Option<u32>,
+    /// Overrides of the global `[alerts]` for this org.
+    alerts: Option<RawAlerts>,
     #[serde(default)]
     projects: Vec<RawProject>,
 }
@@ -273,7 +275,7 @@ impl Config {
                     .max(1),
             ),
         };
-        let alerts = Self::alerts(&raw.alerts, l)?;
+        let alerts = Self::alerts(&raw.alerts, None, "alerts", l)?;
 
         let store_text = match &raw.store.url {
             Some(v) => l.expand("store.url", v)?,
@@ -456,7 +458,12 @@ impl Config {
                     "must be at least 1 day",
                 ));
             }
+            let org_alerts = match &o.alerts {
+                Some(raw) => Self::alerts(raw, Some(&alerts), &format!("{path}.alerts"), l)?,
+                None => alerts.clone(),
+            };
             orgs.push(Org {
+                alerts: org_alerts,
                 name: o.name.clone(),
                 tier: o.tier,
                 sharing: o.sharing,
@@ -534,28 +541,37 @@ impl Config {
         })
     }
 
-    fn alerts(raw: &RawAlerts, l: &Loader<'_>) -> Result<Alerts, ConfigError> {
+    /// Alert rules at `path` (`alerts`, or an org's `orgs[i].alerts`); a key
+    /// left out takes `base`'s value (the global rules), else the default.
+    fn alerts(
+        raw: &RawAlerts,
+        base: Option<&Alerts>,
+        path: &str,
+        l: &Loader<'_>,
+    ) -> Result<Alerts, ConfigError> {
         let webhook = match &raw.webhook_url {
             Some(v) => {
-                let url = l.expand("alerts.webhook_url", v)?;
+                let key = format!("{path}.webhook_url");
+                let url = l.expand(&key, v)?;
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
                     return Err(l.error(
-                        "alerts.webhook_url",
+                        key,
                         Some(v.span()),
                         "must start with http:// or https://",
                     ));
                 }
                 Some(Secret::new(url))
             }
-            None => None,
+            None => base.and_then(|b| b.webhook.clone()),
         };
-        let mut used_percent = raw
-            .used_percent
-            .clone()
-            .unwrap_or_else(|| DEFAULT_ALERT_PERCENTS.to_vec());
+        let mut used_percent = match (&raw.used_percent, base) {
+            (Some(p), _) => p.clone(),
+            (None, Some(b)) => b.used_percent.clone(),
+            (None, None) => DEFAULT_ALERT_PERCENTS.to_vec(),
+        };
         if let Some(bad) = used_percent.iter().find(|p| !(1..=100).contains(*p)) {
             return Err(l.error(
-                "alerts.used_percent",
+                format!("{path}.used_percent"),
                 None,
                 format!("{bad} is not a percentage from 1 to 100"),
             ));
@@ -564,24 +580,28 @@ impl Config {
         used_percent.dedup();
         let billed_cost_above_pico = match &raw.billed_cost_above {
             Some(v) => {
-                let text = l.expand("alerts.billed_cost_above", v)?;
+                let key = format!("{path}.billed_cost_above");
+                let text = l.expand(&key, v)?;
                 let dollars = text.trim().trim_start_matches('$');
                 Some(crate::catalog::parse_decimal(dollars, 12).ok_or_else(|| {
                     l.error(
-                        "alerts.billed_cost_above",
+                        key,
                         Some(v.span()),
                         format!("{text:?} is not an amount in US dollars like \"25.00\""),
                     )
                 })?)
             }
-            None => None,
+            None => base.and_then(|b| b.billed_cost_above_pico),
         };
         Ok(Alerts {
             webhook,
             used_percent,
-            projected_exhaustion: raw.projected_exhaustion.unwrap_or(true),
+            projected_exhaustion: raw
+                .projected_exhaustion
+                .or(base.map(|b| b.projected_exhaustion))
+                .unwrap_or(true),
             billed_cost_above_pico,
-            retries: raw.retries.unwrap_or(5).min(20),
+            retries: raw.retries.or(base.map(|b| b.retries)).unwrap_or(5).min(20),
         })
     }
 }

@@ -202,3 +202,59 @@ async fn a_receiver_that_never_answers_does_not_hold_up_requests() {
     }
     held.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_org_can_have_its_own_rules_and_webhook() {
+    let global = Arc::new(Receiver::default());
+    let tenant = Arc::new(Receiver::default());
+    let (global_addr, _g) = spawn(
+        Router::new()
+            .route("/hook", post(hook))
+            .with_state(global.clone()),
+    )
+    .await;
+    let (tenant_addr, _t) = spawn(
+        Router::new()
+            .route("/hook", post(hook))
+            .with_state(tenant.clone()),
+    )
+    .await;
+    const TENANT: &str = "tw-alerts-tenant-00000001";
+    let config = format!(
+        "{}\n[[orgs]]\nname = \"tenant\"\nalerts = {{ used_percent = [80], webhook_url = \"http://{tenant_addr}/hook\" }}\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"{TENANT}\"]\n",
+        config(&format!("http://{global_addr}/hook"))
+    );
+    let h = start("alerts-per-org", &config).await;
+    let call_as = |key: &'static str, output: u64| {
+        let body = json!({"model": "gpt-4o", "max_tokens": output,
+            "messages": [{"role": "user", "content": "Hello!"}]});
+        h.post("/chat/completions", key)
+            .header("x-sim-output-tokens", output.to_string())
+            .json(&body)
+            .send()
+    };
+    for key in [APP, TENANT] {
+        let r = call_as(key, 600).await.map(|r| r.status().as_u16());
+        assert_eq!(r.unwrap_or(0), 200);
+    }
+    // At ~611 of 1000: the global rules fire at 50%; the tenant's only at 80%.
+    wait_for(&global, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rules(&global), ["free_used_50"]);
+    assert!(rules(&tenant).is_empty());
+    let r = call_as(TENANT, 200).await.map(|r| r.status().as_u16());
+    assert_eq!(r.unwrap_or(0), 200);
+    wait_for(&tenant, 1).await;
+    assert_eq!(rules(&tenant), ["free_used_80"]);
+    let to_tenant = tenant
+        .alerts
+        .lock()
+        .map(|a| a[0].clone())
+        .unwrap_or_default();
+    assert_eq!(to_tenant["alert"]["org"], "tenant");
+    assert_eq!(
+        rules(&global),
+        ["free_used_50"],
+        "the tenant's alert went to the global hook"
+    );
+}
