@@ -201,7 +201,7 @@ fn form_value(body: &[u8], name: &str) -> Option<String> {
 }
 
 /// `POST /dashboard/login`: the admin token, compared in constant time.
-async fn login(State(gateway): State<Arc<Gateway>>, body: Body) -> Response {
+async fn login(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
     let Some(admin) = gateway.config.server.admin_token.as_ref() else {
         return page_response(StatusCode::FORBIDDEN, login_page(None, true));
     };
@@ -218,9 +218,15 @@ async fn login(State(gateway): State<Arc<Gateway>>, body: Body) -> Response {
         );
     }
     let id = gateway.sessions.create(gateway.clock.now_ms());
+    // Behind a TLS-terminating proxy, the cookie is sent over HTTPS only.
+    let secure = headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("https"));
     let cookie = format!(
-        "{COOKIE}={id}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}",
-        SESSION_MS / 1000
+        "{COOKIE}={id}; Path=/dashboard; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_MS / 1000,
+        if secure { "; Secure" } else { "" }
     );
     let mut response = StatusCode::SEE_OTHER.into_response();
     if let Ok(value) = HeaderValue::from_str(&cookie) {
