@@ -96,6 +96,8 @@ pub struct Gateway {
     delivery: Option<crate::alerts::Delivery>,
     /// Signed-in dashboard sessions.
     pub sessions: dashboard::Sessions,
+    /// The dashboard's live part, shared by its viewers.
+    pub dashboard_cache: dashboard::Cache,
 }
 
 impl Gateway {
@@ -150,6 +152,7 @@ impl Gateway {
             alerts: crate::alerts::Engine::default(),
             delivery,
             sessions: dashboard::Sessions::default(),
+            dashboard_cache: dashboard::Cache::default(),
         });
         gateway.restore(gateway.today())?;
         gateway.purge_captures();

@@ -77,6 +77,29 @@ impl Sessions {
     }
 }
 
+/// The live part as last rendered, keyed by the ledger's commit count and
+/// the second: any number of viewers cost one render per commit.
+#[derive(Default)]
+pub struct Cache(Mutex<Option<(u64, i64, Arc<str>)>>);
+
+/// The live part, from the cache when nothing has changed since.
+fn live(gateway: &Gateway) -> Arc<str> {
+    let commits = *gateway.store.commits().borrow();
+    let second = gateway.clock.now_ms().div_euclid(1000);
+    if let Ok(cache) = gateway.dashboard_cache.0.lock() {
+        if let Some((c, s, html)) = cache.as_ref() {
+            if *c == commits && *s == second {
+                return html.clone();
+            }
+        }
+    }
+    let html: Arc<str> = render_live(gateway).into();
+    if let Ok(mut cache) = gateway.dashboard_cache.0.lock() {
+        *cache = Some((commits, second, html.clone()));
+    }
+    html
+}
+
 /// The routes under `/dashboard`.
 pub fn routes() -> Router<Arc<Gateway>> {
     Router::new()
@@ -180,7 +203,7 @@ async fn page(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Respon
         return page_response(StatusCode::OK, login_page(None, closed));
     }
     let g = gateway.clone();
-    let live = tokio::task::spawn_blocking(move || render_live(&g))
+    let live = tokio::task::spawn_blocking(move || live(&g))
         .await
         .unwrap_or_else(|_| "<p class=\"error\">The dashboard could not be rendered.</p>".into());
     let body = format!(
@@ -295,9 +318,7 @@ async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
                 return None;
             }
             let g = gateway.clone();
-            let html = tokio::task::spawn_blocking(move || render_live(&g))
-                .await
-                .ok()?;
+            let html = tokio::task::spawn_blocking(move || live(&g)).await.ok()?;
             let mut frame = String::with_capacity(html.len() + 64);
             frame.push_str("event: update\n");
             for line in html.lines() {
