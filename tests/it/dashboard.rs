@@ -4,12 +4,11 @@
 //! `scripts/test` installs Chromium and the Node packages; without them the
 //! browser test fails, it is never skipped.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::Value;
 
-use crate::harness::{start_with_server, Harness};
+use crate::harness::{repo, start_with_server, Harness};
 
 const ADMIN: &str = "admin-token-dashboard-0001";
 const KEY: &str = "tw-dash-app-0000000000001";
@@ -32,10 +31,6 @@ async fn dashboard() -> Harness {
 
 fn root(h: &Harness) -> String {
     h.base.trim_end_matches("/v1").to_owned()
-}
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 /// A client that does not follow redirects (to see the sign-in's answer).

@@ -38,6 +38,11 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// A path in the repository (fixtures, test scripts, target/).
+pub fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
 /// A fresh directory for one test's files.

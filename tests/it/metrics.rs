@@ -38,7 +38,7 @@ async fn call(h: &Harness, key: &str, model: &str, output: u64, stream: bool) ->
 
 fn promtool() -> PathBuf {
     std::env::var_os("TOKENWARDEN_PROMTOOL").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/tools/promtool"),
+        || crate::harness::repo("target/tools/promtool"),
         PathBuf::from,
     )
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::harness::start;
+use crate::harness::{repo, start};
 
 const KEY: &str = "tw-sdk-test-key-000000001";
 const BLOCK_KEY: &str = "tw-sdk-test-block-0000001";
@@ -15,10 +15,6 @@ fn config() -> String {
     format!(
         "[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"{KEY}\"]\n\n[[orgs]]\nname = \"tight\"\n\n[[orgs.projects]]\nname = \"batch\"\non_exhausted = \"block\"\nkeys = [\"{BLOCK_KEY}\"]\n\n[program.groups.flagship]\ndaily_tokens = 1000\n"
     )
-}
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 async fn run_sdk(label: &str, program: PathBuf, script: PathBuf) {
