@@ -4,10 +4,9 @@
 //! a writer thread commits whatever has queued up in one transaction (group
 //! commit): under load, many calls share a commit instead of queueing for one
 //! each; when at most two calls are open and nothing is queued, a caller
-//! writes its own job on its own
-//! thread, with no hand-off ([`write::Writer`]). A caller that must know its
-//! row is durable waits for the commit's answer; a stream settling in the
-//! background does not. Reads use their own connection. `synchronous =
+//! writes its own job on its own thread, with no hand-off
+//! ([`write::Writer`]). A caller that must know its row is durable waits for
+//! the commit's answer; a stream settling in the background does not. Reads use their own connection. `synchronous =
 //! NORMAL` in WAL mode makes each commit survive the process dying
 //! (`kill -9`), which is what the ledger promises.
 
