@@ -6,9 +6,10 @@
 //! each; when at most two calls are open and nothing is queued, a caller
 //! writes its own job on its own thread, with no hand-off
 //! ([`write::Writer`]). A caller that must know its row is durable waits for
-//! the commit's answer; a stream settling in the background does not. Reads use their own connection. `synchronous =
-//! NORMAL` in WAL mode makes each commit survive the process dying
-//! (`kill -9`), which is what the ledger promises.
+//! the commit's answer; a stream settling in the background does not.
+//! Reads use their own connection. `synchronous = NORMAL` in WAL mode makes
+//! each commit survive the process dying (`kill -9`), which is what the
+//! ledger promises.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
