@@ -236,12 +236,8 @@ pub fn to_chat(endpoint: &str, request: &Value, response: &Value) -> Option<Valu
             for m in request.get("messages")?.as_array()? {
                 messages.push(clean_message(m)?);
             }
-            let reply = response.pointer("/choices/0/message")?;
-            let mut reply = clean_message(reply)?;
-            if let Some(map) = reply.as_object_mut() {
-                map.remove("refusal");
-            }
-            messages.push(reply);
+            // clean_message keeps only the keys fine-tuning reads (no `refusal`).
+            messages.push(clean_message(response.pointer("/choices/0/message")?)?);
         }
         "/v1/responses" => {
             if let Some(instructions) = request.get("instructions").and_then(Value::as_str) {
