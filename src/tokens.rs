@@ -3,7 +3,8 @@
 //!
 //! Text counts are exact: the same ids as OpenAI's `tiktoken`
 //! (`encode_ordinary`), checked against reference vectors. They are built on
-//! `bpe-openai`'s vocabularies and encoder, which are linear in time on any
+//! `bpe-openai`'s vocabularies and encoder (trimmed by `build.rs` to the
+//! parts used here), which are linear in time on any
 //! input (no quadratic blow-up on long runs without spaces), with two fast
 //! paths of our own measured in `docs/benchmarks.md`: an ASCII pre-tokenizer
 //! (`pretokenize`) and a direct vocabulary probe (`vocab`).
@@ -32,15 +33,40 @@ pub enum Encoding {
 }
 
 struct Engine {
-    /// `bpe-openai`'s tokenizer: the vocabulary, the encoder, and the
-    /// pre-tokenization regex that decides non-ASCII pieces.
-    tokenizer: &'static Tokenizer,
+    /// The vocabulary, the backtracking encoder, and the pre-tokenization
+    /// regex that decides non-ASCII pieces.
+    tokenizer: Tokenizer,
     vocab: Vocab,
     flavor: Flavor,
 }
 
+/// `bpe-openai`'s encodings, trimmed by `build.rs` to the parts read here.
+static O200K_BPE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.bpe.deflate"));
+static CL100K_BPE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.bpe.deflate"));
+
+/// OpenAI's pre-tokenization patterns, as `bpe-openai` writes them: its
+/// regex engine has no look-ahead, so `\s+(?!\S)` becomes the second
+/// pattern, whose last character is dropped from the match.
+const O200K_PATTERN: &str = concat!(
+    "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    "|\\p{N}{1,3}",
+    "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*",
+    "|\\s*[\\r\\n]+",
+    "|\\s+$",
+);
+const CL100K_PATTERN: &str = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+$";
+
 impl Engine {
-    fn new(tokenizer: &'static Tokenizer, flavor: Flavor) -> Self {
+    /// Decompresses and loads an encoding. Only the encoder's own data is
+    /// kept: `BytePairEncoding`'s appendable, prependable and table encoders
+    /// (which tokenwarden never calls) are left without theirs.
+    #[allow(clippy::expect_used)] // the data is built and checked at compile time
+    fn new(data: &'static [u8], pattern: &str, flavor: Flavor) -> Self {
+        let bpe = rmp_serde::from_read(flate2::read::DeflateDecoder::new(data))
+            .expect("build.rs wrote a valid encoding");
+        let patterns = [(pattern, false), ("\\s+\\s", true), ("\\s+", false)];
+        let tokenizer = Tokenizer::new_lookahead(bpe, &patterns, false).expect("valid regex");
         Engine {
             vocab: Vocab::build(&tokenizer.bpe),
             tokenizer,
@@ -50,9 +76,9 @@ impl Engine {
 }
 
 static O200K: LazyLock<Engine> =
-    LazyLock::new(|| Engine::new(bpe_openai::o200k_base(), Flavor::O200k));
+    LazyLock::new(|| Engine::new(O200K_BPE, O200K_PATTERN, Flavor::O200k));
 static CL100K: LazyLock<Engine> =
-    LazyLock::new(|| Engine::new(bpe_openai::cl100k_base(), Flavor::Cl100k));
+    LazyLock::new(|| Engine::new(CL100K_BPE, CL100K_PATTERN, Flavor::Cl100k));
 
 impl Encoding {
     pub const ALL: [Encoding; 2] = [Encoding::O200kBase, Encoding::Cl100kBase];
@@ -83,7 +109,7 @@ impl Encoding {
         let engine = self.engine();
         let bpe = &engine.tokenizer.bpe;
         let mut total = 0u64;
-        for piece in Pieces::new(text, engine.flavor, engine.tokenizer) {
+        for piece in Pieces::new(text, engine.flavor, &engine.tokenizer) {
             let bytes = piece.as_bytes();
             total += match engine.vocab.get(bpe, bytes) {
                 Some(_) => 1,
@@ -98,7 +124,7 @@ impl Encoding {
         let engine = self.engine();
         let bpe = &engine.tokenizer.bpe;
         let mut ids = Vec::with_capacity(text.len() / 3);
-        for piece in Pieces::new(text, engine.flavor, engine.tokenizer) {
+        for piece in Pieces::new(text, engine.flavor, &engine.tokenizer) {
             let bytes = piece.as_bytes();
             match engine.vocab.get(bpe, bytes) {
                 Some(id) => ids.push(id),
