@@ -120,7 +120,7 @@ impl Gateway {
             .map_err(|e| StoreError::from_message(format!("http client: {e}")))?;
         // o200k_base serves every model of the program: load it now, not on
         // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
-        // its first use, so a gateway that never sees one saves its ~38 MB.
+        // its first use, so a gateway that never sees one saves its memory.
         crate::tokens::Encoding::O200kBase.warm_up();
         let webhooks = config.orgs.iter().any(|o| o.alerts.webhook.is_some());
         let delivery = match (webhooks, tokio::runtime::Handle::try_current()) {
