@@ -3,24 +3,26 @@
 //!
 //! Text counts are exact: the same ids as OpenAI's `tiktoken`
 //! (`encode_ordinary`), checked against reference vectors. They are built on
-//! `bpe-openai`'s vocabularies and encoder (trimmed by `build.rs` to the
-//! parts used here), which are linear in time on any
-//! input (no quadratic blow-up on long runs without spaces), with two fast
-//! paths of our own measured in `docs/benchmarks.md`: an ASCII pre-tokenizer
-//! (`pretokenize`) and a direct vocabulary probe (`vocab`).
+//! `bpe-openai`'s vocabularies and `bpe`'s backtracking encoder, which is
+//! linear in time on any input (no quadratic blow-up on long runs without
+//! spaces), over tables that `build.rs` lays out to be read in place from
+//! the binary (`bpe`), and an ASCII pre-tokenizer of our own (`pretokenize`),
+//! measured in `docs/benchmarks.md`.
 
 use std::sync::LazyLock;
 
 use bpe_openai::Tokenizer;
 use serde::{Deserialize, Serialize};
 
+mod bpe;
 pub mod image;
+mod piece_hash;
 mod pretokenize;
 pub mod request;
-mod vocab;
 
+use bpe::Bpe;
+use bpe_openai::byte_pair_encoding::BytePairEncoding;
 use pretokenize::{Flavor, Pieces};
-use vocab::Vocab;
 
 /// A byte-pair encoding of OpenAI's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -33,16 +35,13 @@ pub enum Encoding {
 }
 
 struct Engine {
-    /// The vocabulary, the backtracking encoder, and the pre-tokenization
-    /// regex that decides non-ASCII pieces.
-    tokenizer: Tokenizer,
-    vocab: Vocab,
+    /// The vocabulary and the encoder, read in place from the binary.
+    bpe: &'static Bpe,
+    /// `bpe-openai`'s pre-tokenizer, which decides non-ASCII pieces (its
+    /// encoding is a one-token placeholder: only its regex is used).
+    regex: Tokenizer,
     flavor: Flavor,
 }
-
-/// `bpe-openai`'s encodings, trimmed by `build.rs` to the parts read here.
-static O200K_BPE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/o200k_base.bpe.deflate"));
-static CL100K_BPE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cl100k_base.bpe.deflate"));
 
 /// OpenAI's pre-tokenization patterns, as `bpe-openai` writes them: its
 /// regex engine has no look-ahead, so `\s+(?!\S)` becomes the second
@@ -58,27 +57,19 @@ const O200K_PATTERN: &str = concat!(
 const CL100K_PATTERN: &str = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+$";
 
 impl Engine {
-    /// Decompresses and loads an encoding. Only the encoder's own data is
-    /// kept: `BytePairEncoding`'s appendable, prependable and table encoders
-    /// (which tokenwarden never calls) are left without theirs.
-    #[allow(clippy::expect_used)] // the data is built and checked at compile time
-    fn new(data: &'static [u8], pattern: &str, flavor: Flavor) -> Self {
-        let bpe = rmp_serde::from_read(flate2::read::DeflateDecoder::new(data))
-            .expect("build.rs wrote a valid encoding");
+    #[allow(clippy::expect_used)] // the patterns are constants, tested
+    fn new(bpe: &'static Bpe, pattern: &str, flavor: Flavor) -> Self {
+        let placeholder = BytePairEncoding::from_dictionary([vec![0u8]], Some(1));
         let patterns = [(pattern, false), ("\\s+\\s", true), ("\\s+", false)];
-        let tokenizer = Tokenizer::new_lookahead(bpe, &patterns, false).expect("valid regex");
-        Engine {
-            vocab: Vocab::build(&tokenizer.bpe),
-            tokenizer,
-            flavor,
-        }
+        let regex = Tokenizer::new_lookahead(placeholder, &patterns, false).expect("valid regex");
+        Engine { bpe, regex, flavor }
     }
 }
 
 static O200K: LazyLock<Engine> =
-    LazyLock::new(|| Engine::new(O200K_BPE, O200K_PATTERN, Flavor::O200k));
+    LazyLock::new(|| Engine::new(&bpe::O200K_BASE, O200K_PATTERN, Flavor::O200k));
 static CL100K: LazyLock<Engine> =
-    LazyLock::new(|| Engine::new(CL100K_BPE, CL100K_PATTERN, Flavor::Cl100k));
+    LazyLock::new(|| Engine::new(&bpe::CL100K_BASE, CL100K_PATTERN, Flavor::Cl100k));
 
 impl Encoding {
     pub const ALL: [Encoding; 2] = [Encoding::O200kBase, Encoding::Cl100kBase];
@@ -107,11 +98,11 @@ impl Encoding {
     /// them (special tokens are ordinary text).
     pub fn count(self, text: &str) -> u64 {
         let engine = self.engine();
-        let bpe = &engine.tokenizer.bpe;
+        let bpe = engine.bpe;
         let mut total = 0u64;
-        for piece in Pieces::new(text, engine.flavor, &engine.tokenizer) {
+        for piece in Pieces::new(text, engine.flavor, &engine.regex) {
             let bytes = piece.as_bytes();
-            total += match engine.vocab.get(bpe, bytes) {
+            total += match bpe.whole_token(bytes) {
                 Some(_) => 1,
                 None => bpe.count(bytes) as u64,
             };
@@ -122,13 +113,12 @@ impl Encoding {
     /// The token ids of `text`, as `tiktoken`'s `encode_ordinary` gives them.
     pub fn encode(self, text: &str) -> Vec<u32> {
         let engine = self.engine();
-        let bpe = &engine.tokenizer.bpe;
         let mut ids = Vec::with_capacity(text.len() / 3);
-        for piece in Pieces::new(text, engine.flavor, &engine.tokenizer) {
+        for piece in Pieces::new(text, engine.flavor, &engine.regex) {
             let bytes = piece.as_bytes();
-            match engine.vocab.get(bpe, bytes) {
+            match engine.bpe.whole_token(bytes) {
                 Some(id) => ids.push(id),
-                None => ids.extend(bpe.encode_via_backtracking(bytes)),
+                None => engine.bpe.encode_into(bytes, &mut ids),
             }
         }
         ids
@@ -136,11 +126,11 @@ impl Encoding {
 
     /// The text of `ids`, if they decode to UTF-8.
     pub fn decode(self, ids: &[u32]) -> Option<String> {
-        let bpe = &self.engine().tokenizer.bpe;
+        let bpe = self.engine().bpe;
         if ids.iter().any(|&id| id as usize >= bpe.num_tokens()) {
             return None;
         }
-        String::from_utf8(bpe.decode_tokens(ids)).ok()
+        String::from_utf8(bpe.decode(ids)).ok()
     }
 }
 
