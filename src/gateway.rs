@@ -88,6 +88,8 @@ pub struct Gateway {
     pub store: SqliteStore,
     /// One connection pool for every upstream.
     pub client: reqwest::Client,
+    /// Each upstream's base URL, parsed once (a call sets only its path).
+    pub upstream_urls: std::collections::HashMap<String, reqwest::Url>,
     pub clock: Arc<dyn Clock>,
     pub metrics: metrics::Metrics,
     /// Which alerts fired today.
@@ -141,11 +143,17 @@ impl Gateway {
             }
             (false, _) => None,
         };
+        let upstream_urls = config
+            .upstreams
+            .iter()
+            .filter_map(|(name, u)| Some((name.clone(), reqwest::Url::parse(&u.base_url).ok()?)))
+            .collect();
         let gateway = Arc::new(Gateway {
             keys,
             ledger: Mutex::new(Ledger::new()),
             store,
             client,
+            upstream_urls,
             clock,
             config,
             metrics: metrics::Metrics::default(),

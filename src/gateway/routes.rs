@@ -290,6 +290,13 @@ fn set_output_cap(endpoint: Endpoint, body: &mut Value, total: u64) {
     body[field] = json!(per_choice);
 }
 
+/// The two fields of an upstream answer that settling needs.
+#[derive(serde::Deserialize)]
+struct UsageAndModel {
+    usage: Option<Value>,
+    model: Option<String>,
+}
+
 async fn metered(
     gateway: Arc<Gateway>,
     caller: Caller,
@@ -559,22 +566,43 @@ async fn metered(
         }
     };
     let outcome = if status.is_success() {
-        let parsed: Value = serde_json::from_slice(&upstream_body).unwrap_or_default();
-        let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
-        Outcome {
-            usage,
-            output_text: if usage.is_none() {
-                body_text(endpoint, &parsed)
-            } else {
-                String::new()
+        // Most answers carry their usage and are not captured: read only
+        // `usage` and `model` (serde skips the rest without building it).
+        let head: Option<UsageAndModel> = if call.captures() {
+            None
+        } else {
+            serde_json::from_slice(&upstream_body).ok()
+        };
+        let usage = head
+            .as_ref()
+            .and_then(|h| h.usage.as_ref())
+            .and_then(|u| usage_of(endpoint, u));
+        match (head, usage) {
+            (Some(head), Some(usage)) => Outcome {
+                usage: Some(usage),
+                status: status.as_u16(),
+                served_model: head.model,
+                ..Outcome::default()
             },
-            status: status.as_u16(),
-            served_model: parsed
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            completion: call.captures().then_some(parsed),
-            ..Outcome::default()
+            _ => {
+                let parsed: Value = serde_json::from_slice(&upstream_body).unwrap_or_default();
+                let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
+                Outcome {
+                    usage,
+                    output_text: if usage.is_none() {
+                        body_text(endpoint, &parsed)
+                    } else {
+                        String::new()
+                    },
+                    status: status.as_u16(),
+                    served_model: parsed
+                        .get("model")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned),
+                    completion: call.captures().then_some(parsed),
+                    ..Outcome::default()
+                }
+            }
         }
     } else {
         Outcome {

@@ -75,6 +75,20 @@ pub fn response_headers(upstream: &reqwest::header::HeaderMap) -> HeaderMap {
     headers
 }
 
+/// `base` (an upstream's URL, which may have a path) with the client's path
+/// after `/v1` and its query; the same URL as the two concatenated, without
+/// parsing the scheme and host again.
+fn join(base: &reqwest::Url, path_and_query: &str) -> reqwest::Url {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (path_and_query, None),
+    };
+    let mut url = base.clone();
+    url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
+    url.set_query(query);
+    url
+}
+
 /// Send a call to the project's upstream. `path` is the client's path after `/v1`.
 pub async fn send(
     gateway: &Gateway,
@@ -91,7 +105,13 @@ pub async fn send(
         );
         return Err(ApiError::Internal);
     };
-    let url = format!("{}{path_and_query}", target.base_url);
+    let url =
+        match gateway.upstream_urls.get(upstream) {
+            Some(base) => join(base, path_and_query),
+            None => reqwest::Url::parse(&format!("{}{path_and_query}", target.base_url)).map_err(
+                |_| ApiError::BadGateway(format!("The upstream '{upstream}' has an invalid URL.")),
+            )?,
+        };
     let mut request = gateway.client.request(method, url);
     for (name, value) in client_headers {
         if !dropped_request_header(name) {
@@ -119,4 +139,28 @@ pub async fn send(
             ApiError::BadGateway(format!("The upstream '{upstream}' could not be reached."))
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_like_concatenation() {
+        for (base, path) in [
+            ("https://api.openai.com/v1", "/chat/completions"),
+            ("http://127.0.0.1:9000", "/chat/completions"),
+            ("http://127.0.0.1:9000/", "/models"),
+            (
+                "http://example.test/openai/v1",
+                "/files?purpose=batch&limit=2",
+            ),
+        ] {
+            let joined = join(&reqwest::Url::parse(base).unwrap(), path);
+            let concatenated =
+                reqwest::Url::parse(&format!("{}{path}", base.trim_end_matches('/'))).unwrap();
+            assert_eq!(joined, concatenated, "{base} + {path}");
+        }
+    }
 }
