@@ -91,7 +91,7 @@ fn string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     if key.is_empty() {
         return None;
     }
-    let at = data.windows(key.len()).position(|w| w == key)? + key.len();
+    let at = memchr::memmem::find(data, key)? + key.len();
     let rest = &data[at..];
     let mut i = 0;
     while i < rest.len() {
@@ -104,14 +104,20 @@ fn string_after<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     None
 }
 
-/// The end of the first complete event in `buf` (after its blank line).
+/// The end of the first complete event in `buf` (after its blank line:
+/// `\n\n` or `\r\n\r\n`, whichever comes first). One pass over the
+/// line feeds, so a buffer of many events is split in linear time.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    for n in memchr::memchr_iter(b'\n', buf) {
+        match buf.get(n + 1) {
+            Some(b'\n') => return Some(n + 2),
+            Some(b'\r') if n >= 1 && buf[n - 1] == b'\r' && buf.get(n + 2) == Some(&b'\n') => {
+                return Some(n + 3)
+            }
+            _ => {}
+        }
     }
+    None
 }
 
 /// The `data:` payload of an event, if it has one.
@@ -126,7 +132,7 @@ fn data_of(event: &[u8]) -> Option<&[u8]> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
@@ -378,6 +384,30 @@ mod tests {
             Some(&b"{\"a\":1}"[..])
         );
         assert_eq!(data_of(b": keep-alive\n\n"), None);
+    }
+
+    /// `event_end` finds what the two-pattern search it replaced found, on
+    /// every string of up to 8 bytes over `a`, `\r` and `\n`.
+    #[test]
+    fn event_end_matches_the_plain_search() {
+        fn plain(buf: &[u8]) -> Option<usize> {
+            let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+            let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+            match (lf, crlf) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        }
+        for len in 0..=8u32 {
+            for mut code in 0..3usize.pow(len) {
+                let mut buf = Vec::new();
+                for _ in 0..len {
+                    buf.push([b'a', b'\r', b'\n'][code % 3]);
+                    code /= 3;
+                }
+                assert_eq!(event_end(&buf), plain(&buf), "{buf:?}");
+            }
+        }
     }
 
     #[test]
