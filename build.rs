@@ -187,4 +187,7 @@ fn main() {
     trim("o200k_base", bpe_openai::o200k_base(), &out);
     trim("cl100k_base", bpe_openai::cl100k_base(), &out);
     println!("cargo::rerun-if-changed=build.rs");
+    // The tables' hashes are shared with the counter: a change there must
+    // lay the tables out again.
+    println!("cargo::rerun-if-changed=src/tokens/piece_hash.rs");
 }

@@ -65,54 +65,26 @@ pub(crate) struct Bpe {
     vocab: U32s,
 }
 
+/// One table of an encoding, as `build.rs` wrote it to OUT_DIR.
+macro_rules! part {
+    ($name:literal, $part:literal) => {
+        include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".", $part))
+    };
+}
+
 macro_rules! embedded {
     ($name:literal) => {
         Bpe {
-            tokens: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".tokens")),
-            starts: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".starts"
-            ))),
-            split: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".split"
-            ))),
-            prefix: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".prefix"
-            ))),
-            pairs: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".pairs"
-            ))),
-            pair_tags: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".pair_tags")),
-            trie_depth2: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".trie_depth2"
-            ))),
-            trie_nodes: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".trie_nodes"
-            ))),
-            trie_label: include_bytes!(concat!(env!("OUT_DIR"), "/", $name, ".trie_label")),
-            vocab: U32s(include_bytes!(concat!(
-                env!("OUT_DIR"),
-                "/",
-                $name,
-                ".vocab"
-            ))),
+            tokens: part!($name, "tokens"),
+            starts: U32s(part!($name, "starts")),
+            split: U32s(part!($name, "split")),
+            prefix: U32s(part!($name, "prefix")),
+            pairs: U32s(part!($name, "pairs")),
+            pair_tags: part!($name, "pair_tags"),
+            trie_nodes: U32s(part!($name, "trie_nodes")),
+            trie_label: part!($name, "trie_label"),
+            trie_depth2: U32s(part!($name, "trie_depth2")),
+            vocab: U32s(part!($name, "vocab")),
         }
     };
 }
@@ -329,6 +301,41 @@ impl BitField {
     fn clear(&mut self, bit: usize) {
         if let Some(w) = self.0.get_mut(bit / 64) {
             *w &= !(1 << (bit % 64));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every token of both encodings is found by each table: the trie's
+    /// longest match on a token's own bytes is that token, the whole-token
+    /// probe finds it, and a merged token is the merge of its split.
+    #[test]
+    fn every_token_is_found_in_every_table() {
+        for bpe in [&O200K_BASE, &CL100K_BASE] {
+            // The root's children are the nodes 1..=256, bytes in order.
+            assert_eq!(bpe.trie_nodes.get(0), 1);
+            assert_eq!(bpe.trie_nodes.get(2), 257);
+            for byte in 0..=255u8 {
+                assert_eq!(bpe.trie_label.get(1 + usize::from(byte)), Some(&byte));
+            }
+            for t in 0..bpe.num_tokens() as u32 {
+                let bytes = bpe.token_bytes(t);
+                assert_eq!(bpe.longest_prefix(bytes), Some(t), "token {t}");
+                assert_eq!(bpe.whole_token(bytes), Some(t), "token {t}");
+                let (left, right) = (
+                    bpe.split.get(2 * t as usize),
+                    bpe.split.get(2 * t as usize + 1),
+                );
+                if left != t {
+                    assert_eq!(bpe.merged(left, right), Some(t), "token {t}");
+                    assert_eq!(bpe.token_len(left) + bpe.token_len(right), bytes.len());
+                }
+            }
+            assert_eq!(bpe.longest_prefix(b""), None);
+            assert_eq!(bpe.whole_token(&[b'x'; 300]), None);
         }
     }
 }
