@@ -60,7 +60,7 @@ fn corpora() -> (String, String) {
     while generated.len() < 256 * 1024 {
         let sentence = 8 + rng.next() % 20;
         for _ in 0..sentence {
-            generated.push(if rng.next() % 4 == 0 {
+            generated.push(if rng.next().is_multiple_of(4) {
                 rng.pick(&kana)
             } else {
                 rng.pick(&hanzi)
@@ -79,7 +79,7 @@ fn corpora() -> (String, String) {
         for _ in 0..(3 + rng.next() % 10) {
             chat.push_str(rng.pick(&words));
             chat.push(' ');
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 chat.push_str(rng.pick(&emoji));
                 chat.push(' ');
             }

@@ -69,6 +69,13 @@ async fn shutdown_signal() {
 pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let crate::config::StoreUrl::Sqlite(path) = &config.store;
     let store = SqliteStore::open(path)?;
+    if !store.owns() {
+        anyhow::bail!(
+            "the ledger {} is in use by another tokenwarden process (one gateway per ledger; it holds {}-calls.lock)",
+            path.display(),
+            path.display()
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
     let gateway = Gateway::new(config, store, Arc::new(SystemClock))?;

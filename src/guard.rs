@@ -113,7 +113,7 @@ fn payment_card(text: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0 && matches!(d[0], 2..=6)
+    sum.is_multiple_of(10) && matches!(d[0], 2..=6)
 }
 
 /// The IBAN check: move the first four characters to the end, letters to

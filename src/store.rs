@@ -1,7 +1,8 @@
 //! Persistence: request records and daily totals.
 //!
 //! A call is written twice: once as `pending` when it is admitted, before it
-//! goes upstream, and once when it settles. A crash in between leaves a
+//! goes upstream, and once when it settles; each write is durable (in the
+//! call journal) before the caller goes on. A crash in between leaves a
 //! pending row, which the next start settles as `interrupted` with its
 //! reservation counted (an upper bound), so a `kill -9` loses no call and
 //! never hands out free tokens twice. SQLite is the embedded default.

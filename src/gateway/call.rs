@@ -249,19 +249,16 @@ impl Call {
         }
     }
 
-    /// Settle and write the record, waiting for the store (non-streaming calls
-    /// answer the client only once their record is durable).
-    pub async fn settle_and_store(mut self, outcome: Outcome) {
-        let (row, record) = self.settle(outcome);
-        if let Err(e) = self.gateway.store.settle_async(row, record).await {
-            tracing::error!(error = %e, row, "could not record a settled call");
-        }
+    /// Settle and write the record (durable when this returns: non-streaming
+    /// calls answer the client only once their record is).
+    pub fn settle_and_store(mut self, outcome: Outcome) {
+        self.settle_in_place(outcome);
     }
 
-    /// Settle now and write the record in the background.
-    pub fn settle_in_background(&mut self, outcome: Outcome) {
+    /// The same, for a call still borrowed (a stream's tap, a drop).
+    pub fn settle_in_place(&mut self, outcome: Outcome) {
         let (row, record) = self.settle(outcome);
-        if let Err(e) = self.gateway.store.settle_nowait(row, record) {
+        if let Err(e) = self.gateway.store.settle(row, record) {
             tracing::error!(error = %e, row, "could not record a settled call");
         }
     }
@@ -273,7 +270,7 @@ impl Drop for Call {
             // The client hung up (or the task was cancelled) before an answer:
             // the prompt was sent, so it is counted; the upstream call is
             // cancelled with the future that owned it.
-            self.settle_in_background(Outcome::default());
+            self.settle_in_place(Outcome::default());
         }
     }
 }

@@ -401,7 +401,7 @@ async fn metered(
                 .groups
                 .get(pool.group)
                 .map_or("?", |g| g.name.as_str());
-            if let Err(e) = gateway.store.refuse_async(admitted, 429).await {
+            if let Err(e) = gateway.store.refuse(admitted, 429) {
                 tracing::error!(error = %e, "could not record a refused call");
             }
             return Err(ApiError::FreeTokensExhausted {
@@ -467,7 +467,7 @@ async fn metered(
         bytes
     };
 
-    let row = match gateway.store.admit_async(admitted).await {
+    let row = match gateway.store.admit(admitted) {
         Ok(row) => row,
         Err(e) => {
             tracing::error!(error = %e, "could not record an admitted call");
@@ -514,8 +514,7 @@ async fn metered(
                 failed: true,
                 status: e.status_code().as_u16(),
                 ..Outcome::default()
-            })
-            .await;
+            });
             return Err(e);
         }
     };
@@ -527,8 +526,7 @@ async fn metered(
             failed: true,
             status: 502,
             ..Outcome::default()
-        })
-        .await;
+        });
         return Err(ApiError::BadGateway(format!(
             "The upstream '{}' refused the gateway's credentials.",
             project.upstream
@@ -560,8 +558,7 @@ async fn metered(
             call.settle_and_store(Outcome {
                 status: error.status_code().as_u16(),
                 ..Outcome::default()
-            })
-            .await;
+            });
             return Err(error);
         }
     };
@@ -611,7 +608,7 @@ async fn metered(
             ..Outcome::default()
         }
     };
-    call.settle_and_store(outcome).await;
+    call.settle_and_store(outcome);
     free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
     let mut out = Response::new(Body::from(upstream_body));
     *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

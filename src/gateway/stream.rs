@@ -307,7 +307,7 @@ impl Tap {
                 outcome.output_text = pieces.concat();
             }
         }
-        call.settle_in_background(outcome);
+        call.settle_in_place(outcome);
     }
 }
 

@@ -1,15 +1,14 @@
 //! The SQLite store: one file, WAL, versioned migrations.
 //!
-//! Writes go through one write connection (SQLite has one writer anyway):
-//! a writer thread commits whatever has queued up in one transaction (group
-//! commit): under load, many calls share a commit instead of queueing for one
-//! each; when at most two calls are open and nothing is queued, a caller
-//! writes its own job on its own thread, with no hand-off
-//! ([`write::Writer`]). A caller that must know its row is durable waits for
-//! the commit's answer; a stream settling in the background does not.
-//! Reads use their own connection. `synchronous = NORMAL` in WAL mode makes
-//! each commit survive the process dying (`kill -9`), which is what the
-//! ledger promises.
+//! Writes go through one write connection (SQLite has one writer anyway),
+//! on a thread of its own that commits whatever has queued up in one
+//! transaction (group commit). A call's rows do not wait for it: each is
+//! appended to the call journal first ([`journal`]), which is what makes it
+//! durable, and the first store opened on the ledger replays what a crash
+//! left there. Reads use their own connection and wait for the writes queued
+//! before them. `synchronous = NORMAL` in WAL mode makes each commit survive
+//! the process dying (`kill -9`), as the journal's appends do, which is what
+//! the ledger promises.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -18,6 +17,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
 
+mod journal;
 mod write;
 
 use crate::alerts::Fired;
@@ -209,30 +209,43 @@ fn read_only(path: &Path) -> Result<Connection, StoreError> {
 
 #[derive(Clone)]
 pub struct SqliteStore {
-    /// The write connection, its queue and its thread.
-    writer: Arc<WriterHandle>,
+    /// The writer, its thread and journal, and the checkpoints: one per
+    /// ledger in a process, shared by every store opened on it.
+    shared: Arc<Shared>,
     /// The read connection (WAL lets it read while the writer writes).
     conn: Arc<Mutex<Connection>>,
+}
+
+struct Shared {
+    writer: Arc<Writer>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Stops the checkpoint thread when the last store handle is dropped.
-    _checkpoints: Arc<Checkpoints>,
+    _checkpoints: Checkpoints,
     /// Counts the writer's commits: the dashboard's cue to refresh.
     commits: tokio::sync::watch::Receiver<u64>,
-    /// Calls admitted and not yet settled: the writer writes inline only
-    /// when this is low (see [`write::Writer`]).
-    open_calls: Arc<std::sync::atomic::AtomicI64>,
+    /// The ledger's owner lock (see [`journal`]), released last.
+    owner: Option<std::fs::File>,
 }
 
-/// Open calls up to which a caller writes its own job.
-const INLINE_UP_TO: i64 = 2;
-
-/// Closes the writer (its thread ends) when the last store handle is dropped.
-struct WriterHandle(Arc<Writer>);
-
-impl Drop for WriterHandle {
+/// Commits what is queued and waits for the writer's thread to end when the
+/// last store handle on a ledger is dropped, so that the ledger can be
+/// opened again at once.
+impl Drop for Shared {
     fn drop(&mut self) {
-        self.0.close();
+        self.writer.close();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
     }
 }
+
+/// The ledgers open in this process, by canonical path.
+static OPEN: Mutex<Vec<(std::path::PathBuf, std::sync::Weak<Shared>)>> = Mutex::new(Vec::new());
 
 /// Moves WAL checkpoints off the writer: SQLite's automatic checkpoint runs
 /// inside the commit that crosses 1,000 pages, and every call queued behind
@@ -292,7 +305,10 @@ fn connect(path: &Path) -> Result<Connection, StoreError> {
 
 impl SqliteStore {
     /// Open (creating if needed) and migrate the database at `path`, and
-    /// set up its writer.
+    /// set up its writer. The first store opened on a ledger while no other
+    /// process has it owns it: it replays the call journal a crash left and
+    /// then writes. Later stores in the same process share its writer. A
+    /// store opened while another process owns the ledger reads only.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
@@ -300,24 +316,76 @@ impl SqliteStore {
         }
         let mut writer = connect(path)?;
         migrate(&mut writer)?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let mut open = OPEN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        open.retain(|(_, shared)| shared.strong_count() > 0);
+        if let Some(shared) = open
+            .iter()
+            .find(|(p, _)| *p == canonical)
+            .and_then(|(_, shared)| shared.upgrade())
+        {
+            return Ok(SqliteStore {
+                shared,
+                conn: Arc::new(Mutex::new(writer)),
+            });
+        }
+        let owner = journal::lock(path)
+            .map_err(|e| StoreError(format!("{}: the ledger's lock: {e}", path.display())))?;
+        let journal = match owner {
+            Some(_) => {
+                let (records, unreadable) = journal::read(path).map_err(|e| {
+                    StoreError(format!("{}: the call journal: {e}", path.display()))
+                })?;
+                if unreadable > 0 {
+                    tracing::warn!(
+                        lines = unreadable,
+                        "the call journal had lines cut short by a crash; they were never acknowledged"
+                    );
+                }
+                if !records.is_empty() {
+                    tracing::info!(records = records.len(), "replaying the call journal");
+                    write::replay(&mut writer, records)?;
+                }
+                Some(journal::Journal::open_empty(path).map_err(|e| {
+                    StoreError(format!("{}: the call journal: {e}", path.display()))
+                })?)
+            }
+            None => None,
+        };
+        let next_id: i64 =
+            writer.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM requests", [], |r| {
+                r.get(0)
+            })?;
         writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         let reader = connect(path)?;
         let (committed, commits) = tokio::sync::watch::channel(0u64);
-        let writer = Writer::start(writer, committed)
+        let (writer, thread) = Writer::start(writer, journal, next_id, committed)
             .map_err(|e| StoreError(format!("store writer thread: {e}")))?;
-        Ok(SqliteStore {
-            writer: Arc::new(WriterHandle(writer)),
-            conn: Arc::new(Mutex::new(reader)),
-            _checkpoints: Arc::new(Checkpoints::start(path)?),
+        let shared = Arc::new(Shared {
+            writer,
+            thread: Mutex::new(Some(thread)),
+            _checkpoints: Checkpoints::start(path)?,
             commits,
-            open_calls: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            owner,
+        });
+        open.push((canonical, Arc::downgrade(&shared)));
+        Ok(SqliteStore {
+            shared,
+            conn: Arc::new(Mutex::new(reader)),
         })
     }
 
+    /// Run `f` on the read connection, once the writes queued before it are
+    /// committed.
     fn with<T>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, rusqlite::Error>,
     ) -> Result<T, StoreError> {
+        self.shared.writer.sync();
         let mut conn = self
             .conn
             .lock()
@@ -325,67 +393,49 @@ impl SqliteStore {
         Ok(f(&mut conn)?)
     }
 
-    fn submit(&self, job: Job) -> Result<(), StoreError> {
-        use std::sync::atomic::Ordering;
-        match &job {
-            Job::Admit(..) => {
-                self.open_calls.fetch_add(1, Ordering::Relaxed);
-            }
-            Job::Settle(..) => {
-                self.open_calls.fetch_sub(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
-        let inline = self.open_calls.load(Ordering::Relaxed) <= INLINE_UP_TO;
-        self.writer.0.submit(job, inline);
-        Ok(())
+    /// Whether this process owns the ledger (and so may write to it).
+    pub fn owns(&self) -> bool {
+        self.shared.owner.is_some()
     }
 
-    async fn ask<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.submit(job(Reply::Async(tx)))?;
-        rx.await
-            .map_err(|_| StoreError("the store writer has stopped".into()))?
-            .map_err(StoreError)
+    fn submit(&self, job: Job) -> Result<(), StoreError> {
+        self.shared.writer.submit(job).map_err(StoreError)
     }
 
     fn ask_blocking<T>(&self, job: impl FnOnce(Reply<T>) -> Job) -> Result<T, StoreError> {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit(job(Reply::Blocking(tx)))?;
+        self.submit(job(Reply(tx)))?;
         rx.recv()
             .map_err(|_| StoreError("the store writer has stopped".into()))?
             .map_err(StoreError)
     }
 
-    /// Record an admitted call as pending, durably; returns its id.
-    pub async fn admit_async(&self, a: Admitted) -> Result<i64, StoreError> {
-        self.ask(|reply| Job::Admit(a, reply)).await
-    }
-
-    /// The same, for callers outside the async runtime.
-    pub fn admit(&self, a: &Admitted) -> Result<i64, StoreError> {
-        self.ask_blocking(|reply| Job::Admit(a.clone(), reply))
+    /// Record an admitted call as pending, durably (in the journal: see
+    /// [`journal`]); returns its id.
+    pub fn admit(&self, a: Admitted) -> Result<i64, StoreError> {
+        let id = self.shared.writer.next_id();
+        self.shared
+            .writer
+            .journal(Job::Admit(id, a))
+            .map_err(StoreError)?;
+        Ok(id)
     }
 
     /// Record a refused call (no tokens, nothing reserved), durably.
-    pub async fn refuse_async(&self, a: Admitted, status: u16) -> Result<(), StoreError> {
-        self.ask(|reply| Job::Refuse(a, status, reply)).await
+    pub fn refuse(&self, a: Admitted, status: u16) -> Result<(), StoreError> {
+        let id = self.shared.writer.next_id();
+        self.shared
+            .writer
+            .journal(Job::Refuse(id, a, status))
+            .map_err(StoreError)
     }
 
     /// Settle a pending call and add it to its day's totals, durably.
-    pub async fn settle_async(&self, id: i64, s: Settled) -> Result<(), StoreError> {
-        self.ask(|reply| Job::Settle(id, s, reply)).await
-    }
-
-    /// The same, for callers outside the async runtime.
-    pub fn settle(&self, id: i64, s: &Settled) -> Result<(), StoreError> {
-        self.ask_blocking(|reply| Job::Settle(id, s.clone(), reply))
-    }
-
-    /// Settle without waiting for the commit (a stream that ended, a client
-    /// that hung up: nobody is waiting for an answer).
-    pub fn settle_nowait(&self, id: i64, s: Settled) -> Result<(), StoreError> {
-        self.submit(Job::Settle(id, s, Reply::None))
+    pub fn settle(&self, id: i64, s: Settled) -> Result<(), StoreError> {
+        self.shared
+            .writer
+            .journal(Job::Settle(id, s))
+            .map_err(StoreError)
     }
 
     /// Settle every call left pending by a crash as `interrupted`: a free-lane
@@ -430,7 +480,7 @@ impl SqliteStore {
 
     /// A receiver that changes after every commit of the writer.
     pub fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.commits.clone()
+        self.shared.commits.clone()
     }
 
     pub fn recover(&self) -> Result<usize, StoreError> {
@@ -690,7 +740,7 @@ mod tests {
         let path = dir.join("ledger.db");
         let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
         let a = store
-            .admit(&admitted("free", 100, true))
+            .admit(admitted("free", 100, true))
             .unwrap_or_else(|e| panic!("{e}"));
         let settled = Settled {
             input: 40,
@@ -699,16 +749,20 @@ mod tests {
             status: 200,
             ..Settled::default()
         };
-        store.settle(a, &settled).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .settle(a, settled.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
         // Settling twice changes nothing.
-        store.settle(a, &settled).unwrap_or_else(|e| panic!("{e}"));
+        store
+            .settle(a, settled.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
         let b = store
-            .admit(&admitted("billed", 0, false))
+            .admit(admitted("billed", 0, false))
             .unwrap_or_else(|e| panic!("{e}"));
         store
             .settle(
                 b,
-                &Settled {
+                Settled {
                     input: 10,
                     output: 5,
                     cost_pico: 999,
@@ -719,7 +773,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         // Left pending, as by a crash.
         store
-            .admit(&admitted("free", 70, true))
+            .admit(admitted("free", 70, true))
             .unwrap_or_else(|e| panic!("{e}"));
         drop(store);
 
@@ -733,6 +787,132 @@ mod tests {
             (t.free_tokens, t.billed_tokens, t.cost_pico, t.requests),
             (60 + 70, 15, 999, 3)
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn temp_ledger(name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("tw-store-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("ledger.db");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_journal_left_by_a_crash_is_replayed_once() {
+        let (dir, path) = temp_ledger("replay");
+        // What a process killed before its writer committed leaves behind:
+        // the journal, and a ledger that has not seen those calls.
+        drop(SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}")));
+        let settled = Settled {
+            input: 40,
+            output: 20,
+            free: true,
+            status: 200,
+            ..Settled::default()
+        };
+        let records = |j: &mut journal::Journal| {
+            let a = admitted("free", 100, true);
+            j.append(1, journal::Entry::Admit(1, &a))
+                .unwrap_or_else(|e| panic!("{e}"));
+            j.append(2, journal::Entry::Admit(2, &a))
+                .unwrap_or_else(|e| panic!("{e}"));
+            j.append(
+                3,
+                journal::Entry::Refuse(3, &admitted("refused", 0, false), 429),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            j.append(4, journal::Entry::Settle(1, &settled))
+                .unwrap_or_else(|e| panic!("{e}"));
+        };
+        let mut j = journal::Journal::open_empty(&path).unwrap_or_else(|e| panic!("{e}"));
+        records(&mut j);
+        drop(j);
+        let check = |store: &SqliteStore| {
+            assert_eq!(store.count_requests("settled").unwrap_or_default(), 2);
+            assert_eq!(store.count_requests("interrupted").unwrap_or_default(), 1);
+            let totals = store.daily(Day(20_000)).unwrap_or_else(|e| panic!("{e}"));
+            let t = &totals[0];
+            // 60 settled free tokens, and the interrupted call's 100 reserved.
+            assert_eq!((t.free_tokens, t.requests), (160, 3));
+        };
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.recover().unwrap_or_else(|e| panic!("{e}")), 1);
+        check(&store);
+        // New calls take ids after the replayed ones.
+        let next = store
+            .admit(admitted("free", 1, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(next, 4);
+        store
+            .settle(next, settled.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+        // The same records replayed again (as if the crash came after the
+        // writer's commit) change nothing.
+        let mut j = journal::Journal::open_empty(&path).unwrap_or_else(|e| panic!("{e}"));
+        records(&mut j);
+        drop(j);
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.recover().unwrap_or_else(|e| panic!("{e}")), 0);
+        assert_eq!(store.count_requests("settled").unwrap_or_default(), 3);
+        let totals = store.daily(Day(20_000)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((totals[0].free_tokens, totals[0].requests), (220, 4));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_ledger_another_process_owns_is_open_for_reading_only() {
+        let (dir, path) = temp_ledger("owned");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let id = store
+            .admit(admitted("free", 5, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(store);
+        // Another process's lock (flock locks conflict between open files).
+        let other = journal::lock(&path)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .unwrap_or_else(|| panic!("not locked"));
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.count_requests("pending").unwrap_or_default(), 1);
+        let refused = store.admit(admitted("free", 5, true));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("another tokenwarden process")),
+            "{refused:?}"
+        );
+        assert!(!store.owns());
+        assert!(store.recover().is_err());
+        assert!(store.settle(id, Settled::default()).is_err());
+        drop(store);
+        drop(other);
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.recover().unwrap_or_default(), 1);
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn stores_opened_in_one_process_share_the_writer_and_read_its_writes() {
+        let (dir, path) = temp_ledger("shared");
+        let first = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let second = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let a = first
+            .admit(admitted("free", 5, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let b = second
+            .admit(admitted("free", 5, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b, a + 1);
+        // Read at once, through either: the read waits for the commit.
+        assert_eq!(second.count_requests("pending").unwrap_or_default(), 2);
+        first
+            .settle(a, Settled::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(second.count_requests("settled").unwrap_or_default(), 1);
+        drop((first, second));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

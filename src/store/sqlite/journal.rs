@@ -1,0 +1,466 @@
+//! The call journal: what makes a call durable before its row is in SQLite.
+//!
+//! A call's pending row, its settlement and a refusal are each appended to
+//! the journal as one line of JSON, in one `write`, before the caller goes
+//! on; the writer thread then commits them to SQLite in batches, off the
+//! request's path. A line in the page cache survives the process dying
+//! (`kill -9`), as a SQLite commit with `synchronous = NORMAL` does, for the
+//! cost of one system call instead of a transaction (pages, checksums, file
+//! locks). The next owner of the ledger replays what the journal holds; each
+//! record applies at most once (rows carry their id, a settlement applies to
+//! a pending row only), so records already committed change nothing.
+//!
+//! Two files take turns: once the active one passes [`ROTATE_AT`] bytes,
+//! appends move to the other, and the full one is emptied as soon as the
+//! writer has committed its last record. A third file, `-calls.lock`, is held
+//! locked by the process that owns the ledger for as long as it has it open.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::day::Day;
+use crate::store::{Admitted, Settled};
+
+/// Bytes after which appends move to the other file.
+pub(super) const ROTATE_AT: u64 = 4 << 20;
+
+/// A record to append.
+pub(super) enum Entry<'a> {
+    Admit(i64, &'a Admitted),
+    Refuse(i64, &'a Admitted, u16),
+    Settle(i64, &'a Settled),
+}
+
+/// A record read back.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Replayed {
+    Admit(i64, Admitted),
+    Refuse(i64, Admitted, u16),
+    Settle(i64, Settled),
+}
+
+/// The journal of the ledger at some path: its two files.
+pub(super) struct Journal {
+    files: [File; 2],
+    /// The file appends go to.
+    active: usize,
+    /// Bytes appended to each file since it was last emptied.
+    size: [u64; 2],
+    /// The last sequence number appended to each file.
+    last: [u64; 2],
+    /// The inactive file holds records not yet committed.
+    draining: bool,
+    buf: Vec<u8>,
+}
+
+fn file_path(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// The journal's files next to the ledger at `db`.
+pub(super) fn paths(db: &Path) -> [PathBuf; 2] {
+    [file_path(db, "-calls.0"), file_path(db, "-calls.1")]
+}
+
+/// Take the ledger's owner lock, if no other process holds it. `None`: a
+/// live process owns the ledger.
+pub(super) fn lock(db: &Path) -> std::io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(file_path(db, "-calls.lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+#[derive(Serialize)]
+struct AdmittedOut<'a> {
+    started_ms: i64,
+    day: i64,
+    org: &'a str,
+    project: &'a str,
+    key_id: &'a str,
+    endpoint: &'a str,
+    requested_model: &'a str,
+    served_model: &'a str,
+    group: Option<&'a str>,
+    decision: &'a str,
+    reserved: u64,
+    free_lane: bool,
+    streamed: bool,
+    shared: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SettledRecord {
+    served_model: Option<String>,
+    input: u64,
+    cached: u64,
+    output: u64,
+    reasoning: u64,
+    free: bool,
+    cost_pico: u64,
+    status: u16,
+    latency_ms: u64,
+    estimated: bool,
+}
+
+#[derive(Serialize)]
+struct Out<'a> {
+    seq: u64,
+    id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admitted: Option<AdmittedOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    settled: Option<SettledRecord>,
+}
+
+#[derive(Deserialize)]
+struct AdmittedIn {
+    started_ms: i64,
+    day: i64,
+    org: String,
+    project: String,
+    key_id: String,
+    endpoint: String,
+    requested_model: String,
+    served_model: String,
+    group: Option<String>,
+    decision: String,
+    reserved: u64,
+    free_lane: bool,
+    streamed: bool,
+    shared: bool,
+}
+
+#[derive(Deserialize)]
+struct In {
+    seq: u64,
+    id: i64,
+    admitted: Option<AdmittedIn>,
+    refused: Option<u16>,
+    settled: Option<SettledRecord>,
+}
+
+/// The ledger's columns hold these as text; the row keeps `&'static str`.
+fn intern(s: String, known: &[&'static str]) -> &'static str {
+    known
+        .iter()
+        .copied()
+        .find(|k| *k == s)
+        .unwrap_or_else(|| Box::leak(s.into_boxed_str()))
+}
+
+const ENDPOINTS: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/responses",
+    "/v1/completions",
+    "/v1/embeddings",
+];
+const DECISIONS: &[&str] = &["free", "billed", "clamped", "downgraded", "refused"];
+
+impl AdmittedIn {
+    fn into_admitted(self) -> Admitted {
+        Admitted {
+            started_ms: self.started_ms,
+            day: Day(self.day),
+            org: self.org,
+            project: self.project,
+            key_id: self.key_id,
+            endpoint: intern(self.endpoint, ENDPOINTS),
+            requested_model: self.requested_model,
+            served_model: self.served_model,
+            group: self.group,
+            decision: intern(self.decision, DECISIONS),
+            reserved: self.reserved,
+            free_lane: self.free_lane,
+            streamed: self.streamed,
+            shared: self.shared,
+        }
+    }
+}
+
+fn admitted_out(a: &Admitted) -> AdmittedOut<'_> {
+    AdmittedOut {
+        started_ms: a.started_ms,
+        day: a.day.0,
+        org: &a.org,
+        project: &a.project,
+        key_id: &a.key_id,
+        endpoint: a.endpoint,
+        requested_model: &a.requested_model,
+        served_model: &a.served_model,
+        group: a.group.as_deref(),
+        decision: a.decision,
+        reserved: a.reserved,
+        free_lane: a.free_lane,
+        streamed: a.streamed,
+        shared: a.shared,
+    }
+}
+
+fn settled_record(s: &Settled) -> SettledRecord {
+    SettledRecord {
+        served_model: s.served_model.clone(),
+        input: s.input,
+        cached: s.cached,
+        output: s.output,
+        reasoning: s.reasoning,
+        free: s.free,
+        cost_pico: s.cost_pico,
+        status: s.status,
+        latency_ms: s.latency_ms,
+        estimated: s.estimated,
+    }
+}
+
+impl From<SettledRecord> for Settled {
+    fn from(r: SettledRecord) -> Self {
+        Settled {
+            served_model: r.served_model,
+            input: r.input,
+            cached: r.cached,
+            output: r.output,
+            reasoning: r.reasoning,
+            free: r.free,
+            cost_pico: r.cost_pico,
+            status: r.status,
+            latency_ms: r.latency_ms,
+            estimated: r.estimated,
+        }
+    }
+}
+
+/// Every record the journal of `db` holds, in the order they were appended,
+/// and how many lines could not be read (a line cut short by a crash in the
+/// middle of its `write`, which the caller never saw succeed).
+pub(super) fn read(db: &Path) -> std::io::Result<(Vec<Replayed>, usize)> {
+    let mut records = Vec::new();
+    let mut unreadable = 0;
+    for path in paths(db) {
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+            match serde_json::from_slice::<In>(line) {
+                Ok(r) => records.push(r),
+                Err(_) => unreadable += 1,
+            }
+        }
+    }
+    records.sort_by_key(|r| r.seq);
+    let replayed = records
+        .into_iter()
+        .filter_map(|r| match (r.admitted, r.refused, r.settled) {
+            (Some(a), None, None) => Some(Replayed::Admit(r.id, a.into_admitted())),
+            (Some(a), Some(status), None) => {
+                Some(Replayed::Refuse(r.id, a.into_admitted(), status))
+            }
+            (None, None, Some(s)) => Some(Replayed::Settle(r.id, s.into())),
+            _ => {
+                unreadable += 1;
+                None
+            }
+        })
+        .collect();
+    Ok((replayed, unreadable))
+}
+
+impl Journal {
+    /// Open the journal of `db` for appending, emptied: the caller has
+    /// replayed what it held.
+    pub(super) fn open_empty(db: &Path) -> std::io::Result<Self> {
+        let open = |path: &Path| {
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            file.set_len(0)?;
+            Ok::<_, std::io::Error>(file)
+        };
+        let [a, b] = paths(db);
+        Ok(Journal {
+            files: [open(&a)?, open(&b)?],
+            active: 0,
+            size: [0; 2],
+            last: [0; 2],
+            draining: false,
+            buf: Vec::with_capacity(512),
+        })
+    }
+
+    /// Append one record, in one `write`.
+    pub(super) fn append(&mut self, seq: u64, entry: Entry<'_>) -> std::io::Result<()> {
+        let out = match entry {
+            Entry::Admit(id, a) => Out {
+                seq,
+                id,
+                admitted: Some(admitted_out(a)),
+                refused: None,
+                settled: None,
+            },
+            Entry::Refuse(id, a, status) => Out {
+                seq,
+                id,
+                admitted: Some(admitted_out(a)),
+                refused: Some(status),
+                settled: None,
+            },
+            Entry::Settle(id, s) => Out {
+                seq,
+                id,
+                admitted: None,
+                refused: None,
+                settled: Some(settled_record(s)),
+            },
+        };
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, &out).map_err(std::io::Error::other)?;
+        self.buf.push(b'\n');
+        let file = &mut self.files[self.active];
+        if let Err(e) = file.write_all(&self.buf) {
+            // Whatever part of the line was written is cut off by the next
+            // record's line feed and read back as unreadable, never as a call.
+            let _ = file.write_all(b"\n");
+            return Err(e);
+        }
+        self.size[self.active] += self.buf.len() as u64;
+        self.last[self.active] = seq;
+        Ok(())
+    }
+
+    /// After the writer has committed every record up to `committed`: switch
+    /// files when the active one is full and the other is empty. Returns the
+    /// file to empty now (every record in it is committed), if any.
+    pub(super) fn after_commit(&mut self, committed: u64) -> Option<File> {
+        let other = 1 - self.active;
+        if self.draining && self.last[other] <= committed {
+            self.draining = false;
+            self.size[other] = 0;
+            return self.files[other].try_clone().ok();
+        }
+        if !self.draining && self.size[self.active] >= ROTATE_AT {
+            self.active = other;
+            self.draining = true;
+        }
+        None
+    }
+
+    /// Empty both files: every record is committed (a clean shutdown).
+    pub(super) fn clear(&mut self) {
+        for (file, size) in self.files.iter().zip(self.size.iter_mut()) {
+            if file.set_len(0).is_ok() {
+                *size = 0;
+            }
+        }
+        self.draining = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admitted() -> Admitted {
+        Admitted {
+            started_ms: 7,
+            day: Day(20_000),
+            org: "acme \"quoted\"\n".into(),
+            project: "web".into(),
+            key_id: "k1".into(),
+            endpoint: "/v1/responses",
+            requested_model: "gpt-4o".into(),
+            served_model: "gpt-4o-mini".into(),
+            group: None,
+            decision: "downgraded",
+            reserved: 123,
+            free_lane: true,
+            streamed: true,
+            shared: false,
+        }
+    }
+
+    fn dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tw-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        dir
+    }
+
+    #[test]
+    fn records_read_back_in_order_and_a_torn_line_is_skipped() {
+        let dir = dir("roundtrip");
+        let db = dir.join("ledger.db");
+        let settled = Settled {
+            served_model: Some("gpt-4o-mini-2024-07-18".into()),
+            input: 10,
+            cached: 2,
+            output: 5,
+            reasoning: 1,
+            free: true,
+            cost_pico: 0,
+            status: 200,
+            latency_ms: 9,
+            estimated: true,
+        };
+        let mut j = Journal::open_empty(&db).unwrap_or_else(|e| panic!("{e}"));
+        j.append(1, Entry::Admit(41, &admitted()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        j.append(2, Entry::Refuse(42, &admitted(), 429))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Later records may sit in the other file.
+        j.active = 1;
+        j.append(3, Entry::Settle(41, &settled))
+            .unwrap_or_else(|e| panic!("{e}"));
+        // A crash in the middle of a write.
+        j.files[1]
+            .write_all(b"{\"seq\":4,\"id\":43,\"admi")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (records, unreadable) = read(&db).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            records,
+            vec![
+                Replayed::Admit(41, admitted()),
+                Replayed::Refuse(42, admitted(), 429),
+                Replayed::Settle(41, settled),
+            ]
+        );
+        assert_eq!(unreadable, 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_full_file_is_emptied_once_its_records_are_committed() {
+        let dir = dir("rotate");
+        let db = dir.join("ledger.db");
+        let mut j = Journal::open_empty(&db).unwrap_or_else(|e| panic!("{e}"));
+        let mut seq = 0;
+        while j.size[0] < ROTATE_AT {
+            seq += 1;
+            j.append(seq, Entry::Admit(seq as i64, &admitted()))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(j.after_commit(seq - 1).is_none());
+        // Appends now go to the second file; the first still holds records
+        // not committed.
+        assert_eq!(j.active, 1);
+        j.append(seq + 1, Entry::Admit(0, &admitted()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(j.after_commit(seq - 1).is_none());
+        let full = j.after_commit(seq).unwrap_or_else(|| panic!("not emptied"));
+        full.set_len(0).unwrap_or_else(|e| panic!("{e}"));
+        let (records, _) = read(&db).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(records, vec![Replayed::Admit(0, admitted())]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
