@@ -87,9 +87,7 @@ pub struct Gateway {
     pub ledger: Mutex<Ledger>,
     pub store: SqliteStore,
     /// One connection pool for every upstream.
-    pub client: reqwest::Client,
-    /// Each upstream's base URL, parsed once (a call sets only its path).
-    pub upstream_urls: std::collections::HashMap<String, reqwest::Url>,
+    pub client: upstream::Client,
     pub clock: Arc<dyn Clock>,
     pub metrics: metrics::Metrics,
     /// Which alerts fired today.
@@ -128,8 +126,10 @@ impl Gateway {
         let delivery = match (webhooks, tokio::runtime::Handle::try_current()) {
             (true, Ok(_)) => {
                 let store = store.clone();
+                let webhook = upstream::webhook_client(&config)
+                    .map_err(|e| StoreError::from_message(format!("http client: {e}")))?;
                 Some(crate::alerts::Delivery::start(
-                    client.clone(),
+                    webhook,
                     Arc::new(move |fired, attempts, delivered| {
                         if let Err(e) = store.alert_delivered_nowait(fired, attempts, delivered) {
                             tracing::error!(error = %e, "could not record an alert's delivery");
@@ -143,17 +143,11 @@ impl Gateway {
             }
             (false, _) => None,
         };
-        let upstream_urls = config
-            .upstreams
-            .iter()
-            .filter_map(|(name, u)| Some((name.clone(), reqwest::Url::parse(&u.base_url).ok()?)))
-            .collect();
         let gateway = Arc::new(Gateway {
             keys,
             ledger: Mutex::new(Ledger::new()),
             store,
             client,
-            upstream_urls,
             clock,
             config,
             metrics: metrics::Metrics::default(),

@@ -124,7 +124,7 @@ pub async fn passthrough(
         Ok(response) => {
             let status = response.status();
             let headers = upstream::response_headers(response.headers());
-            let mut out = Response::new(Body::from_stream(response.bytes_stream()));
+            let mut out = Response::new(Body::from_stream(response.into_stream()));
             *out.status_mut() = status;
             *out.headers_mut() = headers;
             out
@@ -535,7 +535,7 @@ async fn metered(
     let mut out_headers = upstream::response_headers(response.headers());
     let is_stream = response
         .headers()
-        .get(reqwest::header::CONTENT_TYPE)
+        .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
 
@@ -550,7 +550,7 @@ async fn metered(
     let upstream_body = match response.bytes().await {
         Ok(bytes) => bytes,
         Err(e) => {
-            let error = if e.is_timeout() {
+            let error = if matches!(e, upstream::BodyError::Timeout) {
                 ApiError::GatewayTimeout
             } else {
                 ApiError::BadGateway("The upstream answer was cut short.".into())

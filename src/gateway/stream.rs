@@ -135,7 +135,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     memchr::memmem::find(haystack, needle).is_some()
 }
 
-type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type Upstream = super::upstream::BodyStream;
 
 pub struct Tap {
     /// Settled when the stream ends; if the tap is dropped first, its drop settles.
@@ -167,7 +167,7 @@ pub struct Tap {
 impl Tap {
     pub fn new(
         call: Call,
-        upstream: reqwest::Response,
+        upstream: super::upstream::Answer,
         endpoint: Endpoint,
         client_wants_usage: bool,
     ) -> Self {
@@ -175,7 +175,7 @@ impl Tap {
             capture: call.captures(),
             completed: None,
             call: Some(call),
-            upstream: Box::pin(upstream.bytes_stream()),
+            upstream: upstream.into_stream(),
             endpoint,
             buffer: BytesMut::new(),
             client_wants_usage,
@@ -320,7 +320,7 @@ impl Stream for Tap {
             return Poll::Ready(None);
         }
         loop {
-            match this.upstream.as_mut().poll_next(cx) {
+            match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.buffer.extend_from_slice(&chunk);
@@ -337,7 +337,7 @@ impl Stream for Tap {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     // Upstream cut the stream: settle with an estimate and cut the client's too.
-                    tracing::warn!(error = %e.without_url(), "upstream stream ended abruptly");
+                    tracing::warn!(error = %e, "upstream stream ended abruptly");
                     this.ended = true;
                     this.finish(200, false);
                     return Poll::Ready(Some(Err(std::io::Error::other(
