@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
 use axum::{Extension, Json};
@@ -147,15 +147,17 @@ fn free_token_headers(gateway: &Gateway, headers: &mut HeaderMap, pool: Option<P
         (Some(pool), Ok(ledger)) => ledger.state(pool, cap).left(),
         _ => 0,
     };
+    // Constants: a name made from a string at run time is validated each time.
+    const LIMIT: HeaderName = HeaderName::from_static("x-free-tokens-limit");
+    const REMAINING: HeaderName = HeaderName::from_static("x-free-tokens-remaining");
+    const RESET: HeaderName = HeaderName::from_static("x-free-tokens-reset");
     let limit = if pool.is_some() { cap } else { 0 };
     for (name, value) in [
-        ("x-free-tokens-limit", limit),
-        ("x-free-tokens-remaining", remaining),
-        ("x-free-tokens-reset", gateway.seconds_to_reset()),
+        (LIMIT, limit),
+        (REMAINING, remaining),
+        (RESET, gateway.seconds_to_reset()),
     ] {
-        if let Ok(value) = HeaderValue::from_str(&value.to_string()) {
-            headers.insert(name, value);
-        }
+        headers.insert(name, HeaderValue::from(value));
     }
 }
 
@@ -443,7 +445,8 @@ async fn metered(
 
     // Always ask for the usage chunk; remember whether the client did.
     let client_wants_usage = value
-        .pointer("/stream_options/include_usage")
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
     if stream

@@ -18,8 +18,13 @@ use super::call::{Call, Outcome};
 use crate::meter::Usage;
 use crate::tokens::request::Endpoint;
 
-fn number(value: &Value, pointer: &str) -> u64 {
-    value.pointer(pointer).and_then(Value::as_u64).unwrap_or(0)
+/// The number at `path` (object keys; `Value::pointer` would parse and
+/// unescape a pointer string on every call).
+fn number(value: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .try_fold(value, |v, key| v.get(key))
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
 }
 
 /// The usage object of a body, chunk or Responses object.
@@ -29,16 +34,16 @@ pub fn usage_of(endpoint: Endpoint, usage: &Value) -> Option<Usage> {
     }
     Some(match endpoint {
         Endpoint::Responses => Usage {
-            input: number(usage, "/input_tokens"),
-            cached: number(usage, "/input_tokens_details/cached_tokens"),
-            output: number(usage, "/output_tokens"),
-            reasoning: number(usage, "/output_tokens_details/reasoning_tokens"),
+            input: number(usage, &["input_tokens"]),
+            cached: number(usage, &["input_tokens_details", "cached_tokens"]),
+            output: number(usage, &["output_tokens"]),
+            reasoning: number(usage, &["output_tokens_details", "reasoning_tokens"]),
         },
         _ => Usage {
-            input: number(usage, "/prompt_tokens"),
-            cached: number(usage, "/prompt_tokens_details/cached_tokens"),
-            output: number(usage, "/completion_tokens"),
-            reasoning: number(usage, "/completion_tokens_details/reasoning_tokens"),
+            input: number(usage, &["prompt_tokens"]),
+            cached: number(usage, &["prompt_tokens_details", "cached_tokens"]),
+            output: number(usage, &["completion_tokens"]),
+            reasoning: number(usage, &["completion_tokens_details", "reasoning_tokens"]),
         },
     })
 }
