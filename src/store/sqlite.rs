@@ -915,4 +915,65 @@ mod tests {
         drop((first, second));
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_call_settled_in_the_batch_of_its_admission_is_written_the_same() {
+        let (dir, path) = temp_ledger("merged");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let settled = Settled {
+            served_model: Some("gpt-4o-2024-08-06".into()),
+            input: 40,
+            cached: 8,
+            output: 20,
+            reasoning: 3,
+            free: false,
+            cost_pico: 1234,
+            status: 200,
+            latency_ms: 7,
+            estimated: true,
+        };
+        // Admitted and settled in one batch (no read in between)...
+        let a = store
+            .admit(admitted("billed", 0, false))
+            .unwrap_or_else(|e| panic!("{e}"));
+        store
+            .settle(a, settled.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // ...and in two (the read waits for the first commit).
+        let b = store
+            .admit(admitted("billed", 0, false))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.count_requests("pending").unwrap_or_default(), 1);
+        store
+            .settle(b, settled.clone())
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Every column but the id.
+        let rows: Vec<Vec<rusqlite::types::Value>> = store
+            .with(|conn| {
+                let mut statement = conn.prepare("SELECT * FROM requests ORDER BY id")?;
+                let columns = statement.column_count();
+                let rows = statement
+                    .query_map([], |r| (1..columns).map(|i| r.get(i)).collect())?
+                    .collect();
+                rows
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], rows[1]);
+        let record = &store.recent(1).unwrap_or_else(|e| panic!("{e}"))[0];
+        assert_eq!((record.id, record.state.as_str()), (b, "settled"));
+        assert_eq!(record.served_model, "gpt-4o-2024-08-06");
+        assert!(a < b);
+        let totals = store.daily(Day(20_000)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (
+                totals[0].billed_tokens,
+                totals[0].cost_pico,
+                totals[0].requests
+            ),
+            (120, 2468, 2)
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
