@@ -976,4 +976,41 @@ mod tests {
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    #[test]
+    fn a_failed_write_keeps_the_journal_for_the_next_start() {
+        let (dir, path) = temp_ledger("failed");
+        drop(SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}")));
+        let trigger = |sql: &str| {
+            Connection::open(&path)
+                .and_then(|c| c.execute_batch(sql))
+                .unwrap_or_else(|e| panic!("{e}"));
+        };
+        trigger("CREATE TRIGGER refuse BEFORE INSERT ON requests BEGIN SELECT RAISE(ABORT, 'disk trouble'); END;");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let id = store
+            .admit(admitted("free", 9, true))
+            .unwrap_or_else(|e| panic!("{e}"));
+        store
+            .settle(
+                id,
+                Settled {
+                    input: 4,
+                    output: 5,
+                    free: true,
+                    status: 200,
+                    ..Settled::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.count_requests("settled").unwrap_or(1), 0);
+        drop(store);
+        trigger("DROP TRIGGER refuse;");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(store.count_requests("settled").unwrap_or_default(), 1);
+        let totals = store.daily(Day(20_000)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((totals[0].free_tokens, totals[0].requests), (9, 1));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -75,6 +75,9 @@ struct Queue {
     hurry: bool,
     /// The last store handle is gone: the thread commits what is left and ends.
     closed: bool,
+    /// A write failed: the journal is never emptied, so that the next start
+    /// replays what the ledger may lack.
+    keep_journal: bool,
 }
 
 const NOT_OWNER: &str =
@@ -101,6 +104,7 @@ impl Writer {
                 idle: false,
                 hurry: false,
                 closed: false,
+                keep_journal: false,
             }),
             ready: Condvar::new(),
             done: Condvar::new(),
@@ -197,8 +201,10 @@ impl Writer {
                 }
                 state.idle = false;
                 if state.jobs.is_empty() {
-                    if let Some(journal) = state.journal.as_mut() {
-                        journal.clear();
+                    if !state.keep_journal {
+                        if let Some(journal) = state.journal.as_mut() {
+                            journal.clear();
+                        }
                     }
                     return;
                 }
@@ -215,13 +221,23 @@ impl Writer {
                 (state.jobs.drain(..n).collect::<Vec<Job>>(), upto)
             };
             let mut conn = lock(&self.conn);
-            write_batch(&mut conn, batch);
+            let written = write_batch(&mut conn, batch);
             drop(conn);
             let empty = {
                 let mut state = lock(&self.state);
                 state.committed = upto;
                 self.done.notify_all();
-                state.journal.as_mut().and_then(|j| j.after_commit(upto))
+                if !written && !state.keep_journal {
+                    tracing::error!(
+                        "the call journal is kept as it is until the next start, which replays it"
+                    );
+                    state.keep_journal = true;
+                }
+                if state.keep_journal {
+                    None
+                } else {
+                    state.journal.as_mut().and_then(|j| j.after_commit(upto))
+                }
             };
             if let Some(file) = empty {
                 if let Err(e) = file.set_len(0) {
@@ -259,8 +275,8 @@ pub(super) fn replay(
 
 /// Apply a batch in one transaction, commit, then answer each job. If the
 /// batch fails, each job is retried alone so that one bad write cannot fail
-/// the others.
-fn write_batch(conn: &mut Connection, batch: Vec<Job>) {
+/// the others. Returns whether every job was written.
+fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
     let together = (|| -> Result<Vec<Done>, rusqlite::Error> {
         let tx = conn.transaction()?;
         // A call admitted and settled within one batch (most whole answers,
@@ -302,8 +318,10 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) {
             for (job, done) in batch.into_iter().zip(done) {
                 answer(job, Ok(done));
             }
+            true
         }
         Err(_) => {
+            let mut all = true;
             for job in batch {
                 let alone = (|| -> Result<Done, rusqlite::Error> {
                     let tx = conn.transaction()?;
@@ -313,9 +331,11 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) {
                 })();
                 if let Err(e) = &alone {
                     tracing::error!(error = %e, "a ledger write failed");
+                    all = false;
                 }
                 answer(job, alone.map_err(|e| e.to_string()));
             }
+            all
         }
     }
 }
