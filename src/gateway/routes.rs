@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::call::{Call, Labels, Outcome};
 use super::error::ApiError;
-use super::stream::{body_text, usage_of, Tap};
+use super::stream::{body_text, usage_of, Tap, UsageFields};
 use super::{upstream, Gateway};
 use crate::catalog::ModelRef;
 use crate::config::Guard;
@@ -295,7 +295,7 @@ fn set_output_cap(endpoint: Endpoint, body: &mut Value, total: u64) {
 /// The two fields of an upstream answer that settling needs.
 #[derive(serde::Deserialize)]
 struct UsageAndModel {
-    usage: Option<Value>,
+    usage: Option<UsageFields>,
     model: Option<String>,
 }
 
@@ -576,7 +576,7 @@ async fn metered(
         let usage = head
             .as_ref()
             .and_then(|h| h.usage.as_ref())
-            .and_then(|u| usage_of(endpoint, u));
+            .map(|u| u.usage(endpoint));
         match (head, usage) {
             (Some(head), Some(usage)) => Outcome {
                 usage: Some(usage),

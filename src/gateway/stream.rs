@@ -48,6 +48,50 @@ pub fn usage_of(endpoint: Endpoint, usage: &Value) -> Option<Usage> {
     })
 }
 
+/// A usage object read straight into its numbers (no `Value` built): the
+/// same result as [`usage_of`] on an object whose numbers are all unsigned
+/// integers; anything else fails to deserialize, and the caller falls back
+/// to reading a `Value`.
+#[derive(serde::Deserialize)]
+pub struct UsageFields {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    prompt_tokens_details: Option<Details>,
+    completion_tokens_details: Option<Details>,
+    input_tokens_details: Option<Details>,
+    output_tokens_details: Option<Details>,
+}
+
+#[derive(serde::Deserialize)]
+struct Details {
+    cached_tokens: Option<u64>,
+    reasoning_tokens: Option<u64>,
+}
+
+impl UsageFields {
+    pub fn usage(&self, endpoint: Endpoint) -> Usage {
+        let cached = |d: &Option<Details>| d.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
+        let reasoning =
+            |d: &Option<Details>| d.as_ref().and_then(|d| d.reasoning_tokens).unwrap_or(0);
+        match endpoint {
+            Endpoint::Responses => Usage {
+                input: self.input_tokens.unwrap_or(0),
+                cached: cached(&self.input_tokens_details),
+                output: self.output_tokens.unwrap_or(0),
+                reasoning: reasoning(&self.output_tokens_details),
+            },
+            _ => Usage {
+                input: self.prompt_tokens.unwrap_or(0),
+                cached: cached(&self.prompt_tokens_details),
+                output: self.completion_tokens.unwrap_or(0),
+                reasoning: reasoning(&self.completion_tokens_details),
+            },
+        }
+    }
+}
+
 /// The output text of a whole (non-streamed) body, for an estimate.
 pub fn body_text(endpoint: Endpoint, body: &Value) -> String {
     let mut text = String::new();
@@ -378,6 +422,7 @@ impl Drop for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn events_and_data() {
@@ -450,5 +495,43 @@ mod tests {
             })
         );
         assert_eq!(usage_of(Endpoint::ChatCompletions, &Value::Null), None);
+    }
+
+    #[test]
+    fn usage_fields_read_what_usage_of_reads() {
+        let shapes = [
+            json!({"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
+                   "prompt_tokens_details": {"cached_tokens": 3, "audio_tokens": 0},
+                   "completion_tokens_details": {"reasoning_tokens": 2, "accepted_prediction_tokens": 0}}),
+            json!({"input_tokens": 5, "output_tokens": 9, "total_tokens": 14,
+                   "input_tokens_details": {"cached_tokens": 1},
+                   "output_tokens_details": {"reasoning_tokens": 4}}),
+            json!({"prompt_tokens": 4, "total_tokens": 4}),
+            json!({"prompt_tokens": 4, "prompt_tokens_details": null}),
+            json!({}),
+        ];
+        for usage in shapes {
+            let fields: UsageFields =
+                serde_json::from_value(usage.clone()).unwrap_or_else(|e| panic!("{e}: {usage}"));
+            for endpoint in [
+                Endpoint::ChatCompletions,
+                Endpoint::Responses,
+                Endpoint::Embeddings,
+            ] {
+                assert_eq!(
+                    Some(fields.usage(endpoint)),
+                    usage_of(endpoint, &usage),
+                    "{usage}"
+                );
+            }
+        }
+        // Anything else falls back to the Value path.
+        for odd in [
+            json!({"prompt_tokens": -1}),
+            json!({"prompt_tokens": "4"}),
+            json!([1]),
+        ] {
+            assert!(serde_json::from_value::<UsageFields>(odd).is_err());
+        }
     }
 }
