@@ -1,8 +1,9 @@
 //! The call journal: what makes a call durable before its row is in SQLite.
 //!
 //! A call's pending row, its settlement and a refusal are each appended to
-//! the journal as one line of JSON, in one `write`, before the caller goes
-//! on; the writer thread then commits them to SQLite in batches, off the
+//! the journal as one line of JSON, in one `pwrite` after the previous line
+//! (the files are preallocated, sparse, so a line does not change a file's
+//! size), before the caller goes on; the writer thread then commits them to SQLite in batches, off the
 //! request's path. A line in the page cache survives the process dying
 //! (`kill -9`), as a SQLite commit with `synchronous = NORMAL` does, for the
 //! cost of one system call instead of a transaction (pages, checksums, file
@@ -16,7 +17,6 @@
 //! locked by the process that owns the ledger for as long as it has it open.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +26,19 @@ use crate::store::{Admitted, Settled};
 
 /// Bytes after which appends move to the other file.
 pub(super) const ROTATE_AT: u64 = 4 << 20;
+
+/// Each file's length, set when it is emptied (a sparse file: nothing is
+/// written to disk until a record is). Records are written at their offset
+/// inside it rather than appended, so a record does not change the file's
+/// size (on ext4 a size change is a metadata update, on the call's path).
+/// The bytes after the last record read as zeros.
+const PREALLOCATED: u64 = ROTATE_AT + (1 << 20);
+
+/// Empty a journal file, keeping its preallocated length.
+pub(super) fn empty(file: &File) -> std::io::Result<()> {
+    file.set_len(0)?;
+    file.set_len(PREALLOCATED)
+}
 
 /// A record to append.
 pub(super) enum Entry<'a> {
@@ -254,7 +267,9 @@ pub(super) fn read(db: &Path) -> std::io::Result<(Vec<Replayed>, usize)> {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        for line in text.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        // The preallocated tail (and only it) is zeros.
+        let end = text.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        for line in text[..end].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             match serde_json::from_slice::<In>(line) {
                 Ok(r) => records.push(r),
                 Err(_) => unreadable += 1,
@@ -279,13 +294,30 @@ pub(super) fn read(db: &Path) -> std::io::Result<(Vec<Replayed>, usize)> {
     Ok((replayed, unreadable))
 }
 
+#[cfg(unix)]
+fn write_at(file: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, buf, at)
+}
+
+#[cfg(not(unix))]
+fn write_at(mut file: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
+    use std::io::{Seek, Write};
+    file.seek(std::io::SeekFrom::Start(at))?;
+    file.write_all(buf)
+}
+
 impl Journal {
     /// Open the journal of `db` for appending, emptied: the caller has
     /// replayed what it held.
     pub(super) fn open_empty(db: &Path) -> std::io::Result<Self> {
         let open = |path: &Path| {
-            let file = OpenOptions::new().create(true).append(true).open(path)?;
-            file.set_len(0)?;
+            let file = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(path)?;
+            empty(&file)?;
             Ok::<_, std::io::Error>(file)
         };
         let [a, b] = paths(db);
@@ -324,14 +356,15 @@ impl Journal {
                 settled: Some(settled_record(s)),
             },
         };
+        // Each line starts with its line feed: whatever a failed write left
+        // before it is a line of its own, read back as unreadable, never as
+        // a call.
         self.buf.clear();
-        serde_json::to_writer(&mut self.buf, &out).map_err(std::io::Error::other)?;
         self.buf.push(b'\n');
-        let file = &mut self.files[self.active];
-        if let Err(e) = file.write_all(&self.buf) {
-            // Whatever part of the line was written is cut off by the next
-            // record's line feed and read back as unreadable, never as a call.
-            let _ = file.write_all(b"\n");
+        serde_json::to_writer(&mut self.buf, &out).map_err(std::io::Error::other)?;
+        let at = self.size[self.active];
+        if let Err(e) = write_at(&self.files[self.active], &self.buf, at) {
+            self.size[self.active] += self.buf.len() as u64;
             return Err(e);
         }
         self.size[self.active] += self.buf.len() as u64;
@@ -359,7 +392,7 @@ impl Journal {
     /// Empty both files: every record is committed (a clean shutdown).
     pub(super) fn clear(&mut self) {
         for (file, size) in self.files.iter().zip(self.size.iter_mut()) {
-            if file.set_len(0).is_ok() {
+            if empty(file).is_ok() {
                 *size = 0;
             }
         }
@@ -398,7 +431,7 @@ mod tests {
     }
 
     #[test]
-    fn records_read_back_in_order_and_a_torn_line_is_skipped() {
+    fn records_read_back_in_order_and_a_torn_line_is_skipped_alone() {
         let dir = dir("roundtrip");
         let db = dir.join("ledger.db");
         let settled = Settled {
@@ -422,9 +455,13 @@ mod tests {
         j.active = 1;
         j.append(3, Entry::Settle(41, &settled))
             .unwrap_or_else(|e| panic!("{e}"));
-        // A crash in the middle of a write.
-        j.files[1]
-            .write_all(b"{\"seq\":4,\"id\":43,\"admi")
+        // A write that failed part-way (the disk filled, say): its first
+        // bytes, then zeros up to where the next record goes.
+        let at = j.size[1];
+        write_at(&j.files[1], b"\n{\"seq\":4,\"id\":43,\"admi", at)
+            .unwrap_or_else(|e| panic!("{e}"));
+        j.size[1] += 300;
+        j.append(5, Entry::Admit(44, &admitted()))
             .unwrap_or_else(|e| panic!("{e}"));
         let (records, unreadable) = read(&db).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -433,6 +470,7 @@ mod tests {
                 Replayed::Admit(41, admitted()),
                 Replayed::Refuse(42, admitted(), 429),
                 Replayed::Settle(41, settled),
+                Replayed::Admit(44, admitted()),
             ]
         );
         assert_eq!(unreadable, 1);
@@ -458,7 +496,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(j.after_commit(seq - 1).is_none());
         let full = j.after_commit(seq).unwrap_or_else(|| panic!("not emptied"));
-        full.set_len(0).unwrap_or_else(|e| panic!("{e}"));
+        empty(&full).unwrap_or_else(|e| panic!("{e}"));
         let (records, _) = read(&db).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(records, vec![Replayed::Admit(0, admitted())]);
         let _ = std::fs::remove_dir_all(&dir);

@@ -240,7 +240,7 @@ impl Writer {
                 }
             };
             if let Some(file) = empty {
-                if let Err(e) = file.set_len(0) {
+                if let Err(e) = super::journal::empty(&file) {
                     tracing::warn!(error = %e, "could not empty a call journal file");
                 }
             }
