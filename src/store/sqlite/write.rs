@@ -264,7 +264,7 @@ pub(super) fn replay(
     for record in records {
         match record {
             Replayed::Admit(id, a) => {
-                insert(&tx, id, &a, a.decision, "pending", 0)?;
+                insert(&tx, id, &a, a.decision, "pending", 0, None)?;
             }
             Replayed::Refuse(id, a, status) => refuse(&tx, id, &a, status)?,
             Replayed::Settle(id, s) => settle(&tx, id, &s)?,
@@ -363,7 +363,9 @@ fn answer(job: Job, done: Result<Done, String>) {
 
 fn apply(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Done, rusqlite::Error> {
     match job {
-        Job::Admit(id, a) => insert(tx, *id, a, a.decision, "pending", 0).map(|_| Done::Unit),
+        Job::Admit(id, a) => {
+            insert(tx, *id, a, a.decision, "pending", 0, None).map(|_| Done::Unit)
+        }
         Job::Settle(id, s) => settle(tx, *id, s).map(|()| Done::Unit),
         Job::Refuse(id, a, status) => refuse(tx, *id, a, *status).map(|()| Done::Unit),
         Job::Recover(_) => recover(tx).map(Done::Count),
@@ -422,8 +424,9 @@ fn alert(tx: &rusqlite::Transaction<'_>, f: &Fired) -> Result<(), rusqlite::Erro
 }
 
 /// Insert a call's row under its id; `decision`, `state` and `status` differ
-/// between an admitted call and a refused one. Returns whether the row is
-/// new (a replayed record may already be in the ledger).
+/// between an admitted call, a refused one and one settled in the batch that
+/// admitted it (which brings its usage; the others start at zero). Returns
+/// whether the row is new (a replayed record may already be in the ledger).
 fn insert(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
@@ -431,49 +434,17 @@ fn insert(
     decision: &str,
     state: &str,
     status: u16,
+    settled: Option<&Settled>,
 ) -> Result<bool, rusqlite::Error> {
-    let n = tx.prepare_cached(
-        "INSERT OR IGNORE INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-            served_model, grp, decision, reserved, free_lane, streamed, state, status, shared, id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-    )?
-    .execute(params![
-        a.started_ms,
-        a.day.0,
-        a.org,
-        a.project,
-        a.key_id,
-        a.endpoint,
-        a.requested_model,
-        a.served_model,
-        a.group,
-        decision,
-        as_i64(a.reserved),
-        a.free_lane,
-        a.streamed,
-        state,
-        status,
-        a.shared,
-        id,
-    ])?;
-    Ok(n == 1)
-}
-
-/// A call admitted and settled in the same batch: its row as `settle` would
-/// leave it, written once, and its day's totals.
-fn insert_settled(
-    tx: &rusqlite::Transaction<'_>,
-    id: i64,
-    a: &Admitted,
-    s: &Settled,
-) -> Result<(), rusqlite::Error> {
-    let new = tx
+    let zero = Settled::default();
+    let s = settled.unwrap_or(&zero);
+    let n = tx
         .prepare_cached(
             "INSERT OR IGNORE INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
                 served_model, grp, decision, reserved, free_lane, streamed, state, status, shared, id,
                 input_tokens, cached_tokens, output_tokens, reasoning_tokens, free, cost_pico, latency_ms, estimated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'settled', ?14, ?15, ?16,
-                ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
         )?
         .execute(params![
             a.started_ms,
@@ -485,11 +456,12 @@ fn insert_settled(
             a.requested_model,
             s.served_model.as_deref().unwrap_or(&a.served_model),
             a.group,
-            a.decision,
+            decision,
             as_i64(a.reserved),
             a.free_lane,
             a.streamed,
-            s.status,
+            state,
+            status,
             a.shared,
             id,
             as_i64(s.input),
@@ -501,17 +473,39 @@ fn insert_settled(
             as_i64(s.latency_ms),
             s.estimated,
         ])?;
-    if new == 0 {
+    Ok(n == 1)
+}
+
+/// A call admitted and settled in the same batch: its row as `settle` would
+/// leave it, written once, and its day's totals.
+fn insert_settled(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    a: &Admitted,
+    s: &Settled,
+) -> Result<(), rusqlite::Error> {
+    if !insert(tx, id, a, a.decision, "settled", s.status, Some(s))? {
         // Replayed after its row was written: apply it as a settlement.
         return settle(tx, id, s);
     }
+    add_settled(tx, a.day, &a.org, a.group.as_deref(), s)
+}
+
+/// Add a settled call to its day's totals.
+fn add_settled(
+    tx: &rusqlite::Transaction<'_>,
+    day: Day,
+    org: &str,
+    group: Option<&str>,
+    s: &Settled,
+) -> Result<(), rusqlite::Error> {
     let total = as_i64(s.input.saturating_add(s.output));
     let (free, billed) = if s.free { (total, 0) } else { (0, total) };
     add_daily(
         tx,
-        a.day,
-        &a.org,
-        a.group.as_deref().unwrap_or(""),
+        day,
+        org,
+        group.unwrap_or(""),
         free,
         billed,
         as_i64(s.cost_pico),
@@ -526,7 +520,7 @@ fn refuse(
     a: &Admitted,
     status: u16,
 ) -> Result<(), rusqlite::Error> {
-    if !insert(tx, id, a, "refused", "settled", status)? {
+    if !insert(tx, id, a, "refused", "settled", status, None)? {
         return Ok(());
     }
     add_daily(
@@ -574,18 +568,7 @@ fn settle(tx: &rusqlite::Transaction<'_>, id: i64, s: &Settled) -> Result<(), ru
         as_i64(s.latency_ms),
         s.estimated,
     ])?;
-    let total = as_i64(s.input.saturating_add(s.output));
-    let (free, billed) = if s.free { (total, 0) } else { (0, total) };
-    add_daily(
-        tx,
-        Day(day),
-        &org,
-        group.as_deref().unwrap_or(""),
-        free,
-        billed,
-        as_i64(s.cost_pico),
-        1,
-    )
+    add_settled(tx, Day(day), &org, group.as_deref(), s)
 }
 
 fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, rusqlite::Error> {
