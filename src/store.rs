@@ -54,8 +54,8 @@ pub struct Admitted {
     pub shared: bool,
 }
 
-/// How a call ended.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// How a call ended (serialized as is in the call journal).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settled {
     /// The model upstream says served the call.
     pub served_model: Option<String>,

@@ -218,7 +218,7 @@ pub struct SqliteStore {
 
 struct Shared {
     writer: Arc<Writer>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
     /// Stops the checkpoint thread when the last store handle is dropped.
     _checkpoints: Checkpoints,
     /// Counts the writer's commits: the dashboard's cue to refresh.
@@ -233,12 +233,7 @@ struct Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         self.writer.close();
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(thread) = thread {
+        if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
@@ -367,7 +362,7 @@ impl SqliteStore {
             .map_err(|e| StoreError(format!("store writer thread: {e}")))?;
         let shared = Arc::new(Shared {
             writer,
-            thread: Mutex::new(Some(thread)),
+            thread: Some(thread),
             _checkpoints: Checkpoints::start(path)?,
             commits,
             owner,

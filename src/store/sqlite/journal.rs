@@ -113,20 +113,6 @@ struct AdmittedOut<'a> {
     shared: bool,
 }
 
-#[derive(Serialize, Deserialize)]
-struct SettledRecord {
-    served_model: Option<String>,
-    input: u64,
-    cached: u64,
-    output: u64,
-    reasoning: u64,
-    free: bool,
-    cost_pico: u64,
-    status: u16,
-    latency_ms: u64,
-    estimated: bool,
-}
-
 #[derive(Serialize)]
 struct Out<'a> {
     seq: u64,
@@ -136,7 +122,7 @@ struct Out<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     refused: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    settled: Option<SettledRecord>,
+    settled: Option<&'a Settled>,
 }
 
 #[derive(Deserialize)]
@@ -163,7 +149,7 @@ struct In {
     id: i64,
     admitted: Option<AdmittedIn>,
     refused: Option<u16>,
-    settled: Option<SettledRecord>,
+    settled: Option<Settled>,
 }
 
 /// The ledger's columns hold these as text; the row keeps `&'static str`.
@@ -223,38 +209,6 @@ fn admitted_out(a: &Admitted) -> AdmittedOut<'_> {
     }
 }
 
-fn settled_record(s: &Settled) -> SettledRecord {
-    SettledRecord {
-        served_model: s.served_model.clone(),
-        input: s.input,
-        cached: s.cached,
-        output: s.output,
-        reasoning: s.reasoning,
-        free: s.free,
-        cost_pico: s.cost_pico,
-        status: s.status,
-        latency_ms: s.latency_ms,
-        estimated: s.estimated,
-    }
-}
-
-impl From<SettledRecord> for Settled {
-    fn from(r: SettledRecord) -> Self {
-        Settled {
-            served_model: r.served_model,
-            input: r.input,
-            cached: r.cached,
-            output: r.output,
-            reasoning: r.reasoning,
-            free: r.free,
-            cost_pico: r.cost_pico,
-            status: r.status,
-            latency_ms: r.latency_ms,
-            estimated: r.estimated,
-        }
-    }
-}
-
 /// Every record the journal of `db` holds, in the order they were appended,
 /// and how many lines could not be read (a line cut short by a crash in the
 /// middle of its `write`, which the caller never saw succeed).
@@ -284,7 +238,7 @@ pub(super) fn read(db: &Path) -> std::io::Result<(Vec<Replayed>, usize)> {
             (Some(a), Some(status), None) => {
                 Some(Replayed::Refuse(r.id, a.into_admitted(), status))
             }
-            (None, None, Some(s)) => Some(Replayed::Settle(r.id, s.into())),
+            (None, None, Some(s)) => Some(Replayed::Settle(r.id, s)),
             _ => {
                 unreadable += 1;
                 None
@@ -353,7 +307,7 @@ impl Journal {
                 id,
                 admitted: None,
                 refused: None,
-                settled: Some(settled_record(s)),
+                settled: Some(s),
             },
         };
         // Each line starts with its line feed: whatever a failed write left
