@@ -317,16 +317,24 @@ impl Gateway {
 
 /// The router: every route and its layer, in one place.
 pub fn router(gateway: Arc<Gateway>) -> Router {
+    // Full paths rather than a router nested at /v1: nesting rewrites each
+    // request's URI (a new string per call).
     let v1 = Router::new()
         .route(
-            "/chat/completions",
+            "/v1/chat/completions",
             routes::metered_route(Endpoint::ChatCompletions),
         )
-        .route("/responses", routes::metered_route(Endpoint::Responses))
-        .route("/completions", routes::metered_route(Endpoint::Completions))
-        .route("/embeddings", routes::metered_route(Endpoint::Embeddings))
-        .route("/models", get(routes::models))
-        .fallback(any(routes::passthrough))
+        .route("/v1/responses", routes::metered_route(Endpoint::Responses))
+        .route(
+            "/v1/completions",
+            routes::metered_route(Endpoint::Completions),
+        )
+        .route(
+            "/v1/embeddings",
+            routes::metered_route(Endpoint::Embeddings),
+        )
+        .route("/v1/models", get(routes::models))
+        .route("/v1/{*rest}", any(routes::passthrough))
         // Every /v1 route needs a client key; it runs before the handlers
         // and puts the caller in the request's extensions.
         .layer(axum::middleware::from_fn_with_state(
@@ -335,8 +343,11 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         ));
     // The usage API answers to the admin token, not a client key.
     let admin = Router::new()
-        .route("/organization/usage/completions", get(usage::completions))
-        .route("/organization/costs", get(usage::costs))
+        .route(
+            "/v1/organization/usage/completions",
+            get(usage::completions),
+        )
+        .route("/v1/organization/costs", get(usage::costs))
         .layer(axum::middleware::from_fn_with_state(
             gateway.clone(),
             auth::require_admin,
@@ -352,7 +363,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         ));
     }
     Router::new()
-        .nest("/v1", v1)
+        .merge(v1)
         .merge(metrics)
         .merge(dashboard::routes())
         .route("/healthz", get(routes::healthz))

@@ -63,8 +63,11 @@ pub fn metered_route(endpoint: Endpoint) -> MethodRouter<Arc<Gateway>> {
     post(
         move |State(gateway): State<Arc<Gateway>>,
               Extension(caller): Extension<Caller>,
-              headers: HeaderMap,
-              body: Body| async move {
+              request: Request| async move {
+            // The head is taken apart, not copied (`HeaderMap` as an
+            // extractor would clone every header).
+            let (parts, body) = request.into_parts();
+            let headers = parts.headers;
             let (org, project) = (caller.org, caller.project);
             let metrics_gateway = gateway.clone();
             let response = metered(gateway, caller, endpoint, headers, body)
