@@ -1,6 +1,7 @@
 //! Calls to an upstream: the client's own credentials never leave, the
 //! upstream's key goes only to the upstream, hop-by-hop headers are dropped.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +50,30 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct Client {
     http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
+    /// Each upstream's own headers (its key, organization and project),
+    /// made once; `None` when its key cannot be a header value.
+    headers: Arc<BTreeMap<String, Option<HeaderMap>>>,
+}
+
+/// The headers an upstream gets from the gateway on every call.
+fn upstream_headers(target: &crate::config::Upstream) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    if let Some(key) = &target.api_key {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
+        value.set_sensitive(true);
+        headers.insert(axum::http::header::AUTHORIZATION, value);
+    }
+    if let Some(org) = &target.organization {
+        if let Ok(value) = HeaderValue::from_str(org) {
+            headers.insert("openai-organization", value);
+        }
+    }
+    if let Some(project) = &target.project {
+        if let Ok(value) = HeaderValue::from_str(project) {
+            headers.insert("openai-project", value);
+        }
+    }
+    Some(headers)
 }
 
 /// Build the upstreams' client.
@@ -72,9 +97,15 @@ pub fn client(config: &Config) -> Result<Client, rustls::Error> {
         .pool_idle_timeout(Duration::from_secs(90))
         .pool_timer(TokioTimer::new())
         .build(connector);
+    let headers = config
+        .upstreams
+        .iter()
+        .map(|(name, target)| (name.clone(), upstream_headers(target)))
+        .collect();
     Ok(Client {
         http,
         timeout: config.server.upstream_timeout,
+        headers: Arc::new(headers),
     })
 }
 
@@ -265,21 +296,14 @@ pub async fn send(
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Some(key) = &target.api_key {
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-            .map_err(|_| ApiError::Internal)?;
-        value.set_sensitive(true);
-        headers.insert(axum::http::header::AUTHORIZATION, value);
-    }
-    if let Some(org) = &target.organization {
-        if let Ok(value) = HeaderValue::from_str(org) {
-            headers.insert("openai-organization", value);
-        }
-    }
-    if let Some(project) = &target.project {
-        if let Ok(value) = HeaderValue::from_str(project) {
-            headers.insert("openai-project", value);
-        }
+    let own = gateway
+        .client
+        .headers
+        .get(upstream)
+        .and_then(Option::as_ref)
+        .ok_or(ApiError::Internal)?;
+    for (name, value) in own {
+        headers.insert(name, value.clone());
     }
     let deadline = tokio::time::Instant::now() + gateway.client.timeout;
     match tokio::time::timeout_at(deadline, gateway.client.http.request(request)).await {
