@@ -170,7 +170,13 @@ fn event_end(buf: &[u8]) -> Option<usize> {
 
 /// The `data:` payload of an event, if it has one.
 fn data_of(event: &[u8]) -> Option<&[u8]> {
-    for line in event.split(|&b| b == b'\n') {
+    let mut start = 0;
+    // Line by line, the line feeds found with memchr (an event's data line
+    // is long, and usually its first).
+    let ends = memchr::memchr_iter(b'\n', event).chain(std::iter::once(event.len()));
+    for end in ends {
+        let line = &event[start..end];
+        start = end + 1;
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if let Some(data) = line.strip_prefix(b"data:") {
             return Some(data.strip_prefix(b" ").unwrap_or(data));
@@ -412,16 +418,34 @@ impl Stream for Tap {
             match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.buffer.extend_from_slice(&chunk);
-                    let mut out = BytesMut::new();
-                    while let Some(end) = event_end(&this.buffer) {
-                        let event = this.buffer.split_to(end).freeze();
-                        if this.inspect(&event) {
-                            out.extend_from_slice(&event);
+                    // What is pending: the chunk itself when nothing was
+                    // left over (no copy), else the leftover and the chunk.
+                    let data = if this.buffer.is_empty() {
+                        chunk
+                    } else {
+                        this.buffer.extend_from_slice(&chunk);
+                        this.buffer.split().freeze()
+                    };
+                    // The events passed on are a slice of `data` until one
+                    // is held back; from then on they are copied.
+                    let mut at = 0;
+                    let mut copied: Option<BytesMut> = None;
+                    while let Some(len) = event_end(&data[at..]) {
+                        let event = data.slice(at..at + len);
+                        let pass = this.inspect(&event);
+                        match (&mut copied, pass) {
+                            (Some(out), true) => out.extend_from_slice(&event),
+                            (None, false) => copied = Some(BytesMut::from(&data[..at])),
+                            _ => {}
                         }
+                        at += len;
                     }
+                    if at < data.len() {
+                        this.buffer.extend_from_slice(&data[at..]);
+                    }
+                    let out = copied.map_or_else(|| data.slice(..at), BytesMut::freeze);
                     if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out.freeze())));
+                        return Poll::Ready(Some(Ok(out)));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -474,6 +498,9 @@ mod tests {
             Some(&b"{\"a\":1}"[..])
         );
         assert_eq!(data_of(b": keep-alive\n\n"), None);
+        assert_eq!(data_of(b"id: 1\r\ndata:{}\r\n\r\n"), Some(&b"{}"[..]));
+        assert_eq!(data_of(b"data: [DONE]"), Some(&b"[DONE]"[..]));
+        assert_eq!(data_of(b""), None);
     }
 
     /// `event_end` finds what the two-pattern search it replaced found, on
