@@ -23,12 +23,14 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   [ -f "$dir/nginx.pid" ] && kill "$(cat "$dir/nginx.pid")" 2>/dev/null || true
+  [ -f "$dir/nginx2.pid" ] && kill "$(cat "$dir/nginx2.pid")" 2>/dev/null || true
   rm -rf "$dir"
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 UP_JSON=$(free_port); UP_SSE=$(free_port); PROXY_JSON=$(free_port); PROXY_SSE=$(free_port); GW=$(free_port)
+PROXY2_JSON=$(free_port); PROXY2_SSE=$(free_port)
 
 # nginx: two upstreams answering from memory, two plain reverse proxies in front of them.
 cat > "$dir/nginx.conf" <<NGINX
@@ -52,6 +54,27 @@ http {
 }
 NGINX
 nginx -c "$dir/nginx.conf"
+
+# The same reverse proxy in a process of its own. The one above runs in the
+# upstream's own worker, so a call through it never wakes another process;
+# a gateway (this one, TensorZero) is a process of its own and pays two more
+# wake-ups a call, as this proxy does.
+cat > "$dir/nginx2.conf" <<NGINX
+worker_processes 1;
+pid $dir/nginx2.pid;
+error_log $dir/nginx2-error.log;
+daemon on;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream json_up { server 127.0.0.1:$UP_JSON; keepalive 256; }
+  upstream sse_up { server 127.0.0.1:$UP_SSE; keepalive 256; }
+  server { listen 127.0.0.1:$PROXY2_JSON; location / { proxy_pass http://json_up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  server { listen 127.0.0.1:$PROXY2_SSE; location / { proxy_pass http://sse_up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
+}
+NGINX
+nginx -c "$dir/nginx2.conf"
 
 # The simulated upstream, streaming slowly: for holding 1,000 streams open.
 SIM=$(free_port)
@@ -95,7 +118,7 @@ target/release/tokenwarden serve --config "$dir/tokenwarden.toml" >"$dir/gw.out"
 gw_pid=$!; pids+=("$gw_pid")
 for _ in $(seq 50); do grep -q listening "$dir/gw.out" 2>/dev/null && break; sleep 0.1; done
 
-nginx_worker() { pgrep -P "$(cat "$dir/nginx.pid")" | head -n 1; }
+nginx_worker() { pgrep -P "$(cat "$dir/${1:-nginx}.pid")" | head -n 1; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 
@@ -171,10 +194,11 @@ fi
 echo "| target | calls/s at 32 connections | p50 one call at a time | p50 µs at 1,000/s | p99 µs at 1,000/s | CPU µs per call | RSS MB | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for kind in json sse; do
-  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy=$PROXY_JSON; key=$KEY_JSON
-  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; key=$KEY_SSE; fi
+  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy=$PROXY_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
+  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
   row "direct to upstream ($kind)" "http://127.0.0.1:$up/v1/chat/completions" "$body" "$key" -
   row "nginx proxy_pass ($kind)" "http://127.0.0.1:$proxy/v1/chat/completions" "$body" "$key" "$(nginx_worker)"
+  row "nginx proxy_pass, own process ($kind)" "http://127.0.0.1:$proxy2/v1/chat/completions" "$body" "$key" "$(nginx_worker nginx2)"
   row "tokenwarden ($kind)" "http://127.0.0.1:$GW/v1/chat/completions" "$body" "$key" "$gw_pid"
   if [ -n "$tz_base" ]; then
     tz_body=$dir/tz-gpt-4o-mini.json; [ "$kind" = sse ] && tz_body=$dir/tz-sse-stream.json

@@ -302,6 +302,30 @@ struct UsageAndModel {
     model: Option<String>,
 }
 
+/// `body`, a JSON object without `stream_options`, with
+/// `"stream_options":{"include_usage":true}` added as its first member: the
+/// client's bytes otherwise as they came, instead of the parsed body
+/// serialized again (which costs as much as the prompt is long).
+fn with_usage_asked(body: &[u8]) -> Option<Bytes> {
+    const MEMBER: &[u8] = br#""stream_options":{"include_usage":true}"#;
+    let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+    if body[open] != b'{' {
+        return None;
+    }
+    let empty = body[open + 1..]
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'}');
+    let mut out = Vec::with_capacity(body.len() + MEMBER.len() + 1);
+    out.extend_from_slice(&body[..=open]);
+    out.extend_from_slice(MEMBER);
+    if !empty {
+        out.push(b',');
+    }
+    out.extend_from_slice(&body[open + 1..]);
+    Some(Bytes::from(out))
+}
+
 async fn metered(
     gateway: Arc<Gateway>,
     caller: Caller,
@@ -452,6 +476,7 @@ async fn metered(
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let mut splice_usage = false;
     if stream
         && !client_wants_usage
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
@@ -462,13 +487,20 @@ async fn metered(
         {
             Some(options) => {
                 options.insert("include_usage".into(), Value::Bool(true));
+                modified = true;
             }
-            None => value["stream_options"] = json!({"include_usage": true}),
+            // The usual case: the member is added to the client's own bytes.
+            None if !modified => splice_usage = true,
+            None => {
+                value["stream_options"] = json!({"include_usage": true});
+                modified = true;
+            }
         }
-        modified = true;
     }
     let body = if modified {
         Bytes::from(serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?)
+    } else if splice_usage {
+        with_usage_asked(&bytes).ok_or(ApiError::Internal)?
     } else {
         bytes
     };
@@ -620,4 +652,35 @@ async fn metered(
     *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     *out.headers_mut() = out_headers;
     Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_asked_for_in_the_clients_own_bytes() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"{ Hi }"}]}"#,
+            " \n\t{ \"model\" : \"gpt-4o\", \"stream\": true }\n",
+            "{}",
+            "{ }",
+        ] {
+            let spliced = with_usage_asked(body.as_bytes()).unwrap();
+            let mut expected: Value = serde_json::from_str(body).unwrap();
+            expected["stream_options"] = json!({"include_usage": true});
+            let got: Value = serde_json::from_slice(&spliced).unwrap();
+            assert_eq!(got, expected, "{body}");
+            // Everything the client sent is still there, byte for byte.
+            let text = std::str::from_utf8(&spliced).unwrap();
+            assert_eq!(
+                text.replacen(r#""stream_options":{"include_usage":true}"#, "", 1)
+                    .replacen("{,", "{", 1),
+                body
+            );
+        }
+        assert!(with_usage_asked(b"[1]").is_none());
+        assert!(with_usage_asked(b"  ").is_none());
+    }
 }

@@ -34,8 +34,11 @@ impl<T> Reply<T> {
 
 /// How long the writer gathers jobs before a commit, unless a reader or a
 /// caller waiting for an answer is in a hurry. Durability does not wait for
-/// it: the journal has each call before its caller goes on.
-const GATHER: std::time::Duration = std::time::Duration::from_millis(5);
+/// it: the journal has each call before its caller goes on. 20 ms rather
+/// than 5: at 1,000 calls/s the writer's thread then used 0.9% of a core
+/// instead of 2.4%, and the calls' p99 was lower in four alternated rounds
+/// of four (the commits run beside the calls on the same two cores).
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The writer: one connection, a queue, and a thread that commits whatever
 /// has queued up in one transaction (group commit).
