@@ -481,17 +481,16 @@ async fn metered(
         && !client_wants_usage
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
     {
-        match value
-            .get_mut("stream_options")
-            .and_then(Value::as_object_mut)
-        {
-            Some(options) => {
+        match value.get_mut("stream_options") {
+            Some(Value::Object(options)) => {
                 options.insert("include_usage".into(), Value::Bool(true));
                 modified = true;
             }
-            // The usual case: the member is added to the client's own bytes.
+            // The usual case: the member is added to the client's own bytes
+            // (only when absent: a second `stream_options` would be ambiguous).
             None if !modified => splice_usage = true,
-            None => {
+            // Absent from a body rewritten anyway, or `null`.
+            _ => {
                 value["stream_options"] = json!({"include_usage": true});
                 modified = true;
             }

@@ -139,11 +139,21 @@ async fn a_call_is_metered_settled_and_reported_in_headers() {
 #[tokio::test]
 async fn streams_hide_the_usage_chunk_unless_asked_and_are_settled() {
     let h = start("stream", &config(1_000, "")).await;
-    for asked in [false, true] {
+    // Not asked: no `stream_options` (the gateway adds it to the client's
+    // bytes), `null`, an object without the flag, the flag false.
+    let options = [
+        None,
+        Some(json!(null)),
+        Some(json!({})),
+        Some(json!({"include_usage": false})),
+        Some(json!({"include_usage": true})),
+    ];
+    for option in &options {
+        let asked = option.as_ref().is_some_and(|o| o["include_usage"] == true);
         let mut body = chat("gpt-4o", 16);
         body["stream"] = json!(true);
-        if asked {
-            body["stream_options"] = json!({"include_usage": true});
+        if let Some(option) = option {
+            body["stream_options"] = option.clone();
         }
         let text = h
             .post("/chat/completions", BILL)
@@ -176,7 +186,12 @@ async fn streams_hide_the_usage_chunk_unless_asked_and_are_settled() {
         }
     }
     h.settled().await;
-    assert_eq!(h.free_used("acme", "flagship"), 50);
+    // Each settled with the usage upstream reported, none estimated.
+    let calls = options.len() as u64;
+    let records = h.gateway.store.recent(calls).unwrap_or_default();
+    assert_eq!(records.len() as u64, calls);
+    assert!(records.iter().all(|r| !r.estimated), "{records:?}");
+    assert_eq!(h.free_used("acme", "flagship"), 25 * calls);
 }
 
 #[tokio::test]
