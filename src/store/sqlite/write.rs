@@ -44,7 +44,7 @@ const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
 /// call at a time, 20 ms) keeps the core for several hundred microseconds,
 /// and a gateway worker woken onto that core waited behind it. One call at
 /// a time, p99 was 613-778 µs without the yields and 353-388 with them
-/// (gathering for 5 ms: 415-463 and 332).
+/// (gathering for 5 ms: 415-463 and 332-501).
 const YIELD_AFTER: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// The writer: one connection, a queue, and a thread that commits whatever
