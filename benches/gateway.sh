@@ -32,11 +32,13 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 UP_JSON=$(free_port); UP_SSE=$(free_port); PROXY_JSON=$(free_port); PROXY_SSE=$(free_port); GW=$(free_port)
 PROXY2_JSON=$(free_port); PROXY2_SSE=$(free_port)
 
-# nginx: two upstreams answering from memory, two plain reverse proxies in front of them.
-cat > "$dir/nginx.conf" <<NGINX
+# nginx: two upstreams answering from memory, and plain reverse proxies in
+# front of them. One nginx config: its name, then its servers.
+nginx_conf() {
+  cat > "$dir/$1.conf" <<NGINX
 worker_processes 1;
-pid $dir/nginx.pid;
-error_log $dir/nginx-error.log;
+pid $dir/$1.pid;
+error_log $dir/$1-error.log;
 daemon on;
 events { worker_connections 8192; }
 http {
@@ -44,37 +46,26 @@ http {
   keepalive_requests 1000000;
   upstream json_up { server 127.0.0.1:$UP_JSON; keepalive 256; }
   upstream sse_up { server 127.0.0.1:$UP_SSE; keepalive 256; }
-  # Static files answer POST with 405; error_page turns that into the file (as a GET).
-  server { listen 127.0.0.1:$UP_JSON; types { } default_type application/json;
+$2
+}
+NGINX
+  nginx -c "$dir/$1.conf"
+}
+proxies() { # json port, sse port
+  echo "  server { listen 127.0.0.1:$1; location / { proxy_pass http://json_up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+  echo "  server { listen 127.0.0.1:$2; location / { proxy_pass http://sse_up; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_buffering off; } }"
+}
+# Static files answer POST with 405; error_page turns that into the file (as a GET).
+nginx_conf nginx "  server { listen 127.0.0.1:$UP_JSON; types { } default_type application/json;
            location / { root $repo/benches/fixtures; try_files /chat.json =404; error_page 405 =200 \$uri; } }
-  server { listen 127.0.0.1:$UP_SSE; types { } default_type "text/event-stream; charset=utf-8";
+  server { listen 127.0.0.1:$UP_SSE; types { } default_type \"text/event-stream; charset=utf-8\";
            location / { root $repo/benches/fixtures; try_files /chat.sse =404; error_page 405 =200 \$uri; } }
-  server { listen 127.0.0.1:$PROXY_JSON; location / { proxy_pass http://json_up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-  server { listen 127.0.0.1:$PROXY_SSE; location / { proxy_pass http://sse_up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
-}
-NGINX
-nginx -c "$dir/nginx.conf"
-
-# The same reverse proxy in a process of its own. The one above runs in the
-# upstream's own worker, so a call through it never wakes another process;
-# a gateway (this one, TensorZero) is a process of its own and pays two more
-# wake-ups a call, as this proxy does.
-cat > "$dir/nginx2.conf" <<NGINX
-worker_processes 1;
-pid $dir/nginx2.pid;
-error_log $dir/nginx2-error.log;
-daemon on;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  keepalive_requests 1000000;
-  upstream json_up { server 127.0.0.1:$UP_JSON; keepalive 256; }
-  upstream sse_up { server 127.0.0.1:$UP_SSE; keepalive 256; }
-  server { listen 127.0.0.1:$PROXY2_JSON; location / { proxy_pass http://json_up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-  server { listen 127.0.0.1:$PROXY2_SSE; location / { proxy_pass http://sse_up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; } }
-}
-NGINX
-nginx -c "$dir/nginx2.conf"
+$(proxies "$PROXY_JSON" "$PROXY_SSE")"
+# The same reverse proxies in a process of their own. The ones above run in
+# the upstream's own worker, so a call through them never wakes another
+# process; a gateway (this one, TensorZero) is a process of its own and
+# pays two more wake-ups a call, as these do.
+nginx_conf nginx2 "$(proxies "$PROXY2_JSON" "$PROXY2_SSE")"
 
 # The simulated upstream, streaming slowly: for holding 1,000 streams open.
 SIM=$(free_port)
