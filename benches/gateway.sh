@@ -199,6 +199,34 @@ for kind in json sse; do
   fi
 done
 
+# Added latency one call at a time, interleaved: direct, the own-process
+# proxy and tokenwarden take turns (2 s of `wrk -c1` each, ONE_ROUNDS rounds),
+# so that the machine's drift between runs falls out of each round's
+# difference; the table gives every round's difference and their median.
+ONE_ROUNDS=${ONE_ROUNDS:-5}
+one_p50() { # url -> p50 in µs
+  wrk -t1 -c1 -d2s --latency -s "$dir/post.lua" "$1" |
+    awk '/^ +50%/ {v = $2; if (v ~ /ms$/) {sub("ms", "", v); v *= 1000} else {sub("us", "", v)}; print v + 0}'
+}
+median() { tr ' ' '\n' | grep . | sort -n | awk '{a[NR] = $1} END {print (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2}'; }
+echo
+echo "| added one call at a time, interleaved | tokenwarden - direct, each round (µs) | median | nginx own process - direct, each round | median |"
+echo "|---|---|---:|---|---:|"
+for kind in json sse; do
+  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
+  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
+  wrk_lua "$body" "$key"
+  tw_added=; ng_added=
+  for _ in $(seq "$ONE_ROUNDS"); do
+    d=$(one_p50 "http://127.0.0.1:$up/v1/chat/completions")
+    n=$(one_p50 "http://127.0.0.1:$proxy2/v1/chat/completions")
+    t=$(one_p50 "http://127.0.0.1:$GW/v1/chat/completions")
+    tw_added="$tw_added $(awk -v a="$t" -v b="$d" 'BEGIN {print a - b}')"
+    ng_added="$ng_added $(awk -v a="$n" -v b="$d" 'BEGIN {print a - b}')"
+  done
+  printf '| %s |%s | %s |%s | %s |\n' "$kind" "$tw_added" "$(median <<<"$tw_added")" "$ng_added" "$(median <<<"$ng_added")"
+done
+
 # Memory with 1,000 streams open at once (upstream: the simulator, 100 ms a token).
 ulimit -n 65536 2>/dev/null || true
 hold() { # name, port, path, key, body, pid

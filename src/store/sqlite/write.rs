@@ -271,15 +271,17 @@ pub(super) fn replay(
 ) -> Result<(), rusqlite::Error> {
     use super::journal::Replayed;
     let tx = conn.transaction()?;
+    let mut daily = Daily::default();
     for record in records {
         match record {
             Replayed::Admit(id, a) => {
                 insert(&tx, id, &a, a.decision, "pending", 0, None)?;
             }
-            Replayed::Refuse(id, a, status) => refuse(&tx, id, &a, status)?,
-            Replayed::Settle(id, s) => settle(&tx, id, &s)?,
+            Replayed::Refuse(id, a, status) => refuse(&tx, id, &a, status, &mut daily)?,
+            Replayed::Settle(id, s) => settle(&tx, id, &s, &mut daily)?,
         }
     }
+    daily.write(&tx)?;
     tx.commit()
 }
 
@@ -309,6 +311,7 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
                 }
             }
         }
+        let mut daily = Daily::default();
         let mut turn = std::time::Instant::now();
         let done = batch
             .iter()
@@ -320,13 +323,14 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
             })
             .map(|job| match job {
                 Job::Admit(id, a) => match settled.get(id) {
-                    Some(s) => insert_settled(&tx, *id, a, s).map(|()| Done::Unit),
-                    None => apply(&tx, job),
+                    Some(s) => insert_settled(&tx, *id, a, s, &mut daily).map(|()| Done::Unit),
+                    None => apply(&tx, job, &mut daily),
                 },
                 Job::Settle(id, _) if settled.contains_key(id) => Ok(Done::Unit),
-                _ => apply(&tx, job),
+                _ => apply(&tx, job, &mut daily),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        daily.write(&tx)?;
         tx.commit()?;
         Ok(done)
     })();
@@ -342,7 +346,9 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
             for job in batch {
                 let alone = (|| -> Result<Done, rusqlite::Error> {
                     let tx = conn.transaction()?;
-                    let done = apply(&tx, &job)?;
+                    let mut daily = Daily::default();
+                    let done = apply(&tx, &job, &mut daily)?;
+                    daily.write(&tx)?;
                     tx.commit()?;
                     Ok(done)
                 })();
@@ -378,14 +384,18 @@ fn answer(job: Job, done: Result<Done, String>) {
     }
 }
 
-fn apply(tx: &rusqlite::Transaction<'_>, job: &Job) -> Result<Done, rusqlite::Error> {
+fn apply(
+    tx: &rusqlite::Transaction<'_>,
+    job: &Job,
+    daily: &mut Daily,
+) -> Result<Done, rusqlite::Error> {
     match job {
         Job::Admit(id, a) => {
             insert(tx, *id, a, a.decision, "pending", 0, None).map(|_| Done::Unit)
         }
-        Job::Settle(id, s) => settle(tx, *id, s).map(|()| Done::Unit),
-        Job::Refuse(id, a, status) => refuse(tx, *id, a, *status).map(|()| Done::Unit),
-        Job::Recover(_) => recover(tx).map(Done::Count),
+        Job::Settle(id, s) => settle(tx, *id, s, daily).map(|()| Done::Unit),
+        Job::Refuse(id, a, status) => refuse(tx, *id, a, *status, daily).map(|()| Done::Unit),
+        Job::Recover(_) => recover(tx, daily).map(Done::Count),
         Job::Alert(f) => alert(tx, f).map(|()| Done::Unit),
         Job::Capture(c) => tx
             .prepare_cached(
@@ -500,34 +510,26 @@ fn insert_settled(
     id: i64,
     a: &Admitted,
     s: &Settled,
+    daily: &mut Daily,
 ) -> Result<(), rusqlite::Error> {
     if !insert(tx, id, a, a.decision, "settled", s.status, Some(s))? {
         // Replayed after its row was written: apply it as a settlement.
-        return settle(tx, id, s);
+        return settle(tx, id, s, daily);
     }
-    add_settled(tx, a.day, &a.org, a.group.as_deref(), s)
+    add_settled(daily, a.day, &a.org, a.group.as_deref(), s);
+    Ok(())
 }
 
 /// Add a settled call to its day's totals.
-fn add_settled(
-    tx: &rusqlite::Transaction<'_>,
-    day: Day,
-    org: &str,
-    group: Option<&str>,
-    s: &Settled,
-) -> Result<(), rusqlite::Error> {
+fn add_settled(daily: &mut Daily, day: Day, org: &str, group: Option<&str>, s: &Settled) {
     let total = as_i64(s.input.saturating_add(s.output));
     let (free, billed) = if s.free { (total, 0) } else { (0, total) };
-    add_daily(
-        tx,
+    daily.add(
         day,
         org,
         group.unwrap_or(""),
-        free,
-        billed,
-        as_i64(s.cost_pico),
-        1,
-    )
+        [free, billed, as_i64(s.cost_pico), 1],
+    );
 }
 
 /// A refused call: settled at once, nothing reserved or used.
@@ -536,24 +538,26 @@ fn refuse(
     id: i64,
     a: &Admitted,
     status: u16,
+    daily: &mut Daily,
 ) -> Result<(), rusqlite::Error> {
-    if !insert(tx, id, a, "refused", "settled", status, None)? {
-        return Ok(());
+    if insert(tx, id, a, "refused", "settled", status, None)? {
+        daily.add(
+            a.day,
+            &a.org,
+            a.group.as_deref().unwrap_or(""),
+            [0, 0, 0, 1],
+        );
     }
-    add_daily(
-        tx,
-        a.day,
-        &a.org,
-        a.group.as_deref().unwrap_or(""),
-        0,
-        0,
-        0,
-        1,
-    )
+    Ok(())
 }
 
 /// Settle a pending call and add it to its day's totals; settling twice changes nothing.
-fn settle(tx: &rusqlite::Transaction<'_>, id: i64, s: &Settled) -> Result<(), rusqlite::Error> {
+fn settle(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    s: &Settled,
+    daily: &mut Daily,
+) -> Result<(), rusqlite::Error> {
     let row: Option<(i64, String, Option<String>, String)> = tx
         .prepare_cached("SELECT day, org, grp, state FROM requests WHERE id = ?1")?
         .query_row(params![id], |r| {
@@ -585,10 +589,11 @@ fn settle(tx: &rusqlite::Transaction<'_>, id: i64, s: &Settled) -> Result<(), ru
         as_i64(s.latency_ms),
         s.estimated,
     ])?;
-    add_settled(tx, Day(day), &org, group.as_deref(), s)
+    add_settled(daily, Day(day), &org, group.as_deref(), s);
+    Ok(())
 }
 
-fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, rusqlite::Error> {
+fn recover(tx: &rusqlite::Transaction<'_>, daily: &mut Daily) -> Result<usize, rusqlite::Error> {
     let pending: Vec<(i64, i64, String, Option<String>, i64, bool)> = tx
         .prepare(
             "SELECT id, day, org, grp, reserved, free_lane FROM requests WHERE state = 'pending'",
@@ -610,40 +615,48 @@ fn recover(tx: &rusqlite::Transaction<'_>) -> Result<usize, rusqlite::Error> {
             "UPDATE requests SET state = 'interrupted', estimated = 1, free = ?2, input_tokens = ?3 WHERE id = ?1",
             params![id, *free_lane, free_tokens],
         )?;
-        add_daily(
-            tx,
+        daily.add(
             Day(*day),
             org,
             group.as_deref().unwrap_or(""),
-            free_tokens,
-            0,
-            0,
-            1,
-        )?;
+            [free_tokens, 0, 0, 1],
+        );
     }
     Ok(pending.len())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn add_daily(
-    tx: &rusqlite::Transaction<'_>,
-    day: Day,
-    org: &str,
-    group: &str,
-    free: i64,
-    billed: i64,
-    cost: i64,
-    requests: i64,
-) -> Result<(), rusqlite::Error> {
-    tx.prepare_cached(
-        "INSERT INTO daily (day, org, grp, free_tokens, billed_tokens, cost_pico, requests)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-         ON CONFLICT (day, org, grp) DO UPDATE SET
-            free_tokens = free_tokens + excluded.free_tokens,
-            billed_tokens = billed_tokens + excluded.billed_tokens,
-            cost_pico = cost_pico + excluded.cost_pico,
-            requests = requests + excluded.requests",
-    )?
-    .execute(params![day.0, org, group, free, billed, cost, requests])?;
-    Ok(())
+/// What a transaction adds to the daily totals, per day, org and group
+/// (free tokens, billed tokens, cost, requests), written once per key when
+/// the transaction ends: one upsert per org and group a batch instead of one
+/// per call (a third of the writer's work a call, measured with callgrind).
+#[derive(Default)]
+struct Daily(std::collections::HashMap<(i64, String, String), [i64; 4]>);
+
+impl Daily {
+    fn add(&mut self, day: Day, org: &str, group: &str, add: [i64; 4]) {
+        let sums = self
+            .0
+            .entry((day.0, org.to_owned(), group.to_owned()))
+            .or_default();
+        for (sum, n) in sums.iter_mut().zip(add) {
+            *sum = sum.saturating_add(n);
+        }
+    }
+
+    /// Add the sums to the `daily` table, inside the transaction that made them.
+    fn write(self, tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO daily (day, org, grp, free_tokens, billed_tokens, cost_pico, requests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (day, org, grp) DO UPDATE SET
+                free_tokens = free_tokens + excluded.free_tokens,
+                billed_tokens = billed_tokens + excluded.billed_tokens,
+                cost_pico = cost_pico + excluded.cost_pico,
+                requests = requests + excluded.requests",
+        )?;
+        for ((day, org, group), [free, billed, cost, requests]) in self.0 {
+            upsert.execute(params![day, org, group, free, billed, cost, requests])?;
+        }
+        Ok(())
+    }
 }
