@@ -972,6 +972,70 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A batch's calls are summed per day, org and group before its daily
+    /// upserts; the totals equal the calls one by one, and a later batch
+    /// adds to them.
+    #[test]
+    fn a_batch_sums_its_daily_totals_per_org_and_group() {
+        let (dir, path) = temp_ledger("daily-sums");
+        let store = SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let call = |org: &str, group: &str, free: bool, tokens: u64, cost: u64| {
+            let mut a = admitted("free", 0, free);
+            a.org = org.into();
+            a.group = Some(group.into());
+            let id = store.admit(a).unwrap_or_else(|e| panic!("{e}"));
+            let s = Settled {
+                input: tokens,
+                free,
+                cost_pico: cost,
+                status: 200,
+                ..Settled::default()
+            };
+            store.settle(id, s).unwrap_or_else(|e| panic!("{e}"));
+        };
+        let totals = || {
+            let mut rows: Vec<(String, String, u64, u64, u64, u64)> = store
+                .daily(Day(20_000))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .into_iter()
+                .map(|t| {
+                    (
+                        t.org,
+                        t.group,
+                        t.free_tokens,
+                        t.billed_tokens,
+                        t.cost_pico,
+                        t.requests,
+                    )
+                })
+                .collect();
+            rows.sort();
+            rows
+        };
+        // One batch: no read in between.
+        call("acme", "flagship", true, 100, 0);
+        call("acme", "flagship", false, 50, 10);
+        call("acme", "mini", true, 30, 0);
+        call("globex", "flagship", false, 7, 3);
+        let mut refused = admitted("refused", 0, false);
+        refused.org = "acme".into();
+        store.refuse(refused, 429).unwrap_or_else(|e| panic!("{e}"));
+        let s = |v: &str| v.to_owned();
+        assert_eq!(
+            totals(),
+            vec![
+                (s("acme"), s("flagship"), 100, 50, 10, 3),
+                (s("acme"), s("mini"), 30, 0, 0, 1),
+                (s("globex"), s("flagship"), 0, 7, 3, 1),
+            ]
+        );
+        // The next batch adds to what is there.
+        call("acme", "mini", true, 5, 0);
+        assert_eq!(totals()[1], (s("acme"), s("mini"), 35, 0, 0, 2));
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn a_failed_write_keeps_the_journal_for_the_next_start() {
         let (dir, path) = temp_ledger("failed");
