@@ -81,10 +81,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .unwrap_or(0)
     };
     println!(
-        "{{\"calls\": {}, \"errors\": {errors}, \"p50_us\": {}, \"p99_us\": {}, \"max_us\": {}}}",
+        "{{\"calls\": {}, \"errors\": {errors}, \"p50_us\": {}, \"p90_us\": {}, \"p99_us\": {}, \"p999_us\": {}, \"max_us\": {}}}",
         micros.len(),
         pct(0.50),
+        pct(0.90),
         pct(0.99),
+        pct(0.999),
         micros.last().copied().unwrap_or(0)
     );
     Ok(())
