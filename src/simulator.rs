@@ -317,8 +317,12 @@ async fn serve_call(
         truncated: call.truncated,
     };
     if call.stream {
-        let events = stream_events(&call, &output);
-        let response = stream_response(sim, call, events);
+        // A Responses stream's events are made up front (they repeat the
+        // whole response); chat and completions chunks as the stream
+        // reaches them, so an open stream holds its call, not its events.
+        let made = (call.endpoint == Endpoint::Responses).then(|| response_events(&call, &output));
+        let created = output.created;
+        let response = stream_response(sim, call, id, created, made);
         return with_headers(response, started);
     }
     if !call.ttft.is_zero() {
@@ -351,63 +355,74 @@ async fn serve_call(
     with_headers((StatusCode::OK, Json(body)).into_response(), started)
 }
 
-/// Every event of a streamed call, each a complete SSE frame.
-fn stream_events(call: &Call, output: &Output<'_>) -> Vec<Bytes> {
-    let frame = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
-    let usage = call.include_usage && !call.faults.no_usage;
-    let mut events = Vec::with_capacity(call.output.len() + 4);
-    match call.endpoint {
-        Endpoint::Responses => {
-            for (name, mut data) in output.response_events(call.max_output_tokens) {
-                if call.faults.no_usage {
-                    if let Some(response) = data.get_mut("response").and_then(Value::as_object_mut)
-                    {
-                        response.insert("usage".into(), Value::Null);
-                    }
+/// Every event of a Responses stream, each a complete SSE frame.
+fn response_events(call: &Call, output: &Output<'_>) -> Vec<Bytes> {
+    output
+        .response_events(call.max_output_tokens)
+        .into_iter()
+        .map(|(name, mut data)| {
+            if call.faults.no_usage {
+                if let Some(response) = data.get_mut("response").and_then(Value::as_object_mut) {
+                    response.insert("usage".into(), Value::Null);
                 }
-                events.push(Bytes::from(format!("event: {name}\ndata: {data}\n\n")));
             }
-            return events;
-        }
-        Endpoint::Completions => {
-            for token in &call.output {
-                events.push(frame(&output.text_chunk(token, None)));
-            }
-            events.push(frame(&output.text_finish()));
-            if usage {
-                events.push(frame(&output.text_usage_chunk()));
-            }
-        }
-        _ => {
-            events.push(frame(&output.chat_chunk(
-                json!({"role": "assistant", "content": "", "refusal": null}),
-                None,
-                call.include_usage,
-            )));
-            for token in &call.output {
-                events.push(frame(&output.chat_chunk(
-                    json!({"content": token}),
-                    None,
-                    call.include_usage,
-                )));
-            }
-            events.push(frame(&output.finish_chunk(call.include_usage)));
-            if usage {
-                events.push(frame(&output.chat_usage_chunk()));
-            }
-        }
-    }
-    events.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    events
+            Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
+        })
+        .collect()
 }
 
-fn stream_response(sim: Arc<Simulator>, call: Call, events: Vec<Bytes>) -> Response {
+/// How many events a chat or completions stream has: a chunk per token
+/// (chat first sends the role), the finishing chunk, the usage chunk when
+/// asked for, and `[DONE]`.
+fn chunk_count(call: &Call) -> usize {
+    let usage = call.include_usage && !call.faults.no_usage;
+    let role = usize::from(call.endpoint != Endpoint::Completions);
+    role + call.output.len() + 1 + usize::from(usage) + 1
+}
+
+/// Event `i` of a chat or completions stream, a complete SSE frame.
+fn chunk_event(call: &Call, output: &Output<'_>, i: usize) -> Bytes {
+    let frame = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
+    let tokens = call.output.len();
+    if i + 1 == chunk_count(call) {
+        return Bytes::from_static(b"data: [DONE]\n\n");
+    }
+    if call.endpoint == Endpoint::Completions {
+        return match call.output.get(i) {
+            Some(token) => frame(&output.text_chunk(token, None)),
+            None if i == tokens => frame(&output.text_finish()),
+            None => frame(&output.text_usage_chunk()),
+        };
+    }
+    match i.checked_sub(1).map(|t| call.output.get(t)) {
+        None => frame(&output.chat_chunk(
+            json!({"role": "assistant", "content": "", "refusal": null}),
+            None,
+            call.include_usage,
+        )),
+        Some(Some(token)) => {
+            frame(&output.chat_chunk(json!({"content": token}), None, call.include_usage))
+        }
+        Some(None) if i == tokens + 1 => frame(&output.finish_chunk(call.include_usage)),
+        Some(None) => frame(&output.chat_usage_chunk()),
+    }
+}
+
+/// A streamed answer: `made` holds a Responses stream's events; chat and
+/// completions chunks are made as the stream reaches them.
+fn stream_response(
+    sim: Arc<Simulator>,
+    call: Call,
+    id: String,
+    created: u64,
+    made: Option<Vec<Bytes>>,
+) -> Response {
     let reports_usage =
         !call.faults.no_usage && (call.include_usage || call.endpoint == Endpoint::Responses);
-    let total = events.len();
+    let total = made.as_ref().map_or_else(|| chunk_count(&call), Vec::len);
     let stream = futures_util::stream::unfold(
-        (0usize, sim, call, events),
-        move |(i, sim, call, events)| async move {
+        (0usize, sim, call, id, made),
+        move |(i, sim, call, id, made)| async move {
             if i == total {
                 return None;
             }
@@ -420,7 +435,7 @@ fn stream_response(sim: Arc<Simulator>, call: Call, events: Vec<Bytes>) -> Respo
                 // usual delay, so the events before it have left).
                 return Some((
                     Err(std::io::Error::other("simulated cut")),
-                    (total, sim, call, events),
+                    (total, sim, call, id, made),
                 ));
             }
             if i + 1 == total {
@@ -434,8 +449,21 @@ fn stream_response(sim: Arc<Simulator>, call: Call, events: Vec<Bytes>) -> Respo
                     }
                 });
             }
-            let event = events.get(i).cloned().unwrap_or_default();
-            Some((Ok(event), (i + 1, sim, call, events)))
+            let event = match &made {
+                Some(events) => events.get(i).cloned().unwrap_or_default(),
+                None => {
+                    let output = Output {
+                        id: &id,
+                        created,
+                        model: &call.model,
+                        tokens: &call.output,
+                        prompt_tokens: call.prompt_tokens,
+                        truncated: call.truncated,
+                    };
+                    chunk_event(&call, &output, i)
+                }
+            };
+            Some((Ok(event), (i + 1, sim, call, id, made)))
         },
     );
     let mut response = Response::new(Body::from_stream(stream));
@@ -533,6 +561,92 @@ async fn stats(State(sim): State<Arc<Simulator>>) -> Response {
 mod tests {
     use super::*;
     use crate::tokens::Encoding;
+
+    /// The data of every event of a streamed call to `endpoint`.
+    async fn streamed(endpoint: Endpoint, body: Value) -> Vec<String> {
+        use http_body_util::BodyExt;
+        let sim = Simulator::new(
+            crate::catalog::Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+            SimConfig::default(),
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer sk-test"),
+        );
+        let response = serve_call(sim, endpoint, headers, Bytes::from(body.to_string())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(text.ends_with("\n\n"), "{text}");
+        text.split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| e.strip_prefix("data: ").unwrap_or(e).to_owned())
+            .collect()
+    }
+
+    /// Chat and completions chunks, made one at a time: in OpenAI's order,
+    /// each token once, the usage chunk only when asked for, `[DONE]` last.
+    #[tokio::test]
+    async fn stream_chunks_come_in_openais_order() {
+        for usage in [false, true] {
+            let chat = streamed(
+                Endpoint::ChatCompletions,
+                json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 5,
+                       "stream_options": {"include_usage": usage},
+                       "messages": [{"role": "user", "content": "Hi"}]}),
+            )
+            .await;
+            assert_eq!(chat.len(), 1 + 5 + 1 + usize::from(usage) + 1, "{chat:?}");
+            assert_eq!(chat.last().map(String::as_str), Some("[DONE]"));
+            let chunks: Vec<Value> = chat[..chat.len() - 1]
+                .iter()
+                .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+                .collect();
+            assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+            for chunk in &chunks[1..6] {
+                let token = chunk["choices"][0]["delta"]["content"].as_str();
+                assert!(token.is_some_and(|t| WORDS.contains(&t)), "{chunk}");
+            }
+            assert_eq!(chunks[6]["choices"][0]["finish_reason"], "length");
+            if usage {
+                assert_eq!(chunks[7]["choices"], json!([]));
+                assert_eq!(chunks[7]["usage"]["completion_tokens"], 5);
+            }
+            assert!(chunks
+                .iter()
+                .all(|c| c["id"] == chunks[0]["id"] && c["created"] == chunks[0]["created"]));
+
+            let completions = streamed(
+                Endpoint::Completions,
+                json!({"model": "gpt-3.5-turbo", "stream": true, "max_tokens": 3,
+                       "stream_options": {"include_usage": usage}, "prompt": "Hi"}),
+            )
+            .await;
+            assert_eq!(
+                completions.len(),
+                3 + 1 + usize::from(usage) + 1,
+                "{completions:?}"
+            );
+            assert_eq!(completions.last().map(String::as_str), Some("[DONE]"));
+            let chunks: Vec<Value> = completions[..completions.len() - 1]
+                .iter()
+                .map(|d| serde_json::from_str(d).unwrap_or_else(|e| panic!("{e}: {d}")))
+                .collect();
+            assert!(chunks[..3]
+                .iter()
+                .all(|c| c["choices"][0]["finish_reason"].is_null()));
+            assert_eq!(chunks[3]["choices"][0]["finish_reason"], "length");
+            if usage {
+                assert_eq!(chunks[4]["usage"]["completion_tokens"], 3);
+            }
+        }
+    }
 
     #[test]
     fn every_word_is_one_token_in_both_encodings() {
