@@ -208,6 +208,20 @@ struct Call {
     body: Value,
 }
 
+impl Call {
+    /// What the call produced, as the response shapes read it.
+    fn output<'a>(&'a self, id: &'a str, created: u64) -> Output<'a> {
+        Output {
+            id,
+            created,
+            model: &self.model,
+            tokens: &self.output,
+            prompt_tokens: self.prompt_tokens,
+            truncated: self.truncated,
+        }
+    }
+}
+
 impl Simulator {
     fn plan(
         &self,
@@ -308,14 +322,7 @@ async fn serve_call(
         tokio::time::sleep(stall).await;
     }
     let id = sim.id(endpoint);
-    let output = Output {
-        id: &id,
-        created: now(),
-        model: &call.model,
-        tokens: &call.output,
-        prompt_tokens: call.prompt_tokens,
-        truncated: call.truncated,
-    };
+    let output = call.output(&id, now());
     if call.stream {
         // A Responses stream's events are made up front (they repeat the
         // whole response); chat and completions chunks as the stream
@@ -451,17 +458,7 @@ fn stream_response(
             }
             let event = match &made {
                 Some(events) => events.get(i).cloned().unwrap_or_default(),
-                None => {
-                    let output = Output {
-                        id: &id,
-                        created,
-                        model: &call.model,
-                        tokens: &call.output,
-                        prompt_tokens: call.prompt_tokens,
-                        truncated: call.truncated,
-                    };
-                    chunk_event(&call, &output, i)
-                }
+                None => chunk_event(&call, &call.output(&id, created), i),
             };
             Some((Ok(event), (i + 1, sim, call, id, made)))
         },
