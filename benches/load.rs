@@ -6,7 +6,9 @@
 //! every millisecond, so timing from the scheduled instant would add up to a
 //! millisecond of the loader's own lag to every call.
 //!
-//! `cargo bench --bench load -- URL KEY BODY_FILE RATE SECONDS`
+//! `cargo bench --bench load -- URL KEY BODY_FILE RATE SECONDS`; with
+//! `LOAD_DUMP=FILE` it also writes every call's dispatch time and latency
+//! (µs since the start, µs, 1 if it succeeded), a line each, in dispatch order.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,8 +62,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     _ => false,
                 };
                 let micros = dispatched.elapsed().as_micros() as u64;
+                let at = dispatched.duration_since(start).as_micros() as u64;
                 if let Ok(mut results) = results.lock() {
-                    results.push((micros, ok));
+                    results.push((at, micros, ok));
                 }
             }));
         }
@@ -71,8 +74,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let results = results.lock().map(|r| r.clone()).unwrap_or_default();
         Ok::<_, reqwest::Error>(results)
     })?;
-    let errors = latencies.iter().filter(|(_, ok)| !ok).count();
-    let mut micros: Vec<u64> = latencies.iter().map(|(m, _)| *m).collect();
+    if let Some(path) = std::env::var_os("LOAD_DUMP") {
+        let mut dispatched = latencies.clone();
+        dispatched.sort_unstable();
+        let mut lines = String::with_capacity(dispatched.len() * 16);
+        for (at, micros, ok) in &dispatched {
+            lines.push_str(&format!("{at} {micros} {}\n", u8::from(*ok)));
+        }
+        std::fs::write(path, lines)?;
+    }
+    let errors = latencies.iter().filter(|(_, _, ok)| !ok).count();
+    let mut micros: Vec<u64> = latencies.iter().map(|(_, m, _)| *m).collect();
     micros.sort_unstable();
     let pct = |p: f64| {
         micros

@@ -83,7 +83,7 @@ pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> a
     let header_timeout = gateway.config.server.header_read_timeout;
     gateway::serve_with_timeout(
         listener,
-        gateway::router(gateway),
+        gateway::app(gateway),
         shutdown_signal(),
         header_timeout,
     )

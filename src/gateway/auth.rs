@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::header;
+use axum::http::{header, HeaderMap};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -73,14 +73,27 @@ impl KeyTable {
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header, if there is one.
-fn bearer(request: &Request) -> Option<&str> {
-    request
-        .headers()
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .filter(|k| !k.is_empty())
+}
+
+/// The caller a request's `Authorization: Bearer KEY` names, or OpenAI's 401.
+pub fn caller(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let Some(presented) = bearer(headers) else {
+        return Err(ApiError::Unauthorized(
+            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+        ));
+    };
+    gateway
+        .keys
+        .find(presented)
+        .cloned()
+        .ok_or(ApiError::Unauthorized("Incorrect API key provided."))
 }
 
 /// Middleware: a valid `Authorization: Bearer KEY` or OpenAI's 401.
@@ -89,19 +102,12 @@ pub async fn require_key(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let Some(presented) = bearer(&request) else {
-        return ApiError::Unauthorized(
-            "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-        )
-        .into_response();
-    };
-    match gateway.keys.find(presented) {
-        Some(caller) => {
-            let caller = caller.clone();
+    match caller(&gateway, request.headers()) {
+        Ok(caller) => {
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
-        None => ApiError::Unauthorized("Incorrect API key provided.").into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -112,7 +118,7 @@ pub async fn require_admin(
     request: Request,
     next: Next,
 ) -> Response {
-    let presented = bearer(&request).unwrap_or_default();
+    let presented = bearer(request.headers()).unwrap_or_default();
     let allowed = gateway
         .config
         .server

@@ -58,27 +58,64 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
     }
 }
 
-/// The route of a metered endpoint: every one takes the same road.
+/// The route of a metered endpoint: every one takes the same road,
+/// [`metered_call`] (which checks the client key itself).
 pub fn metered_route(endpoint: Endpoint) -> MethodRouter<Arc<Gateway>> {
     post(
-        move |State(gateway): State<Arc<Gateway>>,
-              Extension(caller): Extension<Caller>,
-              request: Request| async move {
-            // The head is taken apart, not copied (`HeaderMap` as an
-            // extractor would clone every header).
-            let (parts, body) = request.into_parts();
-            let headers = parts.headers;
-            let (org, project) = (caller.org, caller.project);
-            let metrics_gateway = gateway.clone();
-            let response = metered(gateway, caller, endpoint, headers, body)
-                .await
-                .unwrap_or_else(IntoResponse::into_response);
-            metrics_gateway
-                .metrics
-                .request(org, project, response.status().as_u16());
-            response
+        move |State(gateway): State<Arc<Gateway>>, request: Request| {
+            metered_call(gateway, endpoint, request)
         },
     )
+    .fallback(wrong_method)
+}
+
+/// Another method on a metered path: the key is checked as on every /v1
+/// route, then OpenAI's answer to a URL it does not serve.
+async fn wrong_method(
+    State(gateway): State<Arc<Gateway>>,
+    method: Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> ApiError {
+    match super::auth::caller(&gateway, &headers) {
+        Err(e) => e,
+        Ok(_) => not_found(method, uri).await,
+    }
+}
+
+/// The metered endpoint a `POST` to `path` is, if it is one.
+pub fn metered_endpoint(path: &str) -> Option<Endpoint> {
+    [
+        Endpoint::ChatCompletions,
+        Endpoint::Responses,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+    ]
+    .into_iter()
+    .find(|e| e.path() == path)
+}
+
+/// A metered call from its request to its response: the client key (or
+/// OpenAI's 401), the call, and its count in the metrics. The router's
+/// metered routes and the server's own road past the router
+/// ([`super::App`]) both come here.
+pub async fn metered_call(gateway: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Response {
+    // The head is taken apart, not copied (`HeaderMap` as an extractor
+    // would clone every header).
+    let (parts, body) = request.into_parts();
+    let caller = match super::auth::caller(&gateway, &parts.headers) {
+        Ok(caller) => caller,
+        Err(e) => return e.into_response(),
+    };
+    let (org, project) = (caller.org, caller.project);
+    let metrics_gateway = gateway.clone();
+    let response = metered(gateway, caller, endpoint, parts.headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    metrics_gateway
+        .metrics
+        .request(org, project, response.status().as_u16());
+    response
 }
 
 /// `GET /v1/models`: the catalog's models (every project may use every model).

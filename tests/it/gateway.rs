@@ -308,6 +308,61 @@ async fn keys_are_required_and_errors_speak_openai() {
     assert_eq!(h.served().requests, 0);
 }
 
+/// The server takes metered calls past the router (`gateway::App`); the
+/// router alone takes them down the same road: keys, metering, headers,
+/// and OpenAI's answers to other methods on both.
+#[tokio::test]
+async fn the_router_alone_meters_calls_the_same_way() {
+    let h = start("router-alone", &config(1_000, "")).await;
+    let (addr, _stop) =
+        crate::harness::spawn(tokenwarden::gateway::router(h.gateway.clone())).await;
+    let url = format!("http://{addr}/v1/chat/completions");
+    let r = h
+        .client
+        .post(&url)
+        .json(&chat("gpt-4o", 5))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 401);
+    let r = h
+        .client
+        .post(&url)
+        .bearer_auth(BILL)
+        .header("x-sim-output-tokens", "16")
+        .json(&chat("gpt-4o", 16))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(r.headers(), "x-free-tokens-remaining"), 975);
+    assert_eq!(h.free_used("acme", "flagship"), 25);
+    for base in [h.base.clone(), format!("http://{addr}/v1")] {
+        let url = format!("{base}/chat/completions");
+        let r = h
+            .client
+            .get(&url)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status().as_u16(), 401, "{base}");
+        let r = h
+            .client
+            .get(&url)
+            .bearer_auth(BILL)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status().as_u16(), 404, "{base}");
+        let body: Value = r.json().await.unwrap_or_default();
+        assert_eq!(
+            body["error"]["message"],
+            "Invalid URL (GET /v1/chat/completions)"
+        );
+    }
+    assert_eq!(h.served().requests, 1);
+}
+
 #[tokio::test]
 async fn block_refuses_with_429_insufficient_quota_and_retry_after() {
     let h = start("block", &config(1_000, "")).await;
@@ -760,7 +815,7 @@ async fn a_request_head_that_never_ends_is_cut_off() {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(tokenwarden::gateway::serve_with_timeout(
         listener,
-        tokenwarden::gateway::router(h.gateway.clone()),
+        tokenwarden::gateway::app(h.gateway.clone()),
         async {
             let _ = stopped.await;
         },

@@ -56,12 +56,13 @@ pub fn temp_dir(label: &str) -> PathBuf {
 }
 
 /// Serve `app` on a fresh port; returns the address and a stop switch.
-pub async fn spawn(app: axum::Router) -> (std::net::SocketAddr, oneshot::Sender<()>) {
+pub async fn spawn(app: impl Into<gateway::App>) -> (std::net::SocketAddr, oneshot::Sender<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
     let (stop, stopped) = oneshot::channel::<()>();
+    let app: gateway::App = app.into();
     tokio::spawn(gateway::serve(listener, app, async {
         let _ = stopped.await;
     }));
@@ -109,7 +110,7 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
     let store = SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
     let clock = Arc::new(ManualClock::new(NOON_MS));
     let gw = Gateway::new(config, store, clock.clone()).unwrap_or_else(|e| panic!("{e}"));
-    let (addr, gw_stop) = spawn(gateway::router(gw.clone())).await;
+    let (addr, gw_stop) = spawn(gateway::app(gw.clone())).await;
     Harness {
         base: format!("http://{addr}/v1"),
         sim,
