@@ -161,9 +161,9 @@ pub async fn passthrough(
     )
     .await
     {
-        Ok(response) => {
+        Ok(mut response) => {
             let status = response.status();
-            let headers = upstream::response_headers(response.headers());
+            let headers = response.take_headers();
             let mut out = Response::new(Body::from_stream(response.into_stream()));
             *out.status_mut() = status;
             *out.headers_mut() = headers;
@@ -380,7 +380,7 @@ async fn metered(
     let mut caller = caller;
     let redacted = apply_privacy_guard(&gateway, &mut caller, private, &mut value)?;
     let catalog = &gateway.config.catalog;
-    let counted = count_request(catalog, Some(endpoint), &value, None)?;
+    let mut counted = count_request(catalog, Some(endpoint), &value, None)?;
     let model = catalog
         .lookup(&counted.model)
         .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
@@ -448,10 +448,10 @@ async fn metered(
         day,
         org: org.name.clone(),
         project: project.name.clone(),
-        key_id: caller.key_id.clone(),
+        key_id: std::mem::take(&mut caller.key_id),
         endpoint: endpoint.path(),
         requested_model: counted.model.clone(),
-        served_model: counted.model.clone(),
+        served_model: std::mem::take(&mut counted.model),
         group: model.group().map(|g| g.name.clone()),
         decision: "free",
         reserved: 0,
@@ -496,6 +496,11 @@ async fn metered(
             let (name, t) = target.ok_or(ApiError::Internal)?;
             admitted.decision = "downgraded";
             admitted.served_model = name.to_owned();
+            if admitted.group.is_some() {
+                if let Some(group) = t.group() {
+                    admitted.group = Some(group.name.clone());
+                }
+            }
             value["model"] = json!(name);
             modified = true;
             (ticket, t, ticket.pool, ticket.cap)
@@ -503,9 +508,6 @@ async fn metered(
     };
     admitted.reserved = ticket.reserved;
     admitted.free_lane = ticket.reserved > 0;
-    if admitted.group.is_some() && served.group().is_some() {
-        admitted.group = served.group().map(|g| g.name.clone());
-    }
 
     // Always ask for the usage chunk; remember whether the client did.
     let client_wants_usage = value
@@ -572,7 +574,7 @@ async fn metered(
     }
     let path = endpoint.path().trim_start_matches("/v1");
     call.sending();
-    let response = match upstream::send(
+    let mut response = match upstream::send(
         &gateway,
         &project.upstream,
         Method::POST,
@@ -606,12 +608,12 @@ async fn metered(
             project.upstream
         )));
     }
-    let mut out_headers = upstream::response_headers(response.headers());
     let is_stream = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut out_headers = response.take_headers();
 
     if status.is_success() && is_stream {
         free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);

@@ -185,8 +185,52 @@ fn data_of(event: &[u8]) -> Option<&[u8]> {
     None
 }
 
-fn contains(haystack: &[u8], needle: &Finder<'_>) -> bool {
-    needle.find(haystack).is_some()
+/// What a Responses event is, from its `"type"` (a `"response.…"` name
+/// that is the value of a `"type"` member): one pass over the event for
+/// every name.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ResponsesEvent {
+    /// `response.completed`, `response.incomplete` or `response.failed`:
+    /// the final response, with its usage.
+    Final,
+    /// `response.output_text.delta`: text to count if the stream is cut.
+    TextDelta,
+    Other,
+}
+
+fn responses_event(data: &[u8]) -> ResponsesEvent {
+    fn is_type(before: &[u8]) -> bool {
+        let before = before.trim_ascii_end();
+        before
+            .strip_suffix(b":")
+            .is_some_and(|b| b.trim_ascii_end().ends_with(b"\"type\""))
+    }
+    let mut kind = ResponsesEvent::Other;
+    for at in RESPONSE_DOT.find_iter(data) {
+        if !is_type(&data[..at]) {
+            continue;
+        }
+        let name = &data[at + RESPONSE_DOT.needle().len()..];
+        if [&b"completed\""[..], b"incomplete\"", b"failed\""]
+            .iter()
+            .any(|n| name.starts_with(n))
+        {
+            return ResponsesEvent::Final;
+        }
+        if name.starts_with(b"output_text.delta\"") {
+            kind = ResponsesEvent::TextDelta;
+        }
+    }
+    kind
+}
+
+/// Whether a chunk has a `"usage"` member that is an object (not the
+/// `"usage":null` of every other chunk): one pass over the chunk.
+fn has_usage_object(data: &[u8]) -> bool {
+    USAGE.find_iter(data).any(|at| {
+        let rest = data[at + USAGE.needle().len()..].trim_ascii_start();
+        rest.first() == Some(&b':') && rest[1..].trim_ascii_start().first() == Some(&b'{')
+    })
 }
 
 /// What the tap looks for in every event, each searcher built once
@@ -197,12 +241,8 @@ macro_rules! needles {
     };
 }
 needles! {
-    RESPONSE_COMPLETED = b"\"response.completed\"";
-    RESPONSE_INCOMPLETE = b"\"response.incomplete\"";
-    RESPONSE_FAILED = b"\"response.failed\"";
-    RESPONSE_TEXT_DELTA = b"\"response.output_text.delta\"";
-    USAGE = b"\"usage\":{";
-    USAGE_SPACED = b"\"usage\": {";
+    RESPONSE_DOT = b"\"response.";
+    USAGE = b"\"usage\"";
     DELTA_KEY = b"\"delta\":\"";
     TEXT_KEY = b"\"text\":\"";
     CONTENT_KEY = b"\"content\":\"";
@@ -280,16 +320,16 @@ impl Tap {
         }
         let offset = data.as_ptr() as usize - event.as_ptr() as usize;
         let data_bytes = event.slice(offset..offset + data.len());
-        let usage_like = match self.endpoint {
-            Endpoint::Responses => {
-                contains(data, &RESPONSE_COMPLETED)
-                    || contains(data, &RESPONSE_INCOMPLETE)
-                    || contains(data, &RESPONSE_FAILED)
-            }
-            _ => contains(data, &USAGE) || contains(data, &USAGE_SPACED),
+        let (usage_like, text_delta) = match self.endpoint {
+            Endpoint::Responses => match responses_event(data) {
+                ResponsesEvent::Final => (true, false),
+                ResponsesEvent::TextDelta => (false, true),
+                ResponsesEvent::Other => (false, false),
+            },
+            _ => (has_usage_object(data), false),
         };
         if !usage_like {
-            self.keep(data, data_bytes);
+            self.keep(data, data_bytes, text_delta);
             return true;
         }
         if self.endpoint != Endpoint::Responses {
@@ -301,7 +341,7 @@ impl Tap {
                     self.served_model = chunk.model;
                 }
                 if !choices_empty {
-                    self.keep(data, data_bytes);
+                    self.keep(data, data_bytes, false);
                 }
                 return !(choices_empty && usage.is_some() && !self.client_wants_usage);
             }
@@ -342,7 +382,7 @@ impl Tap {
                         .map(str::to_owned);
                 }
                 if !choices_empty {
-                    self.keep(data, data_bytes);
+                    self.keep(data, data_bytes, false);
                 }
                 // The usage chunk the gateway asked for on the client's behalf stays here.
                 !(choices_empty && usage.is_some() && !self.client_wants_usage)
@@ -351,15 +391,20 @@ impl Tap {
     }
 
     /// Keep what settling may need of an event: its delta's text, and the
-    /// whole event when the call is captured.
-    fn keep(&mut self, data: &[u8], event: Bytes) {
+    /// whole event when the call is captured. `text_delta`: a Responses
+    /// event is a `response.output_text.delta`.
+    fn keep(&mut self, data: &[u8], event: Bytes, text_delta: bool) {
         let key: Option<&Finder<'static>> = match self.endpoint {
-            Endpoint::Responses if contains(data, &RESPONSE_TEXT_DELTA) => Some(&DELTA_KEY),
+            Endpoint::Responses if text_delta => Some(&DELTA_KEY),
             Endpoint::Responses | Endpoint::Embeddings => None,
             Endpoint::Completions => Some(&TEXT_KEY),
             Endpoint::ChatCompletions => Some(&CONTENT_KEY),
         };
         if let Some(literal) = key.and_then(|key| string_after(data, key)) {
+            if self.text.capacity() == 0 {
+                // A stream's text grows a few bytes an event: start with room.
+                self.text.reserve(256);
+            }
             self.text.push(b'"');
             self.text.extend_from_slice(literal);
             self.text.extend_from_slice(b"\",");
@@ -537,6 +582,46 @@ mod tests {
         );
         assert_eq!(string_after(b"{\"content\":\"cut", &CONTENT_KEY), None);
         assert_eq!(string_after(data, &TEXT_KEY), None);
+    }
+
+    #[test]
+    fn usage_objects_and_responses_events_are_told_apart() {
+        assert!(has_usage_object(
+            br#"{"choices":[],"usage":{"prompt_tokens":9}}"#
+        ));
+        assert!(has_usage_object(
+            br#"{"choices":[],"usage" : { "prompt_tokens":9}}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{"content":"usage"}}],"usage":null}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"choices":[{"delta":{"content":"\"usage\":{"}}],"usage":null}"#
+        ));
+        assert!(!has_usage_object(br#"{"choices":[{"delta":{}}]}"#));
+        for name in ["completed", "incomplete", "failed"] {
+            let event = format!(r#"{{"type":"response.{name}","response":{{"usage":{{}}}}}}"#);
+            assert_eq!(responses_event(event.as_bytes()), ResponsesEvent::Final);
+        }
+        assert_eq!(
+            responses_event(br#"{"type":"response.output_text.delta","delta":"Hi"}"#),
+            ResponsesEvent::TextDelta
+        );
+        assert_eq!(
+            responses_event(br#"{"type":"response.created","response":{"status":"in_progress"}}"#),
+            ResponsesEvent::Other
+        );
+        assert_eq!(
+            responses_event(br#"{"type":"response.output_text.done","text":"response.completed"}"#),
+            ResponsesEvent::Other,
+            "a name that is not the event's type is not its kind"
+        );
+        assert_eq!(
+            responses_event(
+                br#"{"delta":"response.failed", "type" : "response.output_text.delta"}"#
+            ),
+            ResponsesEvent::TextDelta
+        );
     }
 
     #[test]

@@ -146,6 +146,18 @@ impl Answer {
         &self.head.headers
     }
 
+    /// The headers worth passing to the client, taken out of the answer:
+    /// upstream's own map (not copied) less [`DROPPED_RESPONSE_HEADERS`],
+    /// with room for the gateway's own.
+    pub fn take_headers(&mut self) -> HeaderMap {
+        let mut headers = std::mem::take(&mut self.head.headers);
+        for name in DROPPED_RESPONSE_HEADERS {
+            headers.remove(name);
+        }
+        headers.reserve(4);
+        headers
+    }
+
     /// The whole body.
     pub async fn bytes(self) -> Result<Bytes, BodyError> {
         match tokio::time::timeout_at(self.deadline, self.body.collect()).await {
@@ -235,29 +247,15 @@ fn dropped_request_header(name: &HeaderName) -> bool {
 }
 
 /// Response headers that are the connection's or no longer true of the body.
-fn dropped_response_header(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "content-length"
-            | "content-encoding"
-            | "upgrade"
-            | "set-cookie"
-    )
-}
-
-/// The headers of an upstream response worth passing to the client.
-pub fn response_headers(upstream: &HeaderMap) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in upstream {
-        if !dropped_response_header(name) {
-            headers.append(name.clone(), value.clone());
-        }
-    }
-    headers
-}
+const DROPPED_RESPONSE_HEADERS: [HeaderName; 7] = [
+    axum::http::header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    axum::http::header::TRANSFER_ENCODING,
+    axum::http::header::CONTENT_LENGTH,
+    axum::http::header::CONTENT_ENCODING,
+    axum::http::header::UPGRADE,
+    axum::http::header::SET_COOKIE,
+];
 
 /// `base` (an upstream's URL, which may have a path) with the client's path
 /// after `/v1` and its query: the two concatenated.

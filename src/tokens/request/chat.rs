@@ -1,5 +1,7 @@
 //! Chat Completions: messages by OpenAI's cookbook formula, content parts, images.
 
+use std::fmt::Write as _;
+
 use serde_json::{Map, Value};
 
 use super::{
@@ -25,8 +27,12 @@ impl Counter<'_> {
             ));
         }
         let mut count = Count::exact(REPLY_PRIMING);
+        // One buffer for every message's parameter path (named in errors).
+        let mut param = String::with_capacity(16);
         for (i, message) in messages.iter().enumerate() {
-            count.merge(self.chat_message(message, &format!("messages[{i}]"))?);
+            param.clear();
+            let _ = write!(param, "messages[{i}]");
+            count.merge(self.chat_message(message, &param)?);
         }
         self.tools(body, &mut count)?;
         self.response_format(body.get("response_format"), &mut count);
@@ -60,18 +66,17 @@ impl Counter<'_> {
         }
         let mut count = Count::exact(TOKENS_PER_MESSAGE);
         for (key, value) in message {
-            let field = format!("{param}.{key}");
             match (key.as_str(), value) {
                 (_, Value::Null) => {}
                 ("content", Value::Array(parts)) => {
                     for (j, part) in parts.iter().enumerate() {
-                        count.merge(self.content_part(part, &format!("{field}[{j}]"))?);
+                        count.merge(self.content_part(part, &format!("{param}.{key}[{j}]"))?);
                     }
                 }
                 ("content", Value::String(text)) => count.add(self.text(text)),
                 ("content", other) => {
                     return Err(wrong_type(
-                        &field,
+                        &format!("{param}.{key}"),
                         "one of a string or array of objects",
                         other,
                     ))
