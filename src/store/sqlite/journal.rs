@@ -501,6 +501,7 @@ mod tests {
     fn hand_written_lines_are_serdes_lines() {
         let mut other = admitted();
         other.org = "plain".into();
+        other.project = "café ünïcode, no escapes".into();
         other.group = Some("mini \\ \u{1} é".into());
         other.started_ms = -5;
         other.day = Day(-1);
