@@ -199,11 +199,16 @@ PY
   done
 fi
 
+# A kind's request body, key, upstream and proxies (json or sse).
+kind_vars() {
+  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy=$PROXY_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
+  if [ "$1" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
+}
+
 echo "| target | calls/s at 32 connections | p50 one call at a time | p50 µs at 1,000/s | p99 µs at 1,000/s | CPU µs per call | RSS MB | non-2xx |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
 for kind in json sse; do
-  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy=$PROXY_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
-  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
+  kind_vars "$kind"
   row "direct to upstream ($kind)" "http://127.0.0.1:$up/v1/chat/completions" "$body" "$key" -
   row "nginx proxy_pass ($kind)" "http://127.0.0.1:$proxy/v1/chat/completions" "$body" "$key" "$(nginx_worker)"
   row "nginx proxy_pass, own process ($kind)" "http://127.0.0.1:$proxy2/v1/chat/completions" "$body" "$key" "$(nginx_worker nginx2)"
@@ -230,8 +235,7 @@ echo
 echo "| added one call at a time, interleaved | tokenwarden - direct, each round (µs) | median | nginx own process - direct, each round | median |"
 echo "|---|---|---:|---|---:|"
 for kind in json sse; do
-  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
-  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
+  kind_vars "$kind"
   wrk_lua "$body" "$key"
   tw_added=; ng_added=
   for _ in $(seq "$ONE_ROUNDS"); do
@@ -255,8 +259,7 @@ echo
 echo "| p99 µs at 1,000/s, interleaved | target | each round | median | all rounds' calls |"
 echo "|---|---|---|---:|---:|"
 for kind in json sse; do
-  body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
-  if [ "$kind" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
+  kind_vars "$kind"
   for r in $(seq "$FIXED_ROUNDS"); do
     for t in "direct:$up" "nginx:$proxy2" "tokenwarden:$GW"; do
       LOAD_DUMP="$dir/fixed-$kind-${t%%:*}-$r.txt" "$load" "http://127.0.0.1:${t##*:}/v1/chat/completions" \

@@ -509,16 +509,8 @@ mod tests {
         let settled = [
             Settled::default(),
             Settled {
-                served_model: Some("gpt-4o-mini-2024-07-18".into()),
-                input: 10,
-                cached: 2,
-                output: 5,
-                reasoning: 1,
-                free: true,
                 cost_pico: 1_234_567_890_123,
-                status: 200,
-                latency_ms: 9,
-                estimated: true,
+                ..settled()
             },
             Settled {
                 served_model: Some("tab\there \"q\"".into()),
@@ -586,6 +578,21 @@ mod tests {
         }
     }
 
+    fn settled() -> Settled {
+        Settled {
+            served_model: Some("gpt-4o-mini-2024-07-18".into()),
+            input: 10,
+            cached: 2,
+            output: 5,
+            reasoning: 1,
+            free: true,
+            cost_pico: 0,
+            status: 200,
+            latency_ms: 9,
+            estimated: true,
+        }
+    }
+
     fn dir(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("tw-journal-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -597,18 +604,7 @@ mod tests {
     fn records_read_back_in_order_and_a_torn_line_is_skipped_alone() {
         let dir = dir("roundtrip");
         let db = dir.join("ledger.db");
-        let settled = Settled {
-            served_model: Some("gpt-4o-mini-2024-07-18".into()),
-            input: 10,
-            cached: 2,
-            output: 5,
-            reasoning: 1,
-            free: true,
-            cost_pico: 0,
-            status: 200,
-            latency_ms: 9,
-            estimated: true,
-        };
+        let settled = settled();
         let mut j = Journal::open_empty(&db).unwrap_or_else(|e| panic!("{e}"));
         j.append(1, Entry::Admit(41, &admitted()))
             .unwrap_or_else(|e| panic!("{e}"));
