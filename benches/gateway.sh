@@ -248,9 +248,11 @@ for kind in json sse; do
   printf '| %s |%s | %s |%s | %s |\n' "$kind" "$tw_added" "$(median <<<"$tw_added")" "$ng_added" "$(median <<<"$ng_added")"
 done
 
-# p99 at a fixed 1,000 calls/s, interleaved: direct, the own-process proxy
-# and tokenwarden take turns (FIXED_SECONDS each, FIXED_ROUNDS rounds), so
-# that a noisy spell of the machine falls on all three; the table gives
+# p99 at a fixed 1,000 calls/s, interleaved: direct, the own-process proxy,
+# tokenwarden and tokenwarden's unmetered path (any other /v1 path: the same
+# server, key check and upstream client, logged, without the meter, the
+# ledger or the tap) take turns (FIXED_SECONDS each, FIXED_ROUNDS rounds), so
+# that a noisy spell of the machine falls on all of them; the table gives
 # every round's p99, their median, and the p99 of all the rounds' calls
 # together (LOAD_DUMP keeps each call's latency).
 FIXED_ROUNDS=${FIXED_ROUNDS:-5}
@@ -261,8 +263,9 @@ echo "|---|---|---|---:|---:|"
 for kind in json sse; do
   kind_vars "$kind"
   for r in $(seq "$FIXED_ROUNDS"); do
-    for t in "direct:$up" "nginx:$proxy2" "tokenwarden:$GW"; do
-      LOAD_DUMP="$dir/fixed-$kind-${t%%:*}-$r.txt" "$load" "http://127.0.0.1:${t##*:}/v1/chat/completions" \
+    for t in "direct:$up/v1/chat/completions" "nginx:$proxy2/v1/chat/completions" \
+      "tokenwarden:$GW/v1/chat/completions" "passthrough:$GW/v1/passthrough/chat/completions"; do
+      LOAD_DUMP="$dir/fixed-$kind-${t%%:*}-$r.txt" "$load" "http://127.0.0.1:${t#*:}" \
         "$key" "$body" 1000 "$FIXED_SECONDS" >/dev/null
     done
   done
@@ -272,7 +275,8 @@ d, kind, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def p99(xs):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
-for t, name in [("direct", "direct to upstream"), ("nginx", "nginx proxy_pass, own process"), ("tokenwarden", "tokenwarden")]:
+for t, name in [("direct", "direct to upstream"), ("nginx", "nginx proxy_pass, own process"), ("tokenwarden", "tokenwarden"),
+                ("passthrough", "tokenwarden, unmetered path")]:
     each, pooled = [], []
     for r in range(1, rounds + 1):
         with open(f"{d}/fixed-{kind}-{t}-{r}.txt") as f:
