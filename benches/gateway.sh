@@ -17,6 +17,8 @@ fi
 cargo build --release --locked --bin tokenwarden >/dev/null
 cargo bench --locked --bench load --no-run >/dev/null 2>&1
 load=$(ls -t target/release/deps/load-* | grep -v '\.d$' | head -n 1)
+cargo bench --locked --bench bare_proxy --no-run >/dev/null 2>&1
+bare_proxy=$(ls -t target/release/deps/bare_proxy-* | grep -v '\.d$' | head -n 1)
 
 # HALT_POLL_NS: on a KVM guest with the haltpoll cpuidle driver, how long
 # an idle vCPU polls before it halts, for this run only (restored at exit).
@@ -80,6 +82,16 @@ $(proxies "$PROXY_JSON" "$PROXY_SSE")"
 # process; a gateway (this one, TensorZero) is a process of its own and
 # pays two more wake-ups a call, as these do.
 nginx_conf nginx2 "$(proxies "$PROXY2_JSON" "$PROXY2_SSE")"
+
+# Bare proxies on tokio (benches/bare_proxy.rs): with no HTTP library, and
+# with hyper's server and hyper-util's client (tokenwarden's HTTP stack)
+# doing nothing else. Between them is what the HTTP stack costs.
+RAW_JSON=$(free_port); RAW_SSE=$(free_port); HYPER_JSON=$(free_port); HYPER_SSE=$(free_port)
+for b in "raw $RAW_JSON $UP_JSON" "raw $RAW_SSE $UP_SSE" "hyper $HYPER_JSON $UP_JSON" "hyper $HYPER_SSE $UP_SSE"; do
+  read -r mode port upstream <<<"$b"
+  "$bare_proxy" "$mode" "127.0.0.1:$port" "127.0.0.1:$upstream" >/dev/null 2>&1 &
+  pids+=("$!")
+done
 
 # The simulated upstream, streaming slowly: for holding 1,000 streams open.
 SIM=$(free_port)
@@ -202,7 +214,11 @@ fi
 # A kind's request body, key, upstream and proxies (json or sse).
 kind_vars() {
   body=$repo/benches/fixtures/request.json; up=$UP_JSON; proxy=$PROXY_JSON; proxy2=$PROXY2_JSON; key=$KEY_JSON
-  if [ "$1" = sse ]; then body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE; fi
+  raw=$RAW_JSON; hyper=$HYPER_JSON
+  if [ "$1" = sse ]; then
+    body=$repo/benches/fixtures/request-stream.json; up=$UP_SSE; proxy=$PROXY_SSE; proxy2=$PROXY2_SSE; key=$KEY_SSE
+    raw=$RAW_SSE; hyper=$HYPER_SSE
+  fi
 }
 
 echo "| target | calls/s at 32 connections | p50 one call at a time | p50 µs at 1,000/s | p99 µs at 1,000/s | CPU µs per call | RSS MB | non-2xx |"
@@ -249,10 +265,11 @@ for kind in json sse; do
 done
 
 # p99 at a fixed 1,000 calls/s, interleaved: direct, the own-process proxy,
-# tokenwarden and tokenwarden's unmetered path (any other /v1 path: the same
+# tokenwarden, tokenwarden's unmetered path (any other /v1 path: the same
 # server, key check and upstream client, logged, without the meter, the
-# ledger or the tap) take turns (FIXED_SECONDS each, FIXED_ROUNDS rounds), so
-# that a noisy spell of the machine falls on all of them; the table gives
+# ledger or the tap) and the two bare proxies take turns (FIXED_SECONDS
+# each, FIXED_ROUNDS rounds), so that a noisy spell of the machine falls on
+# all of them; the table gives
 # every round's p99, their median, and the p99 of all the rounds' calls
 # together (LOAD_DUMP keeps each call's latency).
 FIXED_ROUNDS=${FIXED_ROUNDS:-5}
@@ -264,7 +281,8 @@ for kind in json sse; do
   kind_vars "$kind"
   for r in $(seq "$FIXED_ROUNDS"); do
     for t in "direct:$up/v1/chat/completions" "nginx:$proxy2/v1/chat/completions" \
-      "tokenwarden:$GW/v1/chat/completions" "passthrough:$GW/v1/passthrough/chat/completions"; do
+      "tokenwarden:$GW/v1/chat/completions" "passthrough:$GW/v1/passthrough/chat/completions" \
+      "raw:$raw/v1/chat/completions" "hyper:$hyper/v1/chat/completions"; do
       LOAD_DUMP="$dir/fixed-$kind-${t%%:*}-$r.txt" "$load" "http://127.0.0.1:${t#*:}" \
         "$key" "$body" 1000 "$FIXED_SECONDS" >/dev/null
     done
@@ -276,7 +294,8 @@ def p99(xs):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(len(xs) * 0.99))]
 for t, name in [("direct", "direct to upstream"), ("nginx", "nginx proxy_pass, own process"), ("tokenwarden", "tokenwarden"),
-                ("passthrough", "tokenwarden, unmetered path")]:
+                ("passthrough", "tokenwarden, unmetered path"),
+                ("raw", "bare proxy on tokio, no HTTP library"), ("hyper", "bare proxy on hyper and hyper-util")]:
     each, pooled = [], []
     for r in range(1, rounds + 1):
         with open(f"{d}/fixed-{kind}-{t}-{r}.txt") as f:
