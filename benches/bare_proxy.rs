@@ -181,19 +181,28 @@ async fn raw_server(mut conn: TcpStream, upstream: String, client: Client) -> Re
         let body = body.collect().await.map_err(Error::other)?.to_bytes();
         answer.clear();
         answer.extend_from_slice(format!("HTTP/1.1 {}\r\n", parts.status).as_bytes());
-        for (name, value) in &parts.headers {
-            if name != http::header::CONTENT_LENGTH && name != http::header::TRANSFER_ENCODING {
-                answer.extend_from_slice(name.as_str().as_bytes());
-                answer.extend_from_slice(b": ");
-                answer.extend_from_slice(value.as_bytes());
-                answer.extend_from_slice(b"\r\n");
-            }
-        }
-        answer.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
-        answer.extend_from_slice(&body);
+        let framing = [
+            http::header::CONTENT_LENGTH,
+            http::header::TRANSFER_ENCODING,
+        ];
+        put_rest(&mut answer, &parts.headers, &framing, &body);
         conn.write_all(&answer).await?;
     }
     Ok(())
+}
+
+/// Write a message's headers but `skip`, its `Content-Length`, and its body.
+fn put_rest(out: &mut Vec<u8>, headers: &http::HeaderMap, skip: &[http::HeaderName], body: &[u8]) {
+    for (name, value) in headers {
+        if !skip.contains(name) {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body);
 }
 
 /// hyper's server, the upstream call written and read by hand.
@@ -209,16 +218,8 @@ async fn by_hand_call(
     out.extend_from_slice(
         format!("{} {path} HTTP/1.1\r\nhost: {upstream}\r\n", parts.method).as_bytes(),
     );
-    for (name, value) in &parts.headers {
-        if name != http::header::HOST && name != http::header::CONTENT_LENGTH {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out.extend_from_slice(format!("content-length: {}\r\n\r\n", body.len()).as_bytes());
-    out.extend_from_slice(&body);
+    let skip = [http::header::HOST, http::header::CONTENT_LENGTH];
+    put_rest(&mut out, &parts.headers, &skip, &body);
     let idle = pool.lock().map_err(|_| Error::other("poisoned"))?.pop();
     let mut up = match idle {
         Some(up) => up,
