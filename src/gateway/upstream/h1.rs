@@ -22,12 +22,15 @@ use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+pub use crate::gateway::http1::put_header;
+use crate::gateway::http1::{
+    content_length, decode, has_token, last_coding_is_chunked, Decoded, Framing,
+};
+
 /// The most an answer's head (status line and headers) may take.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most headers an answer may have (hyper's default is 100).
 const MAX_HEADERS: usize = 128;
-/// The most a chunk-size line or a trailer line may take.
-const MAX_LINE_BYTES: usize = 4096;
 /// How much room each read asks for.
 const READ_BYTES: usize = 16 * 1024;
 /// A body up to this size goes out in the same write as the head.
@@ -281,14 +284,6 @@ impl Origin {
     }
 }
 
-/// Add a header to a request head.
-pub fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
-}
-
 /// End a request head: its `content-length` when it has a body or its
 /// method expects one, then the empty line.
 pub fn end_head(out: &mut Vec<u8>, body_len: usize, method_has_body: bool) {
@@ -408,25 +403,17 @@ fn parse_head(
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| Failure::Other(invalid("bad header value")))?;
         if name == axum::http::header::CONTENT_LENGTH {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+            let n = content_length(h.value)
                 .ok_or_else(|| Failure::Other(invalid("bad content-length")))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Failure::Other(invalid("conflicting content-length")));
             }
             length = Some(n);
         } else if name == axum::http::header::TRANSFER_ENCODING {
-            // Only the last coding frames the body.
-            let last = h.value.rsplit(|&b| b == b',').next().unwrap_or_default();
-            chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+            chunked = last_coding_is_chunked(h.value);
             other_coding = !chunked;
-        } else if name == axum::http::header::CONNECTION {
-            for token in h.value.split(|&b| b == b',') {
-                if token.trim_ascii().eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                }
-            }
+        } else if name == axum::http::header::CONNECTION && has_token(h.value, b"close") {
+            keep_alive = false;
         }
         headers.append(name, value);
     }
@@ -445,25 +432,6 @@ fn parse_head(
         keep_alive = false;
     }
     Ok(Some((len, Some((status, headers, framing, keep_alive)))))
-}
-
-/// Where a body's reading stands.
-#[derive(Clone, Copy, Debug)]
-enum Framing {
-    /// This many bytes are left (`Content-Length`).
-    Length(u64),
-    /// Until the connection ends.
-    Eof,
-    /// Chunked: a chunk-size line is next.
-    ChunkSize,
-    /// Chunked: this many bytes of the chunk are left.
-    ChunkData(u64),
-    /// Chunked: the CRLF after a chunk's data is next.
-    ChunkEnd,
-    /// Chunked: trailer lines, up to an empty one.
-    Trailers,
-    /// The whole body has been read.
-    Done,
 }
 
 /// An answer's status, headers and body.
@@ -487,19 +455,6 @@ pub struct Body {
     origin: Arc<Origin>,
 }
 
-fn cut(message: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::UnexpectedEof, message)
-}
-
-/// The end of the first line in `buf` (the index of its CR), if it has one.
-fn line_end(buf: &[u8]) -> Result<Option<usize>, io::Error> {
-    match memchr::memmem::find(buf, b"\r\n") {
-        Some(at) => Ok(Some(at)),
-        None if buf.len() > MAX_LINE_BYTES => Err(invalid("a chunk line is too long")),
-        None => Ok(None),
-    }
-}
-
 impl Body {
     /// The next piece of the body, as it arrives; `None` at its end.
     pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
@@ -516,87 +471,24 @@ impl Body {
             let Some(conn) = self.conn.as_mut() else {
                 return Poll::Ready(Ok(None));
             };
-            let buf = &mut conn.buf;
-            match self.framing {
-                Framing::Done => {
+            match decode(&mut self.framing, &mut conn.buf)? {
+                Decoded::Data(data) => return Poll::Ready(Ok(Some(data))),
+                Decoded::End => {
                     let conn = self.conn.take();
                     if let Some(conn) = conn.filter(|c| self.keep_alive && c.buf.is_empty()) {
                         self.origin.put_idle(conn);
                     }
                     return Poll::Ready(Ok(None));
                 }
-                Framing::Length(0) => self.framing = Framing::Done,
-                Framing::Length(left) | Framing::ChunkData(left) if !buf.is_empty() => {
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let rest = left - n as u64;
-                    self.framing = match (self.framing, rest) {
-                        (Framing::ChunkData(_), 0) => Framing::ChunkEnd,
-                        (Framing::ChunkData(_), _) => Framing::ChunkData(rest),
-                        _ => Framing::Length(rest),
-                    };
-                    return Poll::Ready(Ok(Some(buf.split_to(n).freeze())));
-                }
-                Framing::Eof if !buf.is_empty() => {
-                    return Poll::Ready(Ok(Some(buf.split().freeze())));
-                }
-                Framing::ChunkSize => {
-                    if let Some(at) = line_end(buf)? {
-                        let line = &buf[..at];
-                        let digits = line
-                            .split(|&b| b == b';')
-                            .next()
-                            .unwrap_or_default()
-                            .trim_ascii();
-                        let size = std::str::from_utf8(digits)
-                            .ok()
-                            .filter(|d| !d.is_empty() && d.len() <= 16)
-                            .and_then(|d| u64::from_str_radix(d, 16).ok())
-                            .ok_or_else(|| invalid("a bad chunk size"))?;
-                        buf.advance(at + 2);
-                        self.framing = if size == 0 {
-                            Framing::Trailers
-                        } else {
-                            Framing::ChunkData(size)
-                        };
-                        continue;
-                    }
+                Decoded::More => {
                     if ready!(conn.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Err(cut("the body ended inside a chunk size")));
-                    }
-                }
-                Framing::ChunkEnd => {
-                    if buf.len() >= 2 {
-                        if &buf[..2] != b"\r\n" {
-                            return Poll::Ready(Err(invalid("a chunk without its CRLF")));
+                        if self.framing != Framing::Eof {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the body was cut short",
+                            )));
                         }
-                        buf.advance(2);
-                        self.framing = Framing::ChunkSize;
-                        continue;
-                    }
-                    if ready!(conn.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Err(cut("the body ended after a chunk")));
-                    }
-                }
-                Framing::Trailers => {
-                    if let Some(at) = line_end(buf)? {
-                        buf.advance(at + 2);
-                        if at == 0 {
-                            self.framing = Framing::Done;
-                        }
-                        continue;
-                    }
-                    if ready!(conn.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Err(cut("the body ended in its trailers")));
-                    }
-                }
-                Framing::Eof => {
-                    if ready!(conn.poll_fill(cx))? == 0 {
                         self.framing = Framing::Done;
-                    }
-                }
-                Framing::Length(_) | Framing::ChunkData(_) => {
-                    if ready!(conn.poll_fill(cx))? == 0 {
-                        return Poll::Ready(Err(cut("the body ended early")));
                     }
                 }
             }
