@@ -83,25 +83,32 @@ pub async fn connection(
     let mut out = Vec::with_capacity(4096);
     loop {
         let idle = buf.is_empty();
-        let head = tokio::select! {
+        let read = tokio::select! {
             biased;
-            timed = tokio::time::timeout(header_timeout, read_head(&mut rd, &mut buf)) => match timed {
-                Ok(head) => head,
-                Err(_) if idle => return,
-                Err(_) => Err(HeadError::Answer(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "The request's head took too long.",
-                )),
-            },
+            read = tokio::time::timeout(header_timeout, read_head(&mut rd, &mut buf)) => read,
             // An idle connection closes at once on shutdown; one that has
             // begun a request gets its answer first.
             () = shutting_down(&mut closing), if idle => return,
+        };
+        let head = match read {
+            Ok(head) => head,
+            // Nothing of a request came: close without a word.
+            Err(_) if buf.is_empty() => return,
+            Err(_) => Err(HeadError::Answer(
+                StatusCode::REQUEST_TIMEOUT,
+                "The request's head took too long.",
+            )),
         };
         let head = match head {
             Ok(head) => head,
             Err(HeadError::Gone) => return,
             Err(HeadError::Answer(status, message)) => {
-                let _ = write_plain(&mut wr, &mut out, status, message).await;
+                if write_plain(&mut wr, &mut out, status, message)
+                    .await
+                    .is_ok()
+                {
+                    linger(&mut rd, &mut wr).await;
+                }
                 return;
             }
         };
@@ -251,8 +258,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<(usize, Head)>, HeadError> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut slots);
     let len = match parsed.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD_BYTES => len,
         Ok(httparse::Status::Partial) => return Ok(None),
+        Ok(httparse::Status::Complete(_)) => {
+            return Err(HeadError::Answer(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "The request's head is too large.",
+            ))
+        }
         Err(httparse::Error::TooManyHeaders) => {
             return Err(HeadError::Answer(
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -400,6 +413,25 @@ async fn watch(rd: &mut ReadHalf<'_>, buf: &mut BytesMut) {
     }
 }
 
+/// Before closing after an error, let the client read the answer: closed
+/// with unread bytes in its buffer, a socket sends a reset, which can
+/// reach the client before the answer does. So end the writing side and
+/// read what the client still sends, for a short while.
+async fn linger(rd: &mut ReadHalf<'_>, wr: &mut WriteHalf<'_>) {
+    let _ = wr.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left: usize = 1024 * 1024;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while left > 0 {
+            match rd.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
 /// Write a short plain-text answer that closes the connection.
 async fn write_plain(
     wr: &mut WriteHalf<'_>,
@@ -537,3 +569,7 @@ async fn write_response(
     }
     Ok(!closes)
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests;
