@@ -127,7 +127,6 @@ pub async fn connection(
                     .freeze();
                 (Body::from(whole), None)
             }
-            Framing::Length(0) => (Body::empty(), None),
             framing => {
                 if expects_continue
                     && wr
