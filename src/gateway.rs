@@ -41,7 +41,6 @@ mod http1;
 pub mod metrics;
 mod repoll;
 pub mod routes;
-mod server;
 pub mod stream;
 pub mod upstream;
 pub mod usage;
@@ -411,13 +410,16 @@ type AppFuture = std::pin::Pin<
     Box<dyn Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send>,
 >;
 
-impl App {
-    /// Answer one request.
-    fn call(&self, request: axum::extract::Request) -> AppFuture {
-        use hyper::service::Service as _;
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for App {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = AppFuture;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> AppFuture {
         if let Some(gateway) = &self.gateway {
             if request.method() == axum::http::Method::POST {
                 if let Some(endpoint) = routes::metered_endpoint(request.uri().path()) {
+                    let request = request.map(axum::body::Body::new);
                     let gateway = gateway.clone();
                     return Box::pin(async move {
                         Ok(routes::metered_call(gateway, endpoint, request).await)
@@ -465,12 +467,7 @@ pub async fn serve_with_timeout(
     header_timeout: std::time::Duration,
 ) -> std::io::Result<()> {
     let app = app.into();
-    // Connections hear of a shutdown here: an idle one closes at once, a
-    // busy one after its answer.
-    let (closing, closing_seen) = tokio::sync::watch::channel(false);
-    // Each connection holds a sender; the receiver hears `None` once all
-    // of them have closed.
-    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     // A timer always due within a quarter second. tokio wakes the worker
     // that waits on its I/O driver (a write to an eventfd) whenever a timer
@@ -497,17 +494,19 @@ pub async fn serve_with_timeout(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let connection = server::connection(tcp, app.clone(), header_timeout, closing_seen.clone());
-        let alive = alive.clone();
+        let service = app.clone();
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        let connection = graceful.watch(connection);
         tokio::spawn(repoll::Repoll::new(async move {
-            connection.await;
-            drop(alive);
+            // A client that goes away mid-call is not an error of the gateway's.
+            let _ = connection.await;
         }));
     }
     drop(listener);
-    let _ = closing.send(true);
-    drop(alive);
-    if tokio::time::timeout(SHUTDOWN_GRACE, all_closed.recv())
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()
     {

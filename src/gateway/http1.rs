@@ -1,10 +1,8 @@
-//! HTTP/1.1 pieces both sides share: body framing and its decoder, header
-//! tokens, and writing header lines. The client side is
-//! [`super::upstream`]'s `h1`, the server side [`super::server`].
+//! HTTP/1.1 pieces of the upstream client ([`super::upstream`]'s `h1`)
+//! that need no connection: body framing and its decoder, header tokens,
+//! and writing header lines. Kept apart so they are tested on their own.
 
-use std::cell::RefCell;
 use std::io;
-use std::time::{Duration, SystemTime};
 
 use axum::http::{HeaderName, HeaderValue};
 use bytes::{Buf, Bytes, BytesMut};
@@ -153,28 +151,6 @@ pub fn put_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
     out.extend_from_slice(b"\r\n");
 }
 
-thread_local! {
-    /// The `date` line of the current second, made once a second per thread.
-    static DATE: RefCell<(u64, Vec<u8>)> = const { RefCell::new((u64::MAX, Vec::new())) };
-}
-
-/// Add a `date` line (HTTP's date format) to an answer's head.
-pub fn put_date(out: &mut Vec<u8>) {
-    let now = SystemTime::now();
-    let second = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs();
-    DATE.with(|date| {
-        let mut date = date.borrow_mut();
-        if date.0 != second {
-            date.1 = format!("date: {}\r\n", httpdate::fmt_http_date(now)).into_bytes();
-            date.0 = second;
-        }
-        out.extend_from_slice(&date.1);
-    });
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -265,12 +241,5 @@ mod tests {
         assert!(!last_coding_is_chunked(b"chunked, gzip"));
         assert!(has_token(b"keep-alive, Close", b"close"));
         assert!(!has_token(b"closed", b"close"));
-        let mut out = Vec::new();
-        put_date(&mut out);
-        let line = String::from_utf8(out).unwrap();
-        assert!(
-            line.starts_with("date: ") && line.ends_with(" GMT\r\n"),
-            "{line}"
-        );
     }
 }
