@@ -332,6 +332,8 @@ mod tests {
                 "127.0.0.1:9000",
             ),
             ("http://127.0.0.1:9000/", "/models", "127.0.0.1:9000"),
+            ("http://127.0.0.1:9000", "", "127.0.0.1:9000"),
+            ("http://127.0.0.1:9000", "?limit=2", "127.0.0.1:9000"),
             ("http://[::1]:9000/v1", "/models", "[::1]:9000"),
             (
                 "http://example.test/openai/v1",
@@ -342,7 +344,12 @@ mod tests {
             let head = origin(base).unwrap().start_head("GET", path);
             let concatenated = format!("{}{path}", base.trim_end_matches('/'));
             let target = concatenated.split_once(host).unwrap().1;
-            let target = if target.is_empty() { "/" } else { target };
+            // A request target starts with `/`, even when the URL has none.
+            let target = if target.starts_with('/') {
+                target.to_owned()
+            } else {
+                format!("/{target}")
+            };
             assert_eq!(
                 String::from_utf8(head).unwrap(),
                 format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n"),

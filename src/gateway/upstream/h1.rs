@@ -169,6 +169,10 @@ impl Origin {
         out.push(b' ');
         out.extend_from_slice(self.prefix.as_bytes());
         out.extend_from_slice(path_and_query.as_bytes());
+        if self.prefix.is_empty() && !path_and_query.starts_with('/') {
+            // A request target is never empty: at least `/`.
+            out.insert(method.len() + 1, b'/');
+        }
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(self.authority.as_bytes());
         out.extend_from_slice(b"\r\n");
