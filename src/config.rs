@@ -373,6 +373,20 @@ models = ["o1-pro"]
             .err()
             .unwrap_or_default();
         assert!(e.contains("store.url"), "{e}");
+        for bad in [
+            "https://user:pw@api.openai.com/v1",
+            "https://api.openai.com/v1?x=1",
+            "https:///v1",
+            "https://api openai.com/v1",
+        ] {
+            let e = load(&GOOD.replace("https://api.openai.com/v1/", bad))
+                .err()
+                .unwrap_or_default();
+            assert!(
+                e.contains("upstreams.openai.base_url (line 10)") && e.contains("a host"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -303,6 +303,20 @@ impl Config {
                     "must start with http:// or https://",
                 ));
             }
+            // What the upstream client can call: a host, no user, no query.
+            let uri = base_url.parse::<axum::http::Uri>().ok();
+            let usable = uri.as_ref().is_some_and(|uri| {
+                uri.authority()
+                    .is_some_and(|a| !a.host().is_empty() && !a.as_str().contains('@'))
+                    && uri.query().is_none()
+            });
+            if !usable {
+                return Err(l.error(
+                    format!("{path}.base_url"),
+                    Some(u.base_url.span()),
+                    "must be a URL with a host and no user name or query",
+                ));
+            }
             let optional = |key: &str, v: &Option<Text>| -> Result<Option<String>, ConfigError> {
                 v.as_ref()
                     .map(|v| l.expand(&format!("{path}.{key}"), v))
