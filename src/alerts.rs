@@ -11,7 +11,9 @@
 //! and queued; a task of its own posts it to the webhook, retrying with
 //! backoff, so a slow or dead receiver never delays a request.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use crate::FastMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -138,8 +140,9 @@ struct State {
     fired: HashSet<(String, String, String)>,
     /// Today's alerts, oldest first (for the dashboard).
     today: Vec<Fired>,
-    /// (org, group) -> billed cost today.
-    billed: HashMap<(String, String), u64>,
+    /// org -> group -> billed cost today (looked up by `&str`: a call
+    /// allocates nothing here once its group has been seen).
+    billed: FastMap<String, FastMap<String, u64>>,
 }
 
 impl State {
@@ -171,7 +174,12 @@ impl Engine {
                 state.today.push(f);
             }
             for (org, group, cost) in billed {
-                *state.billed.entry((org, group)).or_default() += cost;
+                *state
+                    .billed
+                    .entry(org)
+                    .or_default()
+                    .entry(group)
+                    .or_default() += cost;
             }
         }
     }
@@ -182,10 +190,14 @@ impl Engine {
             return 0;
         };
         state.roll(day);
-        let total = state
-            .billed
-            .entry((org.to_owned(), group.to_owned()))
-            .or_default();
+        let groups = match state.billed.get_mut(org) {
+            Some(groups) => groups,
+            None => state.billed.entry(org.to_owned()).or_default(),
+        };
+        let total = match groups.get_mut(group) {
+            Some(total) => total,
+            None => groups.entry(group.to_owned()).or_default(),
+        };
         *total = total.saturating_add(cost_pico);
         *total
     }

@@ -7,7 +7,6 @@
 //! parses, then validates every cross-reference once, so a lookup on the
 //! request path is a hash probe and, failing that, a short pattern scan.
 
-use std::collections::HashMap;
 use std::fmt;
 
 use serde::Deserialize;
@@ -182,7 +181,7 @@ pub struct Catalog {
     pub groups: Vec<Group>,
     pub models: Vec<Model>,
     /// Exact names (aliases and snapshots) -> index into `models`.
-    exact: HashMap<String, usize>,
+    exact: crate::FastMap<String, usize>,
     /// `*` patterns, most literal characters first.
     patterns: Vec<(String, usize)>,
 }

@@ -24,6 +24,13 @@
 //! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
 //! them. Capture and export of shared data come next.
 
+/// A hash map for the paths every call takes: foldhash instead of std's
+/// SipHash (its keys are the config's and the catalog's names, key hashes
+/// and ids; a client's input is only looked up, never inserted).
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// A hash set as [`FastMap`].
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
+
 pub mod alerts;
 pub mod capture;
 pub mod catalog;

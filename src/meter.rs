@@ -17,7 +17,7 @@
 //! `downgrade` the free tokens used never exceed the cap, whatever the
 //! concurrency.
 
-use std::collections::HashMap;
+use crate::FastMap;
 
 use crate::config::{Fallback, Policy};
 use crate::day::Day;
@@ -143,7 +143,7 @@ pub struct Settlement {
 /// few hash operations.
 #[derive(Debug, Default)]
 pub struct Ledger {
-    pools: HashMap<PoolKey, Pool>,
+    pools: FastMap<PoolKey, Pool>,
     /// The latest day a call asked about: when it moves on, earlier days'
     /// pools (their totals live in the store) are dropped, so the ledger does
     /// not grow day after day.

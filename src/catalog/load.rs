@@ -111,7 +111,7 @@ impl Catalog {
         }
 
         let mut models = Vec::with_capacity(raw.models.len());
-        let mut exact = HashMap::new();
+        let mut exact = crate::FastMap::default();
         let mut patterns = Vec::new();
         for m in raw.models {
             let index = models.len();

@@ -1,6 +1,5 @@
 //! Client keys: stored only as SHA-256 hashes, compared in constant time.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
@@ -26,7 +25,7 @@ pub struct Caller {
 
 pub struct KeyTable {
     /// Key hash -> caller; the keys themselves are not kept.
-    by_hash: HashMap<[u8; 32], Caller>,
+    by_hash: crate::FastMap<[u8; 32], Caller>,
 }
 
 fn hash(key: &str) -> [u8; 32] {
@@ -40,7 +39,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl KeyTable {
     pub fn new(config: &Config) -> Self {
-        let mut by_hash = HashMap::new();
+        let mut by_hash = crate::FastMap::default();
         for (org, o) in config.orgs.iter().enumerate() {
             for (project, p) in o.projects.iter().enumerate() {
                 for key in &p.keys {

@@ -192,12 +192,25 @@ fn free_token_headers(gateway: &Gateway, headers: &mut HeaderMap, pool: Option<P
     const REMAINING: HeaderName = HeaderName::from_static("x-free-tokens-remaining");
     const RESET: HeaderName = HeaderName::from_static("x-free-tokens-reset");
     let limit = if pool.is_some() { cap } else { 0 };
-    for (name, value) in [
-        (LIMIT, limit),
-        (REMAINING, remaining),
-        (RESET, gateway.seconds_to_reset()),
-    ] {
-        headers.insert(name, HeaderValue::from(value));
+    // The three numbers in one buffer, each header a slice of it: two
+    // allocations where `HeaderValue::from(u64)` made two for each.
+    let mut digits = Vec::with_capacity(60);
+    let mut ends = [0; 3];
+    let mut number = itoa::Buffer::new();
+    for (end, value) in ends
+        .iter_mut()
+        .zip([limit, remaining, gateway.seconds_to_reset()])
+    {
+        digits.extend_from_slice(number.format(value).as_bytes());
+        *end = digits.len();
+    }
+    let digits = bytes::Bytes::from(digits);
+    let mut start = 0;
+    for (name, end) in [LIMIT, REMAINING, RESET].into_iter().zip(ends) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(digits.slice(start..end)) {
+            headers.insert(name, value);
+        }
+        start = end;
     }
 }
 
