@@ -1,6 +1,7 @@
 //! The client against a scripted server on a real socket: framing, interim
 //! answers, keep-alive reuse, the one retry on a connection closed while
-//! idle, and cancellation by dropping a body.
+//! idle, and cancellation by dropping a body; and HTTPS against a server
+//! with a test certificate (tests/data/tls).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -87,7 +88,7 @@ where
 }
 
 /// One request (head and `content-length` body) as text; `None` at the end.
-async fn read_request(socket: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+async fn read_request(socket: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>) -> Option<String> {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(at) = memchr::memmem::find(buf, b"\r\n\r\n") {
@@ -315,4 +316,128 @@ async fn cut_and_malformed_bodies_are_errors() {
         let e = post(&origin, body).await.err().unwrap();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{body}");
     }
+}
+
+/// A file of the test certificate authority and its `localhost` certificate.
+fn tls_data(name: &str) -> Vec<u8> {
+    std::fs::read(format!(
+        "{}/tests/data/tls/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+/// An HTTPS server on port 0 with the `localhost` certificate, answering
+/// each request on a connection with its index there.
+async fn tls_server() -> (u16, Arc<Seen>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![
+            CertificateDer::from(tls_data("localhost.der")),
+            CertificateDer::from(tls_data("ca.der")),
+        ],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(tls_data("localhost.key.der"))),
+    )
+    .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Seen::default());
+    let state = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            state.accepted.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, state) = (acceptor.clone(), Arc::clone(&state));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut buf = Vec::new();
+                for n in 0.. {
+                    let Some(request) = read_request(&mut tls, &mut buf).await else {
+                        return;
+                    };
+                    state.requests.lock().unwrap().push(request);
+                    let answer = json(&format!("{{\"n\":{n}}}"));
+                    if tls.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// A client of `base` that trusts the test certificate authority, or no one.
+fn tls_origin(base: &str, trust_test_ca: bool) -> Arc<Origin> {
+    let mut roots = rustls::RootCertStore::empty();
+    if trust_test_ca {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(tls_data("ca.der")))
+            .unwrap();
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    Arc::new(Origin::new(base, &connector).unwrap())
+}
+
+#[tokio::test]
+async fn https_calls_are_verified_and_share_one_connection() {
+    let (port, seen) = tls_server().await;
+    let origin = tls_origin(&format!("https://localhost:{port}/v1"), true);
+    for n in 0..3 {
+        let answer = post(&origin, "{}").await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(
+            answer.headers.get("content-type").unwrap(),
+            "application/json"
+        );
+        assert_eq!(text(answer).await.unwrap(), format!("{{\"n\":{n}}}"));
+    }
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 1);
+    let requests = seen.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 3);
+    for request in &requests {
+        assert!(
+            request.starts_with(&format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nhost: localhost:{port}\r\n"
+            )),
+            "{request}"
+        );
+        assert!(
+            request.ends_with("content-length: 2\r\n\r\n{}"),
+            "{request}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn https_refuses_a_certificate_for_another_name_or_from_an_unknown_authority() {
+    let (port, seen) = tls_server().await;
+    // The certificate names `localhost`, not this address.
+    let by_address = tls_origin(&format!("https://127.0.0.1:{port}/v1"), true);
+    let e = post(&by_address, "{}").await.err().unwrap();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // The right name, but the client does not trust the test authority.
+    let untrusted = tls_origin(&format!("https://localhost:{port}/v1"), false);
+    let e = post(&untrusted, "{}").await.err().unwrap();
+    assert!(e.to_string().contains("certificate"), "{e}");
+    // No request got through either way.
+    assert_eq!(seen.accepted.load(Ordering::SeqCst), 2);
+    assert!(seen.requests.lock().unwrap().is_empty());
 }
