@@ -12,8 +12,6 @@
 //! backoff, so a slow or dead receiver never delays a request.
 
 use std::collections::HashSet;
-
-use crate::FastMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +20,7 @@ use serde::Serialize;
 use crate::catalog::format_usd;
 use crate::config::{Alerts, Secret};
 use crate::day::Day;
+use crate::FastMap;
 
 /// An alert that fired.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

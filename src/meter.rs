@@ -17,10 +17,9 @@
 //! `downgrade` the free tokens used never exceed the cap, whatever the
 //! concurrency.
 
-use crate::FastMap;
-
 use crate::config::{Fallback, Policy};
 use crate::day::Day;
+use crate::FastMap;
 
 /// One daily pool: an organization's program group on one UTC day.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
