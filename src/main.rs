@@ -168,8 +168,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .ok()
         .and_then(|v| v.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::INFO);
+    // Colours only for a terminal: a log file or journald gets plain text.
+    let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colours)
         .with_target(false)
         .with_max_level(level)
         .init();

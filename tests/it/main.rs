@@ -8,6 +8,7 @@ mod dashboard;
 mod gateway;
 mod guard;
 mod harness;
+mod https;
 mod metrics;
 mod properties;
 mod reference;
