@@ -1,7 +1,6 @@
 //! `kill -9` the gateway under load and restart it: the ledger holds every
 //! call the upstream served, and `tokenwarden usage` reads it back.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,7 +9,7 @@ use tokenwarden::catalog::Catalog;
 use tokenwarden::simulator::{self, SimConfig, Simulator};
 use tokenwarden::store::SqliteStore;
 
-use crate::harness::{spawn, temp_dir, UPSTREAM_KEY};
+use crate::harness::{serve_process, spawn, temp_dir, UPSTREAM_KEY};
 
 const KEY: &str = "tw-crash-test-key-0000001";
 
@@ -36,27 +35,13 @@ fn write_config(
 /// Start `tokenwarden serve` at log level `log`, its stderr to `stderr`, and
 /// wait for the address it prints.
 fn start_gateway(config: &std::path::Path, log: &str, stderr: Stdio) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
-        .args(["serve", "--config"])
-        .arg(config)
-        .env("UPSTREAM_KEY", UPSTREAM_KEY)
-        .env("TOKENWARDEN_LOG", log)
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn: {e}"));
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_owned);
-    (
-        child,
-        base.unwrap_or_else(|| panic!("no address in {line:?}")),
+    serve_process(
+        Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("UPSTREAM_KEY", UPSTREAM_KEY)
+            .env("TOKENWARDEN_LOG", log)
+            .stderr(stderr),
     )
 }
 

@@ -69,6 +69,29 @@ pub async fn spawn(app: impl Into<gateway::App>) -> (std::net::SocketAddr, onesh
     (addr, stop)
 }
 
+/// Spawn `tokenwarden` as `command` sets it up (`serve` and its
+/// arguments, environment, stderr), and wait for the address it prints.
+pub fn serve_process(command: &mut std::process::Command) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .map(str::to_owned);
+    (
+        child,
+        base.unwrap_or_else(|| panic!("no address in {line:?}")),
+    )
+}
+
 /// The configuration of a test: `{upstream}` is replaced by the simulator's
 /// URL; orgs, projects and program settings are the test's.
 pub async fn start(label: &str, config: &str) -> Harness {

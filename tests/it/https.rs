@@ -2,7 +2,6 @@
 //! behind a TLS front with the test certificate for `localhost`
 //! (tests/data/tls), trusted through `SSL_CERT_FILE`, or not.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
@@ -10,7 +9,7 @@ use serde_json::{json, Value};
 use tokenwarden::catalog::Catalog;
 use tokenwarden::simulator::{self, SimConfig, Simulator};
 
-use crate::harness::{http_client, repo, spawn, temp_dir, UPSTREAM_KEY};
+use crate::harness::{http_client, repo, serve_process, spawn, temp_dir, UPSTREAM_KEY};
 
 const KEY: &str = "tw-https-test-key-000001";
 
@@ -69,29 +68,26 @@ fn start_gateway(dir: &std::path::Path, port: u16, roots: &str) -> (Child, Strin
         ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .env("UPSTREAM_KEY", UPSTREAM_KEY)
-        .env("SSL_CERT_FILE", repo(&format!("tests/data/tls/{roots}")))
-        .env_remove("SSL_CERT_DIR")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn: {e}"));
-    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .unwrap_or_else(|e| panic!("{e}"));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .map(str::to_owned);
-    (
-        child,
-        base.unwrap_or_else(|| panic!("no address in {line:?}")),
+    serve_process(
+        Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("UPSTREAM_KEY", UPSTREAM_KEY)
+            .env("SSL_CERT_FILE", repo(&format!("tests/data/tls/{roots}")))
+            .env_remove("SSL_CERT_DIR")
+            .stderr(Stdio::piped()),
     )
+}
+
+/// A chat completion through the gateway at `base`.
+async fn chat(client: &reqwest::Client, base: &str, body: &Value) -> reqwest::Response {
+    client
+        .post(format!("{base}/chat/completions"))
+        .bearer_auth(KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Stop a gateway and return what it logged.
@@ -116,13 +112,7 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
     let dir = temp_dir("https-trusted");
     let (gateway, base) = start_gateway(&dir, port, "ca.pem");
     for _ in 0..2 {
-        let response = client
-            .post(format!("{base}/chat/completions"))
-            .bearer_auth(KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let response = chat(&client, &base, &body).await;
         assert_eq!(response.status(), 200);
         assert!(response.headers().contains_key("x-free-tokens-remaining"));
         let answer: Value = response.json().await.unwrap_or_else(|e| panic!("{e}"));
@@ -136,13 +126,7 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
     // Trusting only the server's own certificate, not its issuer: refused.
     let dir = temp_dir("https-untrusted");
     let (gateway, base) = start_gateway(&dir, port, "localhost.pem");
-    let response = client
-        .post(format!("{base}/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let response = chat(&client, &base, &body).await;
     assert_eq!(response.status(), 502);
     let text = response.text().await.unwrap_or_else(|e| panic!("{e}"));
     assert!(text.contains("could not be reached"), "{text}");
