@@ -58,7 +58,7 @@ async fn tls_front(upstream: std::net::SocketAddr) -> u16 {
 
 /// `tokenwarden serve` in front of `https://localhost:PORT/v1`, trusting the
 /// roots in the PEM file `roots`; its base URL.
-fn start_gateway(dir: &std::path::Path, port: u16, roots: &str) -> (Child, String) {
+fn start_gateway(dir: &std::path::Path, port: u16, roots: &str) -> (Gateway, String) {
     let config = dir.join("tokenwarden.toml");
     std::fs::write(
         &config,
@@ -68,7 +68,7 @@ fn start_gateway(dir: &std::path::Path, port: u16, roots: &str) -> (Child, Strin
         ),
     )
     .unwrap_or_else(|e| panic!("{e}"));
-    serve_process(
+    let (child, base) = serve_process(
         Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
             .args(["serve", "--config"])
             .arg(&config)
@@ -76,7 +76,8 @@ fn start_gateway(dir: &std::path::Path, port: u16, roots: &str) -> (Child, Strin
             .env("SSL_CERT_FILE", repo(&format!("tests/data/tls/{roots}")))
             .env_remove("SSL_CERT_DIR")
             .stderr(Stdio::piped()),
-    )
+    );
+    (Gateway(Some(child)), base)
 }
 
 /// A chat completion through the gateway at `base`.
@@ -90,8 +91,23 @@ async fn chat(client: &reqwest::Client, base: &str, body: &Value) -> reqwest::Re
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A gateway process, killed when dropped (a failed assertion included).
+struct Gateway(Option<Child>);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Stop a gateway and return what it logged.
-fn stop(mut child: Child) -> String {
+fn stop(mut gateway: Gateway) -> String {
+    let Some(mut child) = gateway.0.take() else {
+        return String::new();
+    };
     let _ = child.kill();
     let output = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     String::from_utf8_lossy(&output.stderr).into_owned()
