@@ -293,7 +293,7 @@ impl Origin {
 pub fn end_head(out: &mut Vec<u8>, body_len: usize, method_has_body: bool) {
     if body_len > 0 || method_has_body {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body_len.to_string().as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
