@@ -41,6 +41,7 @@ mod http1;
 pub mod metrics;
 mod repoll;
 pub mod routes;
+mod scan;
 pub mod stream;
 pub mod upstream;
 pub mod usage;

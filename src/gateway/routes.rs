@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::call::{Call, Labels, Outcome};
 use super::error::ApiError;
-use super::stream::{body_text, usage_of, Tap, UsageFields};
-use super::{upstream, Gateway};
+use super::stream::{body_text, usage_of, Tap};
+use super::{scan, upstream, Gateway};
 use crate::catalog::ModelRef;
 use crate::config::Guard;
 use crate::day::Day;
@@ -345,13 +345,6 @@ fn set_output_cap(endpoint: Endpoint, body: &mut Value, total: u64) {
     body[field] = json!(per_choice);
 }
 
-/// The two fields of an upstream answer that settling needs.
-#[derive(serde::Deserialize)]
-struct UsageAndModel {
-    usage: Option<UsageFields>,
-    model: Option<String>,
-}
-
 /// `body`, a JSON object without `stream_options`, with
 /// `"stream_options":{"include_usage":true}` added as its first member: the
 /// client's bytes otherwise as they came, instead of the parsed body
@@ -653,21 +646,17 @@ async fn metered(
     };
     let outcome = if status.is_success() {
         // Most answers carry their usage and are not captured: read only
-        // `usage` and `model` (serde skips the rest without building it).
-        let head: Option<UsageAndModel> = if call.captures() {
+        // `usage` and `model`, past the rest (see [`scan`]).
+        let head = if call.captures() {
             None
         } else {
-            serde_json::from_slice(&upstream_body).ok()
+            scan::usage_and_model(&upstream_body, endpoint)
         };
-        let usage = head
-            .as_ref()
-            .and_then(|h| h.usage.as_ref())
-            .map(|u| u.usage(endpoint));
-        match (head, usage) {
-            (Some(head), Some(usage)) => Outcome {
+        match head {
+            Some((Some(usage), model)) => Outcome {
                 usage: Some(usage),
                 status: status.as_u16(),
-                served_model: head.model,
+                served_model: model,
                 ..Outcome::default()
             },
             _ => {
