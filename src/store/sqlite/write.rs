@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Condvar, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Statement};
 
 use super::journal::{Entry, Journal};
 use super::{as_i64, Admitted, Settled};
@@ -272,15 +272,17 @@ pub(super) fn replay(
     use super::journal::Replayed;
     let tx = conn.transaction()?;
     let mut daily = Daily::default();
+    let mut rows = tx.prepare_cached(INSERT)?;
     for record in records {
         match record {
             Replayed::Admit(id, a) => {
-                insert(&tx, id, &a, a.decision, "pending", 0, None)?;
+                insert(&mut rows, id, &a, a.decision, "pending", 0, None)?;
             }
-            Replayed::Refuse(id, a, status) => refuse(&tx, id, &a, status, &mut daily)?,
+            Replayed::Refuse(id, a, status) => refuse(&mut rows, id, &a, status, &mut daily)?,
             Replayed::Settle(id, s) => settle(&tx, id, &s, &mut daily)?,
         }
     }
+    drop(rows);
     daily.write(&tx)?;
     tx.commit()
 }
@@ -311,6 +313,9 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
             }
         }
         let mut daily = Daily::default();
+        // Taken once for the batch: taking a cached statement hashes its
+        // SQL, and giving it back resets it and files it again.
+        let mut rows = tx.prepare_cached(INSERT)?;
         let mut turn = std::time::Instant::now();
         let done = batch
             .iter()
@@ -322,13 +327,16 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
             })
             .map(|job| match job {
                 Job::Admit(id, a) => match settled.get(id) {
-                    Some(s) => insert_settled(&tx, *id, a, s, &mut daily).map(|()| Done::Unit),
-                    None => apply(&tx, job, &mut daily),
+                    Some(s) => {
+                        insert_settled(&tx, &mut rows, *id, a, s, &mut daily).map(|()| Done::Unit)
+                    }
+                    None => apply(&tx, &mut rows, job, &mut daily),
                 },
                 Job::Settle(id, _) if settled.contains_key(id) => Ok(Done::Unit),
-                _ => apply(&tx, job, &mut daily),
+                _ => apply(&tx, &mut rows, job, &mut daily),
             })
             .collect::<Result<Vec<_>, _>>()?;
+        drop(rows);
         daily.write(&tx)?;
         tx.commit()?;
         Ok(done)
@@ -346,7 +354,9 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
                 let alone = (|| -> Result<Done, rusqlite::Error> {
                     let tx = conn.transaction()?;
                     let mut daily = Daily::default();
-                    let done = apply(&tx, &job, &mut daily)?;
+                    let mut rows = tx.prepare_cached(INSERT)?;
+                    let done = apply(&tx, &mut rows, &job, &mut daily)?;
+                    drop(rows);
                     daily.write(&tx)?;
                     tx.commit()?;
                     Ok(done)
@@ -385,15 +395,16 @@ fn answer(job: Job, done: Result<Done, String>) {
 
 fn apply(
     tx: &rusqlite::Transaction<'_>,
+    rows: &mut Statement<'_>,
     job: &Job,
     daily: &mut Daily,
 ) -> Result<Done, rusqlite::Error> {
     match job {
         Job::Admit(id, a) => {
-            insert(tx, *id, a, a.decision, "pending", 0, None).map(|_| Done::Unit)
+            insert(rows, *id, a, a.decision, "pending", 0, None).map(|_| Done::Unit)
         }
         Job::Settle(id, s) => settle(tx, *id, s, daily).map(|()| Done::Unit),
-        Job::Refuse(id, a, status) => refuse(tx, *id, a, *status, daily).map(|()| Done::Unit),
+        Job::Refuse(id, a, status) => refuse(rows, *id, a, *status, daily).map(|()| Done::Unit),
         Job::Recover(_) => recover(tx, daily).map(Done::Count),
         Job::Alert(f) => alert(tx, f).map(|()| Done::Unit),
         Job::Capture(c) => tx
@@ -449,12 +460,20 @@ fn alert(tx: &rusqlite::Transaction<'_>, f: &Fired) -> Result<(), rusqlite::Erro
     Ok(())
 }
 
-/// Insert a call's row under its id; `decision`, `state` and `status` differ
-/// between an admitted call, a refused one and one settled in the batch that
-/// admitted it (which brings its usage; the others start at zero). Returns
-/// whether the row is new (a replayed record may already be in the ledger).
+/// The statement that inserts a call's row ([`insert`] binds it).
+const INSERT: &str = "INSERT OR IGNORE INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
+        served_model, grp, decision, reserved, free_lane, streamed, state, status, shared, id,
+        input_tokens, cached_tokens, output_tokens, reasoning_tokens, free, cost_pico, latency_ms, estimated)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+        ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)";
+
+/// Insert a call's row under its id with `rows`, the batch's [`INSERT`];
+/// `decision`, `state` and `status` differ between an admitted call, a
+/// refused one and one settled in the batch that admitted it (which brings
+/// its usage; the others start at zero). Returns whether the row is new (a
+/// replayed record may already be in the ledger).
 fn insert(
-    tx: &rusqlite::Transaction<'_>,
+    rows: &mut Statement<'_>,
     id: i64,
     a: &Admitted,
     decision: &str,
@@ -464,41 +483,33 @@ fn insert(
 ) -> Result<bool, rusqlite::Error> {
     let zero = Settled::default();
     let s = settled.unwrap_or(&zero);
-    let n = tx
-        .prepare_cached(
-            "INSERT OR IGNORE INTO requests (started_ms, day, org, project, key_id, endpoint, requested_model,
-                served_model, grp, decision, reserved, free_lane, streamed, state, status, shared, id,
-                input_tokens, cached_tokens, output_tokens, reasoning_tokens, free, cost_pico, latency_ms, estimated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
-        )?
-        .execute(params![
-            a.started_ms,
-            a.day.0,
-            a.org,
-            a.project,
-            a.key_id,
-            a.endpoint,
-            a.requested_model,
-            s.served_model.as_deref().unwrap_or(&a.served_model),
-            a.group,
-            decision,
-            as_i64(a.reserved),
-            a.free_lane,
-            a.streamed,
-            state,
-            status,
-            a.shared,
-            id,
-            as_i64(s.input),
-            as_i64(s.cached),
-            as_i64(s.output),
-            as_i64(s.reasoning),
-            s.free,
-            as_i64(s.cost_pico),
-            as_i64(s.latency_ms),
-            s.estimated,
-        ])?;
+    let n = rows.execute(params![
+        a.started_ms,
+        a.day.0,
+        a.org,
+        a.project,
+        a.key_id,
+        a.endpoint,
+        a.requested_model,
+        s.served_model.as_deref().unwrap_or(&a.served_model),
+        a.group,
+        decision,
+        as_i64(a.reserved),
+        a.free_lane,
+        a.streamed,
+        state,
+        status,
+        a.shared,
+        id,
+        as_i64(s.input),
+        as_i64(s.cached),
+        as_i64(s.output),
+        as_i64(s.reasoning),
+        s.free,
+        as_i64(s.cost_pico),
+        as_i64(s.latency_ms),
+        s.estimated,
+    ])?;
     Ok(n == 1)
 }
 
@@ -506,12 +517,13 @@ fn insert(
 /// leave it, written once, and its day's totals.
 fn insert_settled(
     tx: &rusqlite::Transaction<'_>,
+    rows: &mut Statement<'_>,
     id: i64,
     a: &Admitted,
     s: &Settled,
     daily: &mut Daily,
 ) -> Result<(), rusqlite::Error> {
-    if !insert(tx, id, a, a.decision, "settled", s.status, Some(s))? {
+    if !insert(rows, id, a, a.decision, "settled", s.status, Some(s))? {
         // Replayed after its row was written: apply it as a settlement.
         return settle(tx, id, s, daily);
     }
@@ -533,13 +545,13 @@ fn add_settled(daily: &mut Daily, day: Day, org: &str, group: Option<&str>, s: &
 
 /// A refused call: settled at once, nothing reserved or used.
 fn refuse(
-    tx: &rusqlite::Transaction<'_>,
+    rows: &mut Statement<'_>,
     id: i64,
     a: &Admitted,
     status: u16,
     daily: &mut Daily,
 ) -> Result<(), rusqlite::Error> {
-    if insert(tx, id, a, "refused", "settled", status, None)? {
+    if insert(rows, id, a, "refused", "settled", status, None)? {
         daily.add(
             a.day,
             &a.org,
