@@ -76,7 +76,7 @@ pub enum ImageCost {
 /// A program group: one daily pool shared by all of its models.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Group {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// The cap for usage tiers 3-5.
     pub daily_tokens: u64,
     /// The cap for usage tiers 1-2.
@@ -97,7 +97,7 @@ impl Group {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Model {
     /// The catalog's name for the family (an alias or a pattern).
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     pub kind: Kind,
     pub encoding: Encoding,
     /// Index into `Catalog::groups`; `None` for models outside the program.
@@ -254,7 +254,7 @@ impl Catalog {
     }
 
     pub fn group(&self, name: &str) -> Option<&Group> {
-        self.groups.iter().find(|g| g.name == name)
+        self.groups.iter().find(|g| *g.name == *name)
     }
 
     /// Up to three exact names close to `name` (edit distance), closest first.
@@ -371,7 +371,7 @@ mod tests {
             c.lookup(name)
                 .ok()
                 .and_then(|m| m.group())
-                .map(|g| g.name.as_str())
+                .map(|g| &*g.name)
         };
         assert_eq!(group("gpt-4o"), Some("flagship"));
         assert_eq!(group("gpt-4o-2024-11-20"), Some("flagship"));

@@ -207,10 +207,10 @@ pub fn sharing_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<V
         .iter()
         .map(|org| {
             let mut row = SharingRow {
-                org: org.name.clone(),
+                org: org.name.to_string(),
                 ..SharingRow::default()
             };
-            for r in rows.iter().filter(|r| r.org == org.name) {
+            for r in rows.iter().filter(|r| *r.org == *org.name) {
                 let tokens = r.input_tokens + r.output_tokens;
                 if r.sharing.as_deref() == Some("shared") {
                     row.shared_tokens += tokens;
@@ -234,11 +234,11 @@ pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec
             .catalog
             .groups
             .iter()
-            .map(|g| (g.name.as_str(), g.daily_tokens_for_tier(org.tier)));
+            .map(|g| (&*g.name, g.daily_tokens_for_tier(org.tier)));
         for (group, cap) in groups.chain(std::iter::once(("", 0))) {
             let total = totals
                 .iter()
-                .find(|t| t.org == org.name && t.group == group);
+                .find(|t| *t.org == *org.name && t.group == group);
             if group.is_empty() && total.is_none() {
                 continue;
             }
@@ -249,7 +249,7 @@ pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec
             };
             let free_used = total.map_or(0, |t| t.free_tokens);
             rows.push(UsageRow {
-                org: org.name.clone(),
+                org: org.name.to_string(),
                 group: if group.is_empty() {
                     "none".into()
                 } else {

@@ -182,7 +182,7 @@ pub struct Upstream {
 
 #[derive(Debug)]
 pub struct Org {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// The provider's usage tier (1-5); tiers 1-2 get smaller caps.
     pub tier: u8,
     pub sharing: OrgSharing,
@@ -212,7 +212,7 @@ impl Org {
 
 #[derive(Debug)]
 pub struct Project {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     /// Whether this project's traffic is shared (and so gets free tokens).
     pub shares: bool,
     pub upstream: String,

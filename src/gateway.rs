@@ -242,11 +242,11 @@ impl Gateway {
         let Some(org_config) = self.config.orgs.get(org) else {
             return;
         };
-        let org_name = org_config.name.as_str();
+        let org_name = &*org_config.name;
         let rules = &org_config.alerts;
         let group_name = group
             .and_then(|g| self.config.catalog.groups.get(g))
-            .map_or("none", |g| g.name.as_str());
+            .map_or("none", |g| &*g.name);
         let billed = self.alerts.add_billed(day, org_name, group_name, cost_pico);
         let state = group.map(|g| self.pool_state(org, g));
         let view = crate::alerts::View {
@@ -281,7 +281,7 @@ impl Gateway {
             .orgs
             .iter()
             .enumerate()
-            .map(|(i, o)| (o.name.as_str(), i))
+            .map(|(i, o)| (&*o.name, i))
             .collect();
         let totals = self.store.daily(day)?;
         let billed = totals
@@ -303,7 +303,7 @@ impl Gateway {
                 .catalog
                 .groups
                 .iter()
-                .position(|g| g.name == total.group);
+                .position(|g| *g.name == *total.group);
             if let (Some(&org), Some(group)) = (org, group) {
                 ledger.restore(PoolKey { org, group, day }, total.free_tokens);
             }

@@ -8,6 +8,7 @@
 //! never hands out free tokens twice. SQLite is the embedded default.
 
 use crate::day::Day;
+use std::sync::Arc;
 
 pub mod sqlite;
 
@@ -34,15 +35,17 @@ impl From<rusqlite::Error> for StoreError {
 pub struct Admitted {
     pub started_ms: i64,
     pub day: Day,
-    pub org: String,
-    pub project: String,
+    // The names are shared with the configuration (and the key id with the
+    // key table, the two models with each other): a call copies none.
+    pub org: Arc<str>,
+    pub project: Arc<str>,
     /// A short, non-secret id of the client key (a prefix of its hash).
-    pub key_id: String,
+    pub key_id: Arc<str>,
     pub endpoint: &'static str,
-    pub requested_model: String,
-    pub served_model: String,
+    pub requested_model: Arc<str>,
+    pub served_model: Arc<str>,
     /// The program group, `None` for models outside the program.
-    pub group: Option<String>,
+    pub group: Option<Arc<str>>,
     /// `free`, `billed`, `clamped`, `downgraded` or `refused`.
     pub decision: &'static str,
     /// Tokens held in the free pool while the call runs.

@@ -91,7 +91,7 @@ impl Catalog {
             .groups
             .into_iter()
             .map(|(name, g)| Group {
-                name,
+                name: name.into(),
                 daily_tokens: g.daily_tokens,
                 daily_tokens_tiers_1_2: g.daily_tokens_tiers_1_2,
             })
@@ -120,7 +120,7 @@ impl Catalog {
                 Some(g) => Some(
                     groups
                         .iter()
-                        .position(|group| &group.name == g)
+                        .position(|group| *group.name == **g)
                         .ok_or_else(|| {
                             invalid(format!("{} = {g:?} names no [groups] entry", ctx("group")))
                         })?,
@@ -158,7 +158,7 @@ impl Catalog {
                 }
             }
             models.push(Model {
-                name: m.name,
+                name: m.name.into(),
                 kind: m.kind,
                 encoding: m.encoding,
                 group,

@@ -407,7 +407,7 @@ impl Config {
                     keys.push(Secret::new(value));
                 }
                 projects.push(Project {
-                    name: p.name.clone(),
+                    name: p.name.as_str().into(),
                     shares: match o.sharing {
                         OrgSharing::Disabled => false,
                         OrgSharing::All => true,
@@ -425,7 +425,7 @@ impl Config {
             for (j, p) in o.projects.iter().enumerate() {
                 let path = format!("{path}.projects[{j}].reroute_to");
                 let target = match &p.reroute_to {
-                    Some(name) => match projects.iter().position(|q| &q.name == name) {
+                    Some(name) => match projects.iter().position(|q| *q.name == **name) {
                         Some(t) if !projects[t].shares && t != j => Some(t),
                         Some(_) => {
                             return Err(l.error(
@@ -478,7 +478,7 @@ impl Config {
             };
             orgs.push(Org {
                 alerts: org_alerts,
-                name: o.name.clone(),
+                name: o.name.as_str().into(),
                 tier: o.tier,
                 sharing: o.sharing,
                 eligible: !o.enterprise && !o.zero_data_retention,
@@ -506,7 +506,10 @@ impl Config {
         }
         for (name, g) in &raw.program.groups {
             let path = format!("program.groups.{name}");
-            let existing = catalog.groups.iter().position(|group| &group.name == name);
+            let existing = catalog
+                .groups
+                .iter()
+                .position(|group| *group.name == **name);
             let index = match existing {
                 Some(index) => index,
                 None => {
@@ -518,7 +521,7 @@ impl Config {
                         ));
                     };
                     catalog.groups.push(Group {
-                        name: name.clone(),
+                        name: name.as_str().into(),
                         daily_tokens: daily,
                         daily_tokens_tiers_1_2: daily,
                     });

@@ -20,7 +20,7 @@ pub struct Caller {
     /// Index of the project in its org.
     pub project: usize,
     /// A non-secret id for records and logs: the first 12 hex digits of the key's hash.
-    pub key_id: String,
+    pub key_id: std::sync::Arc<str>,
 }
 
 pub struct KeyTable {
@@ -44,13 +44,14 @@ impl KeyTable {
             for (project, p) in o.projects.iter().enumerate() {
                 for key in &p.keys {
                     let digest = hash(key.expose());
-                    let key_id = digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+                    let key_id: String =
+                        digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
                     by_hash.insert(
                         digest,
                         Caller {
                             org,
                             project,
-                            key_id,
+                            key_id: key_id.into(),
                         },
                     );
                 }

@@ -34,7 +34,7 @@ pub struct Labels {
     pub org: usize,
     pub project: usize,
     /// The model the call is served by (after a downgrade).
-    pub model: String,
+    pub model: std::sync::Arc<str>,
     /// Index of the model's program group, if it has one.
     pub group: Option<usize>,
     /// When the request arrived.
@@ -228,16 +228,16 @@ impl Call {
         };
         let capture = crate::capture::Capture {
             started_ms: self.labels.started_ms,
-            org: org.name.clone(),
+            org: org.name.to_string(),
             project: org
                 .projects
                 .get(self.labels.project)
-                .map(|p| p.name.clone())
+                .map(|p| p.name.to_string())
                 .unwrap_or_default(),
             model: record
                 .served_model
                 .clone()
-                .unwrap_or_else(|| self.labels.model.clone()),
+                .unwrap_or_else(|| self.labels.model.to_string()),
             endpoint: endpoint.path(),
             streamed,
             input_tokens: record.input,

@@ -589,7 +589,7 @@ pub fn render_live(gateway: &Gateway) -> String {
         out.push_str("<p>No organizations are configured.</p>");
     }
     for (o, org) in config.orgs.iter().enumerate() {
-        let name = org.name.as_str();
+        let name = &*org.name;
         let eligible = gateway.org_gets_free_tokens(o);
         let _ = write!(
             out,
@@ -634,10 +634,10 @@ pub fn render_live(gateway: &Gateway) -> String {
             let state = gateway.pool_state(o, g);
             let total = daily
                 .iter()
-                .find(|d| d.org == name && d.group == group.name);
+                .find(|d| d.org == name && *d.group == *group.name);
             let billed = total.map_or(0, |t| t.billed_tokens);
             let cost = total.map_or(0, |t| t.cost_pico);
-            let gname = group.name.as_str();
+            let gname = &*group.name;
             let projection = match projected_exhaustion(state.used, state.cap, today, now_ms) {
                 _ if state.cap == 0 => "no allowance".to_owned(),
                 _ if state.used >= state.cap => "used up".to_owned(),

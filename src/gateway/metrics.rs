@@ -222,17 +222,17 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 /// The whole exposition.
 pub fn render(gateway: &Gateway) -> String {
     let config = &gateway.config;
-    let org_name = |o: usize| config.orgs.get(o).map_or("", |org| org.name.as_str());
+    let org_name = |o: usize| config.orgs.get(o).map_or("", |org| &*org.name);
     let project_name = |o: usize, p: usize| {
         config
             .orgs
             .get(o)
             .and_then(|org| org.projects.get(p))
-            .map_or("", |p| p.name.as_str())
+            .map_or("", |p| &*p.name)
     };
     let group_name = |g: Option<usize>| {
         g.and_then(|g| config.catalog.groups.get(g))
-            .map_or("none", |g| g.name.as_str())
+            .map_or("none", |g| &*g.name)
     };
     let mut out = String::with_capacity(16 * 1024);
     let Ok(inner) = gateway.metrics.inner.lock() else {

@@ -449,6 +449,7 @@ async fn metered(
         .get("stream")
         .and_then(Value::as_bool)
         .unwrap_or(false);
+    let model_name: Arc<str> = std::mem::take(&mut counted.model).into();
     let mut admitted = Admitted {
         started_ms: now_ms,
         day,
@@ -456,8 +457,8 @@ async fn metered(
         project: project.name.clone(),
         key_id: std::mem::take(&mut caller.key_id),
         endpoint: endpoint.path(),
-        requested_model: counted.model.clone(),
-        served_model: std::mem::take(&mut counted.model),
+        requested_model: model_name.clone(),
+        served_model: model_name,
         group: model.group().map(|g| g.name.clone()),
         decision: "free",
         reserved: 0,
@@ -469,10 +470,7 @@ async fn metered(
     let (ticket, served, header_pool, header_cap) = match decision {
         Decision::Refused { pool, cap, left } => {
             let retry_after = gateway.seconds_to_reset();
-            let group = catalog
-                .groups
-                .get(pool.group)
-                .map_or("?", |g| g.name.as_str());
+            let group = catalog.groups.get(pool.group).map_or("?", |g| &*g.name);
             if let Err(e) = gateway.store.refuse(admitted, 429) {
                 tracing::error!(error = %e, "could not record a refused call");
             }
@@ -501,7 +499,7 @@ async fn metered(
         Decision::Downgraded(ticket) => {
             let (name, t) = target.ok_or(ApiError::Internal)?;
             admitted.decision = "downgraded";
-            admitted.served_model = name.to_owned();
+            admitted.served_model = name.into();
             if admitted.group.is_some() {
                 if let Some(group) = t.group() {
                     admitted.group = Some(group.name.clone());

@@ -144,7 +144,7 @@ pub struct RequestCount {
     pub model: String,
     pub encoding: Encoding,
     /// The program group, or `None` when the model is always billed.
-    pub group: Option<String>,
+    pub group: Option<std::sync::Arc<str>>,
     pub prompt: Count,
     /// The most output tokens the request allows (all choices together).
     pub output_cap: u64,

@@ -148,7 +148,7 @@ async fn each_rule_fires_once_a_day_and_failed_posts_are_retried() {
         .catalog
         .groups
         .iter()
-        .position(|g| g.name == "flagship");
+        .position(|g| &*g.name == "flagship");
     again.check_alerts(0, flagship, 1_000_000_000);
     assert_eq!(store.alerts(day).map(|a| a.len()).unwrap_or(0), 3);
 

@@ -623,7 +623,7 @@ fn group_index(h: &Harness, name: &str) -> usize {
         .catalog
         .groups
         .iter()
-        .position(|g| g.name == name)
+        .position(|g| *g.name == *name)
         .unwrap_or(usize::MAX)
 }
 

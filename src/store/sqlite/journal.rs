@@ -180,13 +180,13 @@ impl AdmittedIn {
         Admitted {
             started_ms: self.started_ms,
             day: Day(self.day),
-            org: self.org,
-            project: self.project,
-            key_id: self.key_id,
+            org: self.org.into(),
+            project: self.project.into(),
+            key_id: self.key_id.into(),
             endpoint: intern(self.endpoint, ENDPOINTS),
-            requested_model: self.requested_model,
-            served_model: self.served_model,
-            group: self.group,
+            requested_model: self.requested_model.into(),
+            served_model: self.served_model.into(),
+            group: self.group.map(Into::into),
             decision: intern(self.decision, DECISIONS),
             reserved: self.reserved,
             free_lane: self.free_lane,
@@ -448,7 +448,7 @@ impl Line<'_> {
         self.raw(b",\"day\":");
         self.i64(a.day.0);
         for (name, value) in [
-            (&b",\"org\":"[..], a.org.as_str()),
+            (&b",\"org\":"[..], &*a.org),
             (b",\"project\":", &a.project),
             (b",\"key_id\":", &a.key_id),
             (b",\"endpoint\":", a.endpoint),
