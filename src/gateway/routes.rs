@@ -648,10 +648,14 @@ async fn metered(
         let head = if call.captures() {
             None
         } else {
-            scan::usage_and_model(&upstream_body, endpoint)
+            scan::members_of(&upstream_body, endpoint)
         };
         match head {
-            Some((Some(usage), model)) => Outcome {
+            Some(scan::Members {
+                usage: Some(usage),
+                model,
+                ..
+            }) => Outcome {
                 usage: Some(usage),
                 status: status.as_u16(),
                 served_model: model,

@@ -1,10 +1,11 @@
 //! A whole answer's `usage` and `model`, found without parsing the rest.
 //!
 //! Settling a whole (non-streamed) answer needs two of its top-level
-//! members. Deserializing the answer into a struct of those two still reads
+//! members (a streamed chat chunk, a third: whether its `choices` are
+//! empty). Deserializing the answer into a struct of those still reads
 //! every key and string of the rest (the choices, the text): about 9,000
 //! instructions for a short chat answer, 6,000 of them in the usage
-//! object's dozen keys. [`usage_and_model`] walks the answer's objects,
+//! object's dozen keys. [`members_of`] walks the answer's objects,
 //! arrays and strings instead (strings eight bytes at a time) and reads the
 //! four numbers settling needs by hand. Anything it is not sure of (not one
 //! object with its brackets, quotes, colons and commas in place, an escaped
@@ -24,34 +25,55 @@ use crate::tokens::request::Endpoint;
 /// has its own limit).
 const MAX_DEPTH: u32 = 64;
 
-/// The answer's top-level `usage` (absent or `null`: `None`) read as
-/// `endpoint` reports it, and its `model`; when several members share a
-/// name, the last one, as `serde_json::Value` keeps. `None` when the scan is
-/// not sure (see the module's comment).
-pub fn usage_and_model(body: &[u8], endpoint: Endpoint) -> Option<(Option<Usage>, Option<String>)> {
-    let (mut usage, mut model) = (None, None);
-    let end = object(body, skip_whitespace(body, 0), 0, |key, at| match key? {
-        b"usage" if is_null(body, at) => {
-            usage = None;
+/// What settling reads of a whole answer or a streamed chunk: its
+/// top-level members `usage`, `model` and `choices`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Members {
+    /// Read as the endpoint reports it; absent or `null`: `None`.
+    pub usage: Option<Usage>,
+    /// Absent or `null`: `None`.
+    pub model: Option<String>,
+    /// Whether `choices` is an empty array (absent or `null`: `false`).
+    pub no_choices: bool,
+}
+
+/// The members settling reads of the JSON object `body` (a whole answer or
+/// a chunk's data); when several members share a name, the last one, as
+/// `serde_json::Value` keeps. `None` when the scan is not sure (see the
+/// module's comment), `choices` of another type than an array included.
+pub fn members_of(body: &[u8], endpoint: Endpoint) -> Option<Members> {
+    let mut read = Members::default();
+    let end = object(body, skip_whitespace(body, 0), 0, |key, at| {
+        let null = is_null(body, at);
+        match key? {
+            b"usage" if null => read.usage = None,
+            b"usage" => {
+                let (usage, end) = usage_at(body, at, endpoint)?;
+                read.usage = Some(usage);
+                return Some(end);
+            }
+            b"model" if null => read.model = None,
+            b"model" => {
+                let (model, end) = string_at(body, at)?;
+                read.model = Some(model);
+                return Some(end);
+            }
+            b"choices" if null => read.no_choices = false,
+            b"choices" => {
+                if body.get(at) != Some(&b'[') {
+                    return None;
+                }
+                read.no_choices = body.get(skip_whitespace(body, at + 1)) == Some(&b']');
+            }
+            _ => {}
+        }
+        if null {
             Some(at + 4)
+        } else {
+            value_end(body, at, 0)
         }
-        b"usage" => {
-            let (read, end) = usage_at(body, at, endpoint)?;
-            usage = Some(read);
-            Some(end)
-        }
-        b"model" if is_null(body, at) => {
-            model = None;
-            Some(at + 4)
-        }
-        b"model" => {
-            let (read, end) = string_at(body, at)?;
-            model = Some(read);
-            Some(end)
-        }
-        _ => value_end(body, at, 0),
     })?;
-    (skip_whitespace(body, end) == body.len()).then_some((usage, model))
+    (skip_whitespace(body, end) == body.len()).then_some(read)
 }
 
 /// The usage object at `at`, with the field names of `endpoint`, and the
@@ -293,44 +315,53 @@ mod tests {
         Endpoint::Embeddings,
     ];
 
+    fn usage_and_model(body: &[u8], endpoint: Endpoint) -> Option<(Option<Usage>, Option<String>)> {
+        members_of(body, endpoint).map(|m| (m.usage, m.model))
+    }
+
     /// What settling read before the scan: the body deserialized into a
-    /// struct of `usage` and `model`, or, when that fails or has no usage,
-    /// the body parsed into a `Value`.
-    fn full_parse(body: &[u8], endpoint: Endpoint) -> (Option<Usage>, Option<String>) {
+    /// struct of `usage`, `model` and `choices`, or, when that fails, the
+    /// body parsed into a `Value`.
+    fn full_parse(body: &[u8], endpoint: Endpoint) -> Members {
         #[derive(serde::Deserialize)]
         struct Whole {
             usage: Option<UsageFields>,
             model: Option<String>,
+            choices: Option<Vec<serde::de::IgnoredAny>>,
         }
-        if let Ok(Whole {
-            usage: Some(usage),
-            model,
-        }) = serde_json::from_slice(body)
-        {
-            return (Some(usage.usage(endpoint)), model);
+        if let Ok(whole) = serde_json::from_slice::<Whole>(body) {
+            return Members {
+                usage: whole.usage.map(|u| u.usage(endpoint)),
+                model: whole.model,
+                no_choices: whole.choices.is_some_and(|c| c.is_empty()),
+            };
         }
         let parsed: Value = serde_json::from_slice(body).unwrap_or_default();
-        (
-            parsed.get("usage").and_then(|u| usage_of(endpoint, u)),
-            parsed
+        Members {
+            usage: parsed.get("usage").and_then(|u| usage_of(endpoint, u)),
+            model: parsed
                 .get("model")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
-        )
+            no_choices: parsed
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty),
+        }
     }
 
-    /// The scan agrees with the full parse wherever it answers with a usage
-    /// (settling falls back to the full parse otherwise), for any answer
-    /// that is JSON. (It does not validate what it skips: of an answer that
-    /// is not, it reads the usage if it can, where the full parse reads none.)
+    /// The scan agrees with the full parse wherever it answers (settling
+    /// falls back to the full parse otherwise), for any body that is JSON.
+    /// (It does not validate what it skips: of a body that is not, it reads
+    /// the usage if it can, where the full parse reads none.)
     fn check(body: &[u8]) -> Result<(), TestCaseError> {
         if serde_json::from_slice::<Value>(body).is_err() {
             return Ok(());
         }
         for endpoint in ENDPOINTS {
-            if let Some((Some(usage), model)) = usage_and_model(body, endpoint) {
+            if let Some(members) = members_of(body, endpoint) {
                 prop_assert_eq!(
-                    (Some(usage), model),
+                    members,
                     full_parse(body, endpoint),
                     "{:?} {}",
                     endpoint,
@@ -342,8 +373,9 @@ mod tests {
     }
 
     /// The scan answers for every JSON object whose top-level keys hold no
-    /// escape and whose usage holds only unsigned integers, `null`s and
-    /// objects of them: it gives up only on what it must.
+    /// escape, whose usage (if any) holds only unsigned integers, `null`s
+    /// and objects of them, whose model (if any) is a string and whose
+    /// choices (if any) an array: it gives up only on what it must.
     fn answers(body: &[u8]) -> Result<(), TestCaseError> {
         fn plain(v: &Value) -> bool {
             v.is_u64()
@@ -352,17 +384,17 @@ mod tests {
                     .is_some_and(|o| o.iter().all(|(k, v)| !k.contains(['"', '\\']) && plain(v)))
         }
         let value: Value = serde_json::from_slice(body).unwrap();
-        if value
-            .get("usage")
-            .is_some_and(|u| u.is_object() && plain(u))
-            && value
-                .get("model")
-                .is_none_or(|m| m.is_string() || m.is_null())
+        let field = |name: &str, ok: fn(&Value) -> bool| {
+            value.get(name).is_none_or(|v| v.is_null() || ok(v))
+        };
+        if field("usage", |u| u.is_object() && plain(u))
+            && field("model", Value::is_string)
+            && field("choices", Value::is_array)
         {
             for endpoint in ENDPOINTS {
                 prop_assert!(
-                    matches!(usage_and_model(body, endpoint), Some((Some(_), _))),
-                    "the scan gave up on a plain answer: {:?} {}",
+                    members_of(body, endpoint).is_some(),
+                    "the scan gave up on a plain body: {:?} {}",
                     endpoint,
                     String::from_utf8_lossy(body)
                 );
@@ -392,6 +424,29 @@ mod tests {
         assert_eq!(model.as_deref(), Some("o3-mini"));
         check(responses).unwrap();
         answers(responses).unwrap();
+    }
+
+    #[test]
+    fn a_chunks_choices_are_read_as_empty_or_not() {
+        let usage_chunk = br#"{"id":"c","object":"chat.completion.chunk","model":"m","choices":[ ],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        let read = members_of(usage_chunk, Endpoint::ChatCompletions).unwrap();
+        assert!(read.no_choices);
+        assert_eq!(read.usage.map(|u| (u.input, u.output)), Some((3, 4)));
+        assert_eq!(read.model.as_deref(), Some("m"));
+        let delta = br#"{"choices":[{"delta":{"content":"[]"},"index":0}],"usage":null}"#;
+        let read = members_of(delta, Endpoint::ChatCompletions).unwrap();
+        assert_eq!(read, Members::default());
+        for body in [
+            &br#"{"choices":null}"#[..],
+            br#"{"choices":[],"choices":[1]}"#,
+            br#"{"choices":[1],"choices":[]}"#,
+            usage_chunk,
+            delta,
+        ] {
+            check(body).unwrap();
+            answers(body).unwrap();
+        }
+        assert!(members_of(br#"{"choices":"none"}"#, Endpoint::ChatCompletions).is_none());
     }
 
     #[test]
@@ -509,6 +564,7 @@ mod tests {
             });
         let leaf = prop_oneof![
             Just(Value::Null),
+            Just(json!([])),
             any::<bool>().prop_map(Value::Bool),
             (0u64..1_000_000).prop_map(|n| json!(n)),
             text.prop_map(Value::String),
@@ -532,7 +588,15 @@ mod tests {
         #[test]
         fn the_scan_reads_what_the_full_parse_reads(
             members in prop::collection::vec(
-                (prop_oneof![Just("usage".to_owned()), Just("model".to_owned()), "[a-z]{1,5}"], json_value()),
+                (
+                    prop_oneof![
+                        Just("usage".to_owned()),
+                        Just("model".to_owned()),
+                        Just("choices".to_owned()),
+                        "[a-z]{1,5}",
+                    ],
+                    json_value(),
+                ),
                 0..6,
             ),
             pretty in any::<bool>(),

@@ -50,10 +50,11 @@ pub fn usage_of(endpoint: Endpoint, usage: &Value) -> Option<Usage> {
     })
 }
 
-/// A usage object read straight into its numbers (no `Value` built): the
-/// same result as [`usage_of`] on an object whose numbers are all unsigned
-/// integers; anything else fails to deserialize, and the caller falls back
-/// to reading a `Value`.
+/// A usage object deserialized into its numbers: the same result as
+/// [`usage_of`] on an object whose numbers are all unsigned integers;
+/// anything else fails to deserialize. Settling read whole answers and
+/// chunks this way before `scan`; the tests hold the scan to it.
+#[cfg(test)]
 #[derive(serde::Deserialize)]
 pub struct UsageFields {
     prompt_tokens: Option<u64>,
@@ -66,12 +67,14 @@ pub struct UsageFields {
     output_tokens_details: Option<Details>,
 }
 
+#[cfg(test)]
 #[derive(serde::Deserialize)]
 struct Details {
     cached_tokens: Option<u64>,
     reasoning_tokens: Option<u64>,
 }
 
+#[cfg(test)]
 impl UsageFields {
     pub fn usage(&self, endpoint: Endpoint) -> Usage {
         let cached = |d: &Option<Details>| d.as_ref().and_then(|d| d.cached_tokens).unwrap_or(0);
@@ -248,16 +251,6 @@ needles! {
     CONTENT_KEY = b"\"content\":\"";
 }
 
-/// The fields of a chat or completions chunk that settling reads, read
-/// straight into numbers and a string (no `Value` built); a chunk of any
-/// other shape fails, and the caller reads a `Value` instead.
-#[derive(serde::Deserialize)]
-struct ChunkFields {
-    usage: Option<UsageFields>,
-    model: Option<String>,
-    choices: Option<Vec<serde::de::IgnoredAny>>,
-}
-
 type Upstream = super::upstream::BodyStream;
 
 pub struct Tap {
@@ -333,9 +326,10 @@ impl Tap {
             return true;
         }
         if self.endpoint != Endpoint::Responses {
-            if let Ok(chunk) = serde_json::from_slice::<ChunkFields>(data) {
-                let usage = chunk.usage.map(|u| u.usage(self.endpoint));
-                let choices_empty = chunk.choices.as_ref().is_some_and(Vec::is_empty);
+            // Read past the rest (see `scan`); the full parse below when unsure.
+            if let Some(chunk) = super::scan::members_of(data, self.endpoint) {
+                let usage = chunk.usage;
+                let choices_empty = chunk.no_choices;
                 if usage.is_some() {
                     self.usage = usage;
                     self.served_model = chunk.model;
