@@ -228,8 +228,14 @@ fn responses_event(data: &[u8]) -> ResponsesEvent {
 }
 
 /// Whether a chunk has a `"usage"` member that is an object (not the
-/// `"usage":null` of every other chunk): one pass over the chunk.
+/// `"usage":null` of every other chunk): one pass over the chunk, or none
+/// for a chunk that ends with `"usage":null}` (OpenAI's member order, and
+/// the simulator's): its top-level usage is null, and the last member of a
+/// name is the one read, so whatever else it holds is no usage to settle.
 fn has_usage_object(data: &[u8]) -> bool {
+    if data.trim_ascii_end().ends_with(br#""usage":null}"#) {
+        return false;
+    }
     USAGE.find_iter(data).any(|at| {
         let rest = data[at + USAGE.needle().len()..].trim_ascii_start();
         rest.first() == Some(&b':') && rest[1..].trim_ascii_start().first() == Some(&b'{')
@@ -593,6 +599,16 @@ mod tests {
             br#"{"choices":[{"delta":{"content":"\"usage\":{"}}],"usage":null}"#
         ));
         assert!(!has_usage_object(br#"{"choices":[{"delta":{}}]}"#));
+        // Past the short cut for a chunk that ends in a null usage.
+        assert!(!has_usage_object(
+            br#"{"usage":null,"choices":[{"delta":{"content":"hi"}}]}"#
+        ));
+        assert!(has_usage_object(
+            br#"{"usage":null,"choices":[],"usage":{"prompt_tokens":9}}"#
+        ));
+        assert!(!has_usage_object(
+            br#"{"x":{"usage":{"prompt_tokens":9}},"usage":null} "#
+        ));
         for name in ["completed", "incomplete", "failed"] {
             let event = format!(r#"{{"type":"response.{name}","response":{{"usage":{{}}}}}}"#);
             assert_eq!(responses_event(event.as_bytes()), ResponsesEvent::Final);
