@@ -396,25 +396,12 @@ impl Line<'_> {
         self.0.extend_from_slice(bytes);
     }
 
-    fn u64(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.raw(&digits[at..]);
+    fn u64(&mut self, n: u64) {
+        self.raw(itoa::Buffer::new().format(n).as_bytes());
     }
 
     fn i64(&mut self, n: i64) {
-        if n < 0 {
-            self.raw(b"-");
-        }
-        self.u64(n.unsigned_abs());
+        self.raw(itoa::Buffer::new().format(n).as_bytes());
     }
 
     fn bool(&mut self, b: bool) {
