@@ -1,4 +1,6 @@
-//! A whole answer's `usage` and `model`, found without parsing the rest.
+//! What settling reads of an answer or of a stream's chunk (its `usage`,
+//! `model`, and whether its `choices` are empty), found without parsing
+//! the rest.
 //!
 //! Settling a whole (non-streamed) answer needs two of its top-level
 //! members (a streamed chat chunk, a third: whether its `choices` are
