@@ -244,15 +244,32 @@ fn value_end(body: &[u8], at: usize, depth: u32) -> Option<usize> {
                 }
             }
         }
-        _ => {
-            let len = body[at..]
-                .iter()
-                .take_while(|b| !matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t'))
-                .count();
-            (len > 0).then_some(at + len)
-        }
+        _ => scalar_end(body, at),
     }
 }
+
+/// The index after the number or literal at `at` (unchecked: it runs to
+/// the next delimiter).
+fn scalar_end(body: &[u8], at: usize) -> Option<usize> {
+    let rest = body.get(at..)?;
+    let len = rest
+        .iter()
+        .position(|&b| ENDS_SCALAR[usize::from(b)])
+        .unwrap_or(rest.len());
+    (len > 0).then_some(at + len)
+}
+
+/// The bytes that end a number or a literal: a delimiter or whitespace
+/// (a table: an embedding's answer is thousands of numbers).
+static ENDS_SCALAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut i = 0;
+    while i < 7 {
+        table[[b',', b'}', b']', b' ', b'\n', b'\r', b'\t'][i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// The index of the quote that ends the string whose text starts at
 /// `from`, and whether the string holds an escape.
