@@ -178,6 +178,9 @@ pub struct Upstream {
     pub api_key: Option<Secret>,
     pub organization: Option<String>,
     pub project: Option<String>,
+    /// Roots trusted for this upstream besides the platform's (`ca_file`,
+    /// a private CA's, say).
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Debug)]
@@ -387,6 +390,47 @@ models = ["o1-pro"]
                 "{bad}: {e}"
             );
         }
+    }
+
+    #[test]
+    fn an_upstream_ca_file_is_read_at_load_and_checked() {
+        let tls = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/tls");
+        let with = |file: &str| {
+            GOOD.replace(
+                "api_key = \"${OPENAI_API_KEY}\"\n",
+                &format!("api_key = \"${{OPENAI_API_KEY}}\"\nca_file = \"{file}\"\n"),
+            )
+        };
+        let c = match load(&with(&format!("{tls}/ca.pem"))) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        let der = std::fs::read(format!("{tls}/ca.der")).unwrap_or_default();
+        let roots = &c.upstreams["openai"].extra_roots;
+        assert_eq!(roots.len(), 1);
+        assert_eq!(roots[0].as_ref(), der.as_slice());
+        assert!(load(GOOD).is_ok_and(|c| c.upstreams["openai"].extra_roots.is_empty()));
+
+        let missing = format!("{tls}/no-such.pem");
+        let text = format!("{tls}/../README.md");
+        let der_file = format!("{tls}/ca.der");
+        for (file, says) in [
+            (missing.as_str(), "cannot read"),
+            (text.as_str(), "holds no PEM certificate"),
+            (der_file.as_str(), "holds no PEM certificate"),
+        ] {
+            let e = load(&with(file)).err().unwrap_or_default();
+            assert!(
+                e.contains("upstreams.openai.ca_file (line 12)") && e.contains(says),
+                "{file}: {e}"
+            );
+        }
+        let e = load(
+            &with(&format!("{tls}/ca.pem")).replace("https://api.openai.com", "http://127.0.0.1"),
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("is for an https:// base_url"), "{e}");
     }
 
     #[test]

@@ -73,6 +73,7 @@ struct RawUpstream {
     api_key: Option<Text>,
     organization: Option<Text>,
     project: Option<Text>,
+    ca_file: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +139,30 @@ struct RawGroup {
     daily_tokens_tiers_1_2: Option<u64>,
     #[serde(default)]
     models: Vec<String>,
+}
+
+/// The certificates of a PEM file (an upstream's `ca_file`), each checked
+/// to be usable as a trusted root.
+fn extra_roots(file: &str) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let pem = std::fs::read(file).map_err(|e| format!("cannot read {file:?}: {e}"))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{file:?} is not a PEM file of certificates: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{file:?} holds no PEM certificate"));
+    }
+    let mut store = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        store.add(cert.clone()).map_err(|e| {
+            format!(
+                "certificate {} of {file:?} cannot be a trusted root: {e}",
+                i + 1
+            )
+        })?;
+    }
+    Ok(certs)
 }
 
 /// The line (1-based) of a byte offset.
@@ -322,6 +347,17 @@ impl Config {
                     .map(|v| l.expand(&format!("{path}.{key}"), v))
                     .transpose()
             };
+            let extra_roots = match &u.ca_file {
+                None => Vec::new(),
+                Some(v) => {
+                    let key = format!("{path}.ca_file");
+                    let file = l.expand(&key, v)?;
+                    if !base_url.starts_with("https://") {
+                        return Err(l.error(key, Some(v.span()), "is for an https:// base_url"));
+                    }
+                    extra_roots(&file).map_err(|e| l.error(key, Some(v.span()), e))?
+                }
+            };
             upstreams.insert(
                 name.clone(),
                 Upstream {
@@ -330,6 +366,7 @@ impl Config {
                     api_key: optional("api_key", &u.api_key)?.map(Secret::new),
                     organization: optional("organization", &u.organization)?,
                     project: optional("project", &u.project)?,
+                    extra_roots,
                 },
             );
         }

@@ -34,8 +34,9 @@ pub fn webhook_client(config: &Config) -> Result<reqwest::Client, reqwest::Error
 
 /// The upstreams' client: each upstream's origin with its own pool of
 /// keep-alive connections ([`h1`]), TLS by rustls with the ring provider and
-/// the platform's verifier, a bounded connect time, and the configured limit
-/// on a whole call, its body included. Redirects are not followed (the
+/// the platform's verifier (with an upstream's `ca_file` roots added), a
+/// bounded connect time, and the configured limit on a whole call, its body
+/// included. Redirects are not followed (the
 /// upstream's answer goes to the client as it is, and the upstream's key
 /// goes nowhere else), and no proxy from the environment is used.
 #[derive(Clone)]
@@ -83,25 +84,47 @@ fn upstream_headers(target: &crate::config::Upstream) -> Option<Vec<u8>> {
 pub fn client(config: &Config) -> Result<Client, rustls::Error> {
     install_crypto_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_platform_verifier()?
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
-    let targets = config
-        .upstreams
-        .iter()
-        .map(|(name, target)| {
-            let ready = h1::Origin::new(&target.base_url, &connector).and_then(|origin| {
-                Some(Target {
-                    origin: Arc::new(origin),
-                    own_headers: upstream_headers(target)?,
-                })
-            });
-            (name.clone(), ready)
-        })
-        .collect();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let connector = |mut tls: rustls::ClientConfig| {
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(Arc::new(tls))
+    };
+    let platform = connector(
+        builder
+            .clone()
+            .with_platform_verifier()?
+            .with_no_client_auth(),
+    );
+    let mut targets = BTreeMap::new();
+    for (name, target) in &config.upstreams {
+        // An upstream with a `ca_file` gets a verifier of its own: the
+        // platform's roots and that file's.
+        let own;
+        let tls = if target.extra_roots.is_empty() {
+            &platform
+        } else {
+            let verifier = rustls_platform_verifier::Verifier::new_with_extra_roots(
+                target.extra_roots.iter().cloned(),
+                provider.clone(),
+            )?;
+            own = connector(
+                builder
+                    .clone()
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(verifier))
+                    .with_no_client_auth(),
+            );
+            &own
+        };
+        let ready = h1::Origin::new(&target.base_url, tls).and_then(|origin| {
+            Some(Target {
+                origin: Arc::new(origin),
+                own_headers: upstream_headers(target)?,
+            })
+        });
+        targets.insert(name.clone(), ready);
+    }
     Ok(Client {
         timeout: config.server.upstream_timeout,
         targets: Arc::new(targets),

@@ -1,6 +1,7 @@
 //! The gateway's own process in front of an HTTPS upstream: the simulator
 //! behind a TLS front with the test certificate for `localhost`
-//! (tests/data/tls), trusted through `SSL_CERT_FILE`, or not.
+//! (tests/data/tls), trusted through `SSL_CERT_FILE` or the upstream's
+//! `ca_file`, or not.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -57,13 +58,25 @@ async fn tls_front(upstream: std::net::SocketAddr) -> u16 {
 }
 
 /// `tokenwarden serve` in front of `https://localhost:PORT/v1`, trusting the
-/// roots in the PEM file `roots`; its base URL.
-fn start_gateway(dir: &std::path::Path, port: u16, roots: &str) -> (Gateway, String) {
+/// roots in the PEM file `roots` as the platform's, and those in `ca_file`
+/// (the upstream's `ca_file`) for that upstream; its base URL.
+fn start_gateway(
+    dir: &std::path::Path,
+    port: u16,
+    roots: &str,
+    ca_file: Option<&str>,
+) -> (Gateway, String) {
     let config = dir.join("tokenwarden.toml");
+    let ca_file = ca_file.map_or(String::new(), |name| {
+        format!(
+            "ca_file = \"{}\"\n",
+            repo(&format!("tests/data/tls/{name}")).display()
+        )
+    });
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.private]\nbase_url = \"https://localhost:{port}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nupstream = \"private\"\nkeys = [\"{KEY}\"]\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.private]\nbase_url = \"https://localhost:{port}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n{ca_file}\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nupstream = \"private\"\nkeys = [\"{KEY}\"]\n",
             dir.join("ledger.db").display()
         ),
     )
@@ -126,7 +139,7 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
 
     // Trusting the test authority: the call goes through and is metered.
     let dir = temp_dir("https-trusted");
-    let (gateway, base) = start_gateway(&dir, port, "ca.pem");
+    let (gateway, base) = start_gateway(&dir, port, "ca.pem", None);
     for _ in 0..2 {
         let response = chat(&client, &base, &body).await;
         assert_eq!(response.status(), 200);
@@ -141,7 +154,7 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
 
     // Trusting only the server's own certificate, not its issuer: refused.
     let dir = temp_dir("https-untrusted");
-    let (gateway, base) = start_gateway(&dir, port, "localhost.pem");
+    let (gateway, base) = start_gateway(&dir, port, "localhost.pem", None);
     let response = chat(&client, &base, &body).await;
     assert_eq!(response.status(), 502);
     let text = response.text().await.unwrap_or_else(|e| panic!("{e}"));
@@ -162,4 +175,21 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
             .unwrap_or_default(),
         2
     );
+
+    // The same platform roots, and the authority named by the upstream's
+    // own `ca_file`: the call goes through again.
+    let dir = temp_dir("https-ca-file");
+    let (gateway, base) = start_gateway(&dir, port, "localhost.pem", Some("ca.pem"));
+    let response = chat(&client, &base, &body).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(answer["usage"]["completion_tokens"], 5, "{answer}");
+    assert_eq!(
+        sim.stats()
+            .get(UPSTREAM_KEY)
+            .map(|s| s.requests)
+            .unwrap_or_default(),
+        3
+    );
+    stop(gateway);
 }
