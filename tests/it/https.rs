@@ -192,4 +192,13 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
         3
     );
     stop(gateway);
+
+    // `ca_file` adds to the platform's roots rather than replacing them:
+    // with the authority among the platform's and only the server's own
+    // certificate in `ca_file`, the call still goes through.
+    let dir = temp_dir("https-ca-file-adds");
+    let (gateway, base) = start_gateway(&dir, port, "ca.pem", Some("localhost.pem"));
+    let response = chat(&client, &base, &body).await;
+    assert_eq!(response.status(), 200);
+    stop(gateway);
 }
