@@ -124,10 +124,12 @@ keys = ["tw-bench-slow-000000000001"]
 name = "json"
 upstream = "json"
 keys = ["$KEY_JSON"]
+forward = ["POST /passthrough"]
 [[orgs.projects]]
 name = "sse"
 upstream = "sse"
 keys = ["$KEY_SSE"]
+forward = ["POST /passthrough"]
 [program.groups.mini]
 daily_tokens = 1000000000000
 TOML

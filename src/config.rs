@@ -227,6 +227,10 @@ pub struct Project {
     /// Index (in the same org) of the non-sharing project that `reroute` and
     /// the `x-tokenwarden-private` header send calls to.
     pub reroute_to: Option<usize>,
+    /// Methods and upstream paths this project's keys may call unmetered
+    /// (`forward`); empty by default: nothing but the metered routes and
+    /// `GET /v1/models` goes past the gateway.
+    pub forward: Vec<crate::gateway::path::ForwardRule>,
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

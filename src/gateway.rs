@@ -7,7 +7,9 @@
 //! - public: `GET /healthz` (the only route without a key);
 //! - client key ([`auth`]): `POST /v1/chat/completions`, `/v1/responses`,
 //!   `/v1/completions`, `/v1/embeddings` (metered, [`routes`]),
-//!   `GET /v1/models`, and any other `/v1/*` path (forwarded unmetered);
+//!   `GET /v1/models`, and any other `/v1/*` path (a 404 unless the
+//!   project's `forward` rules allow it: then forwarded unmetered, and
+//!   recorded); only a path's plain spelling is routed ([`path`]);
 //! - admin token ([`auth::require_admin`]): `GET /v1/organization/usage/completions`
 //!   and `GET /v1/organization/costs` ([`usage`]), `GET /metrics` ([`metrics`];
 //!   public with `[server] public_metrics = true`);
@@ -24,6 +26,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use axum::response::IntoResponse;
 use axum::routing::{any, get};
 use axum::Router;
 
@@ -39,6 +42,7 @@ pub mod dashboard;
 pub mod error;
 mod http1;
 pub mod metrics;
+pub mod path;
 mod repoll;
 pub mod routes;
 mod scan;
@@ -418,6 +422,13 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for App {
 
     fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> AppFuture {
         if let Some(gateway) = &self.gateway {
+            // Only a path's plain spelling is routed (see [`path`]): any
+            // other is a 404 here, so it can neither reach a metered or
+            // admin route past its checks nor be forwarded upstream.
+            if !path::is_plain(request.uri().path()) {
+                let error = routes::not_found_now(request.method(), request.uri());
+                return Box::pin(async move { Ok(error.into_response()) });
+            }
             if request.method() == axum::http::Method::POST {
                 if let Some(endpoint) = routes::metered_endpoint(request.uri().path()) {
                     let request = request.map(axum::body::Body::new);

@@ -57,6 +57,21 @@ pub struct Admitted {
     pub shared: bool,
 }
 
+/// A call a project's `forward` rules let past the meter, as the ledger
+/// keeps it: who, what (the path without its query) and how it ended.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Forwarded {
+    pub started_ms: i64,
+    pub org: Arc<str>,
+    pub project: Arc<str>,
+    pub key_id: Arc<str>,
+    pub method: &'static str,
+    pub path: String,
+    /// The HTTP status the client got.
+    pub status: u16,
+    pub latency_ms: u64,
+}
+
 /// How a call ended (serialized as is in the call journal).
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Settled {

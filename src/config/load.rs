@@ -17,6 +17,7 @@ use super::{
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
+use crate::gateway::path::ForwardRule;
 
 // ---- raw form ---------------------------------------------------------------
 
@@ -117,6 +118,8 @@ struct RawProject {
     reroute_to: Option<String>,
     #[serde(default)]
     keys: Vec<Text>,
+    #[serde(default)]
+    forward: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -443,6 +446,12 @@ impl Config {
                     }
                     keys.push(Secret::new(value));
                 }
+                let mut forward = Vec::new();
+                for (k, rule) in p.forward.iter().enumerate() {
+                    let rule = ForwardRule::parse(rule)
+                        .map_err(|e| l.error(format!("{path}.forward[{k}]"), None, e))?;
+                    forward.push(rule);
+                }
                 projects.push(Project {
                     name: p.name.as_str().into(),
                     shares: match o.sharing {
@@ -456,6 +465,7 @@ impl Config {
                     keys,
                     privacy_guard: p.privacy_guard,
                     reroute_to: None,
+                    forward,
                 });
             }
             // reroute_to names a project of the same org that does not share.

@@ -25,6 +25,9 @@ pub enum ApiError {
     /// 404: a route that does not exist.
     #[error("Invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
+    /// 404: a route the project's `forward` rules do not let past the gateway.
+    #[error("Invalid URL ({method} {path}): this project does not forward it to the upstream.")]
+    NotForwarded { method: String, path: String },
     /// 408: a body that did not arrive in time.
     #[error("The request body took too long to arrive.")]
     RequestTimeout,
@@ -59,7 +62,9 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::ModelNotFound(_) | ApiError::UnknownRoute { .. } => StatusCode::NOT_FOUND,
+            ApiError::ModelNotFound(_)
+            | ApiError::UnknownRoute { .. }
+            | ApiError::NotForwarded { .. } => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::FreeTokensExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -92,7 +97,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => Some("invalid_api_key"),
             ApiError::InvalidRequest { code, .. } => *code,
             ApiError::ModelNotFound(_) => Some("model_not_found"),
-            ApiError::UnknownRoute { .. } => Some("unknown_url"),
+            ApiError::UnknownRoute { .. } | ApiError::NotForwarded { .. } => Some("unknown_url"),
             ApiError::RequestTimeout => Some("request_timeout"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::FreeTokensExhausted { .. } => Some("free_tokens_exhausted"),

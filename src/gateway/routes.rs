@@ -30,9 +30,14 @@ pub async fn healthz() -> Json<Value> {
 }
 
 pub async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    not_found_now(&method, &uri)
+}
+
+/// OpenAI's 404 for a URL it does not serve, echoing a short prefix of it.
+pub fn not_found_now(method: &Method, uri: &axum::http::Uri) -> ApiError {
     ApiError::UnknownRoute {
-        method: method.to_string(),
-        path: uri.path().to_owned(),
+        method: super::path::excerpt(method.as_str(), 16),
+        path: super::path::excerpt(uri.path(), 128),
     }
 }
 
@@ -131,36 +136,54 @@ pub async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// Any other `/v1/*` call: forwarded to the project's upstream, unmetered, logged.
+/// Any other `/v1/*` call: refused with 404 unless one of the project's
+/// `forward` rules allows its method and path; then forwarded to the
+/// project's upstream, unmetered, and recorded in the ledger.
 pub async fn passthrough(
     State(gateway): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     request: Request,
 ) -> Response {
+    let (started, started_ms) = (std::time::Instant::now(), gateway.clock.now_ms());
     let (parts, body) = request.into_parts();
+    let Some((org, project)) = org_project(&gateway, &caller) else {
+        return ApiError::Internal.into_response();
+    };
+    let path = parts.uri.path();
+    let upstream_path = path.strip_prefix("/v1").unwrap_or(path);
+    let method = parts.method.as_str();
+    let Some(rule) = project
+        .forward
+        .iter()
+        .find(|r| r.allows(method, upstream_path))
+    else {
+        return ApiError::NotForwarded {
+            method: super::path::excerpt(method, 16),
+            path: super::path::excerpt(path, 128),
+        }
+        .into_response();
+    };
     let body = match read_body(body, gateway.config.server.max_body_bytes).await {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
-    let Some((org, project)) = org_project(&gateway, &caller) else {
-        return ApiError::Internal.into_response();
-    };
-    let path = parts
+    let target = parts
         .uri
         .path_and_query()
-        .map_or(parts.uri.path(), |p| p.as_str());
-    let path = path.strip_prefix("/v1").unwrap_or(path);
-    tracing::info!(org = %org.name, project = %project.name, method = %parts.method, path, "forwarded unmetered");
-    match upstream::send(
+        .map_or(path, |p| p.as_str())
+        .strip_prefix("/v1")
+        .unwrap_or_default();
+    tracing::info!(org = %org.name, project = %project.name, method, path = upstream_path, "forwarded unmetered");
+    let answer = upstream::send(
         &gateway,
         &project.upstream,
-        parts.method,
-        path,
+        parts.method.clone(),
+        target,
         &parts.headers,
         body,
     )
-    .await
-    {
+    .await;
+    let response = match answer {
         Ok(mut response) => {
             let status = response.status();
             let headers = response.take_headers();
@@ -170,7 +193,21 @@ pub async fn passthrough(
             out
         }
         Err(e) => e.into_response(),
+    };
+    let forwarded = crate::store::Forwarded {
+        started_ms,
+        org: org.name.clone(),
+        project: project.name.clone(),
+        key_id: caller.key_id.clone(),
+        method: rule.method.as_str(),
+        path: upstream_path.to_owned(),
+        status: response.status().as_u16(),
+        latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    if let Err(e) = gateway.store.forward_nowait(forwarded) {
+        tracing::error!(error = %e, "could not record a forwarded call");
     }
+    response
 }
 
 fn org_project<'a>(

@@ -101,6 +101,19 @@ const MIGRATIONS: &[&str] = &[
     // comparisons, a ninth of the writer's SQLite work (callgrind).
     "DROP INDEX requests_day_org;
     CREATE INDEX requests_started ON requests(started_ms);",
+    // 5: calls a project's `forward` rules let past the meter.
+    "CREATE TABLE forwarded (
+        id INTEGER PRIMARY KEY,
+        started_ms INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        latency_ms INTEGER NOT NULL
+    );
+    CREATE INDEX forwarded_started ON forwarded(started_ms);",
 ];
 
 /// Which captured calls an export reads.
@@ -459,6 +472,40 @@ impl SqliteStore {
     /// Keep a captured call (in the background).
     pub fn capture_nowait(&self, capture: crate::capture::Capture) -> Result<(), StoreError> {
         self.submit(Job::Capture(capture))
+    }
+
+    /// Record a call forwarded unmetered (in the background, as alerts and
+    /// captures are: it holds no tokens, so it is not in the call journal).
+    pub fn forward_nowait(&self, forwarded: crate::store::Forwarded) -> Result<(), StoreError> {
+        self.submit(Job::Forward(forwarded))
+    }
+
+    /// The latest forwarded calls, newest first (the dashboard, the tests).
+    pub fn recent_forwarded(&self, limit: u64) -> Result<Vec<crate::store::Forwarded>, StoreError> {
+        self.with(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT started_ms, org, project, key_id, method, path, status, latency_ms
+                 FROM forwarded ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = statement.query_map(params![as_i64(limit)], |r| {
+                let method: String = r.get(4)?;
+                Ok(crate::store::Forwarded {
+                    started_ms: r.get(0)?,
+                    org: r.get::<_, String>(1)?.into(),
+                    project: r.get::<_, String>(2)?.into(),
+                    key_id: r.get::<_, String>(3)?.into(),
+                    method: match method.as_str() {
+                        "POST" => "POST",
+                        "DELETE" => "DELETE",
+                        _ => "GET",
+                    },
+                    path: r.get(5)?,
+                    status: r.get(6)?,
+                    latency_ms: as_u64(r.get(7)?),
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// Delete `org`'s captured calls that started before `before_ms`.

@@ -154,6 +154,43 @@ fn check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one() {
         out.contains("ok (1 orgs, 1 projects, 1 keys, 1 upstreams)"),
         "{out}"
     );
+    assert!(!out.contains("warning"), "{out}");
+
+    // A forward rule that opens shared objects or spending is warned of;
+    // a harmless one is not.
+    let risky = dir.join("risky.toml");
+    std::fs::write(
+        &risky,
+        "[upstreams.sim]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"tw-0123456789abcdef\"]\nforward = [\"GET /files\", \"POST /images/generations\", \"GET /models\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let path = risky.to_string_lossy().into_owned();
+    let out = stdout(&run(&["check-config", "--config", &path], None));
+    assert!(
+        out.contains("warning: org acme project web: forward \"GET /files\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("forward \"POST /images/generations\""),
+        "{out}"
+    );
+    assert!(!out.contains("GET /models\""), "{out}");
+
+    // A rule that names a metered path or another method is an error.
+    let bad_rule = dir.join("bad-rule.toml");
+    std::fs::write(
+        &bad_rule,
+        "[upstreams.sim]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"tw-0123456789abcdef\"]\nforward = [\"TRACE /files\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let path = bad_rule.to_string_lossy().into_owned();
+    let out = run(&["check-config", "--config", &path], None);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("forward[0]") && err.contains("GET, POST and DELETE"),
+        "{err}"
+    );
 
     let bad = dir.join("bad.toml");
     std::fs::write(

@@ -9,6 +9,7 @@ mod gateway;
 mod guard;
 mod harness;
 mod https;
+mod isolation;
 mod metrics;
 mod properties;
 mod reference;

@@ -20,6 +20,7 @@ pub(super) enum Job {
     Alert(Fired),
     AlertDelivered(Fired, u32, bool),
     Capture(Capture),
+    Forward(crate::store::Forwarded),
     Purge(String, i64, Reply<usize>),
 }
 
@@ -389,7 +390,8 @@ fn answer(job: Job, done: Result<Done, String>) {
         | Job::Refuse(..)
         | Job::Alert(..)
         | Job::AlertDelivered(..)
-        | Job::Capture(..) => {}
+        | Job::Capture(..)
+        | Job::Forward(..) => {}
     }
 }
 
@@ -422,6 +424,22 @@ fn apply(
                 as_i64(c.input_tokens),
                 as_i64(c.output_tokens),
                 c.body
+            ])
+            .map(|_| Done::Unit),
+        Job::Forward(f) => tx
+            .prepare_cached(
+                "INSERT INTO forwarded (started_ms, org, project, key_id, method, path, status, latency_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?
+            .execute(params![
+                f.started_ms,
+                &*f.org,
+                &*f.project,
+                &*f.key_id,
+                f.method,
+                f.path,
+                f.status,
+                as_i64(f.latency_ms)
             ])
             .map(|_| Done::Unit),
         Job::Purge(org, before_ms, _) => tx
