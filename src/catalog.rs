@@ -151,6 +151,11 @@ impl<'a> ModelRef<'a> {
     }
 }
 
+/// The most of an unknown model's name an error repeats.
+const MAX_ECHOED_NAME_BYTES: usize = 128;
+/// Names longer than this get no close-name suggestions.
+const MAX_SUGGESTED_NAME_BYTES: usize = 64;
+
 /// A model name that matches nothing in the catalog.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct UnknownModel {
@@ -164,7 +169,7 @@ impl fmt::Display for UnknownModel {
         write!(
             f,
             "The model `{}` does not exist or you do not have access to it.",
-            self.model
+            crate::gateway::path::excerpt(&self.model, MAX_ECHOED_NAME_BYTES)
         )?;
         if !self.suggestions.is_empty() {
             write!(f, " Did you mean {}?", self.suggestions.join(", "))?;
@@ -207,8 +212,14 @@ impl Catalog {
             }
         }
         Err(UnknownModel {
-            model: name.to_owned(),
-            suggestions: self.suggest(name),
+            model: crate::gateway::path::excerpt(name, MAX_ECHOED_NAME_BYTES),
+            // The edit distance costs the product of the names' lengths:
+            // only a name of a real model's length gets suggestions.
+            suggestions: if name.len() <= MAX_SUGGESTED_NAME_BYTES {
+                self.suggest(name)
+            } else {
+                Vec::new()
+            },
         })
     }
 

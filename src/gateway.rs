@@ -107,6 +107,10 @@ pub struct Gateway {
     pub sessions: dashboard::Sessions,
     /// The dashboard's live part, shared by its viewers.
     pub dashboard_cache: dashboard::Cache,
+    /// Turns for reading large request bodies on the blocking pool: as many
+    /// as the machine has cores, so large bodies queue rather than start a
+    /// thread (and hold a body in memory) each.
+    pub heavy_reads: tokio::sync::Semaphore,
 }
 
 impl Gateway {
@@ -164,6 +168,9 @@ impl Gateway {
             delivery,
             sessions: dashboard::Sessions::default(),
             dashboard_cache: dashboard::Cache::default(),
+            heavy_reads: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
         });
         gateway.restore(gateway.today())?;
         gateway.purge_captures();

@@ -123,9 +123,21 @@ pub struct Usage {
     pub reasoning: u64,
 }
 
+/// The most tokens of one kind a call may report (2^40, a million times
+/// the largest context window): more is an upstream's error, and settling
+/// treats the usage as missing.
+pub const MAX_CALL_TOKENS: u64 = 1 << 40;
+
 impl Usage {
     pub fn total(&self) -> u64 {
         self.input.saturating_add(self.output)
+    }
+
+    /// Whether every number is within [`MAX_CALL_TOKENS`].
+    pub fn is_sane(&self) -> bool {
+        [self.input, self.cached, self.output, self.reasoning]
+            .iter()
+            .all(|&n| n <= MAX_CALL_TOKENS)
     }
 }
 

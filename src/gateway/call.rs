@@ -112,6 +112,26 @@ impl Call {
     pub fn settle(&mut self, mut outcome: Outcome) -> (i64, Settled) {
         self.settled = true;
         let outcome_completion = outcome.completion.take();
+        if outcome.usage.is_some_and(|u| !u.is_sane()) {
+            tracing::warn!(
+                row = self.row,
+                "upstream reported usage past any call's size; the call settles with its estimate"
+            );
+            outcome.usage = None;
+        }
+        // A model name upstream gives is kept only if it could be one.
+        if let Some(model) = outcome.served_model.take() {
+            if model.len() <= crate::tokens::request::MAX_MODEL_NAME_BYTES
+                && !model.chars().any(char::is_control)
+            {
+                outcome.served_model = Some(model);
+            } else {
+                tracing::warn!(
+                    row = self.row,
+                    "upstream named an implausible model; kept the requested one"
+                );
+            }
+        }
         let (usage, estimated) = match (outcome.usage, outcome.failed) {
             (_, true) => (Usage::default(), false),
             (Some(usage), false) => (usage, false),

@@ -48,6 +48,11 @@ const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// Read a body up to the configured limit (a larger one is a 413) and
 /// within [`BODY_READ_TIMEOUT`] (a slower one is a 408).
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    // A declared length over the limit is refused at once, before a byte
+    // of the body is waited for.
+    if usize::try_from(axum::body::HttpBody::size_hint(&body).lower()).map_or(true, |n| n > limit) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
     let collect = Limited::new(body, limit).collect();
     match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
         Err(_) => Err(ApiError::RequestTimeout),
@@ -406,6 +411,63 @@ fn with_usage_asked(body: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(out))
 }
 
+/// A body up to this size is parsed, guarded and counted on the async
+/// worker that read it (tens of microseconds); a larger one on the blocking
+/// pool, so that one large body never holds a worker other connections
+/// need (a megabyte takes milliseconds to count and scan).
+const INLINE_READ_BYTES: usize = 64 * 1024;
+
+/// A request's body as the meter needs it.
+struct Read {
+    value: Value,
+    /// The caller, rerouted to another project by the privacy guard maybe.
+    caller: Caller,
+    /// The guard changed the body.
+    redacted: bool,
+    counted: crate::tokens::request::RequestCount,
+}
+
+/// Parse the body, apply the privacy guard, count the prompt: inline for a
+/// small body, on the blocking pool for a large one (at most
+/// [`Gateway::heavy_reads`] at once; the others wait their turn there).
+async fn read_request(
+    gateway: &Arc<Gateway>,
+    caller: Caller,
+    private: bool,
+    endpoint: Endpoint,
+    bytes: Bytes,
+) -> Result<Read, ApiError> {
+    fn read(
+        gateway: &Gateway,
+        mut caller: Caller,
+        private: bool,
+        endpoint: Endpoint,
+        bytes: &[u8],
+    ) -> Result<Read, ApiError> {
+        let mut value = parse_body(bytes)?;
+        let redacted = apply_privacy_guard(gateway, &mut caller, private, &mut value)?;
+        let counted = count_request(&gateway.config.catalog, Some(endpoint), &value, None)?;
+        Ok(Read {
+            value,
+            caller,
+            redacted,
+            counted,
+        })
+    }
+    if bytes.len() <= INLINE_READ_BYTES {
+        return read(gateway, caller, private, endpoint, &bytes);
+    }
+    let _turn = gateway
+        .heavy_reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    let gateway = gateway.clone();
+    tokio::task::spawn_blocking(move || read(&gateway, caller, private, endpoint, &bytes))
+        .await
+        .map_err(|_| ApiError::Internal)?
+}
+
 async fn metered(
     gateway: Arc<Gateway>,
     caller: Caller,
@@ -415,15 +477,17 @@ async fn metered(
 ) -> Result<Response, ApiError> {
     let arrived = std::time::Instant::now();
     let bytes = read_body(body, gateway.config.server.max_body_bytes).await?;
-    let mut value = parse_body(&bytes)?;
     let private = headers
         .get("x-tokenwarden-private")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    let mut caller = caller;
-    let redacted = apply_privacy_guard(&gateway, &mut caller, private, &mut value)?;
+    let Read {
+        mut value,
+        mut caller,
+        redacted,
+        mut counted,
+    } = read_request(&gateway, caller, private, endpoint, bytes.clone()).await?;
     let catalog = &gateway.config.catalog;
-    let mut counted = count_request(catalog, Some(endpoint), &value, None)?;
     let model = catalog
         .lookup(&counted.model)
         .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
@@ -514,7 +578,7 @@ async fn metered(
             return Err(ApiError::FreeTokensExhausted {
                 message: format!(
                     "Free tokens exhausted: this call needs up to {} tokens of the {group} group, and {left} of today's {cap} are left for org {}. The allowance resets at 00:00 UTC, in {retry_after} seconds.",
-                    request.prompt + request.output_cap,
+                    request.prompt.saturating_add(request.output_cap),
                     org.name
                 ),
                 retry_after,
@@ -692,7 +756,7 @@ async fn metered(
                 usage: Some(usage),
                 model,
                 ..
-            }) => Outcome {
+            }) if usage.is_sane() => Outcome {
                 usage: Some(usage),
                 status: status.as_u16(),
                 served_model: model,

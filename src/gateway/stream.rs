@@ -21,33 +21,57 @@ use crate::meter::Usage;
 use crate::tokens::request::Endpoint;
 
 /// The number at `path` (object keys; `Value::pointer` would parse and
-/// unescape a pointer string on every call).
-fn number(value: &Value, path: &[&str]) -> u64 {
-    path.iter()
-        .try_fold(value, |v, key| v.get(key))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
+/// unescape a pointer string on every call): 0 when absent or `null`,
+/// `Err` when present and not a non-negative integer.
+fn number(value: &Value, path: &[&str]) -> Result<u64, ()> {
+    let mut at = value;
+    for key in path {
+        match at.get(key) {
+            None | Some(Value::Null) => return Ok(0),
+            Some(next) => at = next,
+        }
+    }
+    at.as_u64().ok_or(())
 }
 
-/// The usage object of a body, chunk or Responses object.
+/// The usage object of a body, chunk or Responses object. A number that is
+/// not a non-negative integer (`-5`, `"9"`, `12.0`, `1e20`), or one past
+/// [`crate::meter::MAX_CALL_TOKENS`], makes the whole usage missing: the
+/// call settles with its estimate rather than with a number upstream got
+/// wrong.
 pub fn usage_of(endpoint: Endpoint, usage: &Value) -> Option<Usage> {
     if !usage.is_object() {
         return None;
     }
-    Some(match endpoint {
-        Endpoint::Responses => Usage {
-            input: number(usage, &["input_tokens"]),
-            cached: number(usage, &["input_tokens_details", "cached_tokens"]),
-            output: number(usage, &["output_tokens"]),
-            reasoning: number(usage, &["output_tokens_details", "reasoning_tokens"]),
-        },
-        _ => Usage {
-            input: number(usage, &["prompt_tokens"]),
-            cached: number(usage, &["prompt_tokens_details", "cached_tokens"]),
-            output: number(usage, &["completion_tokens"]),
-            reasoning: number(usage, &["completion_tokens_details", "reasoning_tokens"]),
-        },
-    })
+    let [input, cached, output, reasoning]: [&[&str]; 4] = match endpoint {
+        Endpoint::Responses => [
+            &["input_tokens"],
+            &["input_tokens_details", "cached_tokens"],
+            &["output_tokens"],
+            &["output_tokens_details", "reasoning_tokens"],
+        ],
+        _ => [
+            &["prompt_tokens"],
+            &["prompt_tokens_details", "cached_tokens"],
+            &["completion_tokens"],
+            &["completion_tokens_details", "reasoning_tokens"],
+        ],
+    };
+    let read = (|| {
+        Ok::<_, ()>(Usage {
+            input: number(usage, input)?,
+            cached: number(usage, cached)?,
+            output: number(usage, output)?,
+            reasoning: number(usage, reasoning)?,
+        })
+    })();
+    match read {
+        Ok(usage) if usage.is_sane() => Some(usage),
+        _ => {
+            tracing::warn!("upstream reported usage that is not a non-negative integer within bounds; the call settles with its estimate");
+            None
+        }
+    }
 }
 
 /// A usage object deserialized into its numbers: the same result as
@@ -334,10 +358,12 @@ impl Tap {
         if self.endpoint != Endpoint::Responses {
             // Read past the rest (see `scan`); the full parse below when unsure.
             if let Some(chunk) = super::scan::members_of(data, self.endpoint) {
+                // An absurd usage is kept as missing (settling warns of it);
+                // the chunk is still the usage chunk, hidden or passed on.
                 let usage = chunk.usage;
                 let choices_empty = chunk.no_choices;
                 if usage.is_some() {
-                    self.usage = usage;
+                    self.usage = usage.filter(Usage::is_sane);
                     self.served_model = chunk.model;
                 }
                 if !choices_empty {

@@ -13,6 +13,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
@@ -189,8 +190,8 @@ pub fn for_each_capture(
             model: r.get(4)?,
             endpoint: r.get(5)?,
             streamed: r.get(6)?,
-            input_tokens: as_u64(r.get(7)?),
-            output_tokens: as_u64(r.get(8)?),
+            input_tokens: num(r, 7)?,
+            output_tokens: num(r, 8)?,
             body: r.get(9)?,
         };
         f(row).map_err(|e| StoreError(format!("writing the export: {e}")))?;
@@ -209,6 +210,7 @@ fn read_only(path: &Path) -> Result<Connection, StoreError> {
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    add_functions(&conn)?;
     let version: i64 = conn
         .query_row(
             "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
@@ -303,8 +305,66 @@ fn as_u64(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
+/// A count or an amount read back. Always an integer in a ledger this
+/// version writes; in one an older version wrote, a daily sum could have
+/// overflowed into a REAL (an upstream that reported absurd usage): that
+/// reads as the nearest integer in range, so such a ledger still opens.
+fn num(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<u64> {
+    Ok(match r.get_ref(i)? {
+        ValueRef::Integer(n) => as_u64(n),
+        // `as` saturates: NaN and negatives are 0, huge values u64::MAX.
+        ValueRef::Real(f) => f as u64,
+        ValueRef::Null | ValueRef::Text(_) | ValueRef::Blob(_) => 0,
+    })
+}
+
+/// `ssum(x)`: SQL's `SUM` of the ledger's counts and amounts, saturating at
+/// `i64::MAX` where `SUM` fails with "integer overflow" (and reading a REAL
+/// an older version left as [`num`] does).
+struct SaturatingSum;
+
+impl rusqlite::functions::Aggregate<i64, i64> for SaturatingSum {
+    fn init(&self, _: &mut rusqlite::functions::Context<'_>) -> rusqlite::Result<i64> {
+        Ok(0)
+    }
+
+    fn step(
+        &self,
+        ctx: &mut rusqlite::functions::Context<'_>,
+        sum: &mut i64,
+    ) -> rusqlite::Result<()> {
+        let n = match ctx.get_raw(0) {
+            ValueRef::Integer(n) => n.max(0),
+            ValueRef::Real(f) => f as i64,
+            ValueRef::Null | ValueRef::Text(_) | ValueRef::Blob(_) => 0,
+        };
+        *sum = sum.saturating_add(n.max(0));
+        Ok(())
+    }
+
+    fn finalize(
+        &self,
+        _: &mut rusqlite::functions::Context<'_>,
+        sum: Option<i64>,
+    ) -> rusqlite::Result<i64> {
+        Ok(sum.unwrap_or(0))
+    }
+}
+
+/// Add `ssum` to a connection that reads the ledger.
+fn add_functions(conn: &Connection) -> rusqlite::Result<()> {
+    conn.create_aggregate_function(
+        "ssum",
+        1,
+        rusqlite::functions::FunctionFlags::SQLITE_UTF8
+            | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
+        SaturatingSum,
+    )
+}
+
 fn connect(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)?;
+    add_functions(&conn)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -501,7 +561,7 @@ impl SqliteStore {
                     },
                     path: r.get(5)?,
                     status: r.get(6)?,
-                    latency_ms: as_u64(r.get(7)?),
+                    latency_ms: num(r, 7)?,
                 })
             })?;
             rows.collect()
@@ -544,10 +604,10 @@ impl SqliteStore {
                     day,
                     org: r.get(0)?,
                     group: r.get(1)?,
-                    free_tokens: as_u64(r.get(2)?),
-                    billed_tokens: as_u64(r.get(3)?),
-                    cost_pico: as_u64(r.get(4)?),
-                    requests: as_u64(r.get(5)?),
+                    free_tokens: num(r, 2)?,
+                    billed_tokens: num(r, 3)?,
+                    cost_pico: num(r, 4)?,
+                    requests: num(r, 5)?,
                 })
             })?
             .collect()
@@ -567,10 +627,10 @@ impl SqliteStore {
                     day: Day(r.get(0)?),
                     org: r.get(1)?,
                     group: r.get(2)?,
-                    free_tokens: as_u64(r.get(3)?),
-                    billed_tokens: as_u64(r.get(4)?),
-                    cost_pico: as_u64(r.get(5)?),
-                    requests: as_u64(r.get(6)?),
+                    free_tokens: num(r, 3)?,
+                    billed_tokens: num(r, 4)?,
+                    cost_pico: num(r, 5)?,
+                    requests: num(r, 6)?,
                 })
             })?
             .collect()
@@ -592,9 +652,9 @@ impl SqliteStore {
                     rule: r.get(2)?,
                     fired_ms: r.get(3)?,
                     text: r.get(4)?,
-                    cap: as_u64(r.get(5)?),
-                    used: as_u64(r.get(6)?),
-                    billed_cost_pico: as_u64(r.get(7)?),
+                    cap: num(r, 5)?,
+                    used: num(r, 6)?,
+                    billed_cost_pico: num(r, 7)?,
                     exhausted_at_ms: r.get(8)?,
                 })
             })?
@@ -638,16 +698,16 @@ impl SqliteStore {
                     group: r.get(5)?,
                     decision: r.get(6)?,
                     state: r.get(7)?,
-                    input: as_u64(r.get(8)?),
-                    cached: as_u64(r.get(9)?),
-                    output: as_u64(r.get(10)?),
+                    input: num(r, 8)?,
+                    cached: num(r, 9)?,
+                    output: num(r, 10)?,
                     free: r.get(11)?,
-                    cost_pico: as_u64(r.get(12)?),
+                    cost_pico: num(r, 12)?,
                     status: r.get(13)?,
                     estimated: r.get(14)?,
                     started_ms: r.get(15)?,
                     key_id: r.get(16)?,
-                    latency_ms: as_u64(r.get(17)?),
+                    latency_ms: num(r, 17)?,
                 })
             })?
             .collect()
@@ -676,11 +736,11 @@ impl SqliteStore {
                         lane: r.get(4)?,
                         sharing: r.get(5)?,
                         org: r.get(6)?,
-                        input_tokens: as_u64(r.get(7)?),
-                        input_cached_tokens: as_u64(r.get(8)?),
-                        output_tokens: as_u64(r.get(9)?),
-                        num_model_requests: as_u64(r.get(10)?),
-                        cost_pico: as_u64(r.get(11)?),
+                        input_tokens: num(r, 7)?,
+                        input_cached_tokens: num(r, 8)?,
+                        output_tokens: num(r, 9)?,
+                        num_model_requests: num(r, 10)?,
+                        cost_pico: num(r, 11)?,
                     })
                 })?
                 .collect()
@@ -750,7 +810,7 @@ fn usage_sql(group_by: &[&str]) -> String {
     }
     format!(
         "SELECT (started_ms - ?1) / ?3 AS bucket, {}, org,
-                SUM(input_tokens), SUM(cached_tokens), SUM(output_tokens), COUNT(*), SUM(cost_pico)
+                ssum(input_tokens), ssum(cached_tokens), ssum(output_tokens), COUNT(*), ssum(cost_pico)
          FROM requests
          WHERE started_ms >= ?1 AND started_ms < ?2 AND state != 'pending' AND decision != 'refused'
          GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing
@@ -767,7 +827,7 @@ mod tests {
     fn the_usage_report_reads_calls_by_time_through_an_index() {
         let (dir, path) = temp_ledger("usage-plan");
         drop(SqliteStore::open(&path).unwrap_or_else(|e| panic!("{e}")));
-        let conn = Connection::open(&path).unwrap_or_else(|e| panic!("{e}"));
+        let conn = connect(&path).unwrap_or_else(|e| panic!("{e}"));
         let indexes: Vec<String> = conn
             .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'requests' ORDER BY name")
             .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())

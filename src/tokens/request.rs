@@ -195,6 +195,12 @@ pub fn parse_body(body: &[u8]) -> Result<Value, RequestError> {
     })
 }
 
+/// The longest model name a request may give, in bytes: OpenAI's longest
+/// (fine-tuned names included) are under 100. Longer names are a 400 before
+/// any lookup, so no name costs more than a short one to look up, suggest
+/// for, log or keep in the ledger.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
 /// Count a parsed body; `endpoint` is guessed from the body when `None`.
 pub fn count_request(
     catalog: &Catalog,
@@ -226,6 +232,16 @@ pub fn count_request(
         },
         Some(other) => return Err(wrong_type("model", "a string", other)),
     };
+    if model_name.len() > MAX_MODEL_NAME_BYTES {
+        return Err(RequestError::Invalid {
+            message: format!(
+                "Invalid 'model': string too long. Expected a string with maximum length {MAX_MODEL_NAME_BYTES}, but got a string with length {} instead.",
+                model_name.len()
+            ),
+            param: Some("model".into()),
+            code: Some("string_above_max_length"),
+        });
+    }
     let model = catalog.lookup(model_name)?;
     let endpoint = match endpoint {
         Some(endpoint) => endpoint,

@@ -8,6 +8,7 @@ mod dashboard;
 mod gateway;
 mod guard;
 mod harness;
+mod hostile;
 mod https;
 mod isolation;
 mod metrics;

@@ -684,15 +684,7 @@ impl Daily {
 
     /// Add the sums to the `daily` table, inside the transaction that made them.
     fn write(self, tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO daily (day, org, grp, free_tokens, billed_tokens, cost_pico, requests)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (day, org, grp) DO UPDATE SET
-                free_tokens = free_tokens + excluded.free_tokens,
-                billed_tokens = billed_tokens + excluded.billed_tokens,
-                cost_pico = cost_pico + excluded.cost_pico,
-                requests = requests + excluded.requests",
-        )?;
+        let mut upsert = tx.prepare_cached(&UPSERT_DAILY)?;
         for (org, rows) in self.0 {
             for (day, group, [free, billed, cost, requests]) in rows {
                 upsert.execute(params![day, org, group, free, billed, cost, requests])?;
@@ -701,3 +693,29 @@ impl Daily {
         Ok(())
     }
 }
+
+/// The daily totals' upsert. Each sum saturates at `i64::MAX` rather than
+/// overflow (SQLite turns an overflowing integer sum into a REAL, which no
+/// reader of an integer column takes); a REAL an older version left there
+/// saturates too.
+static UPSERT_DAILY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let saturating = |column: &str| {
+        format!(
+            "CASE WHEN typeof({column}) = 'integer' AND {column} <= 9223372036854775807 - excluded.{column}
+                 THEN {column} + excluded.{column} ELSE 9223372036854775807 END"
+        )
+    };
+    format!(
+        "INSERT INTO daily (day, org, grp, free_tokens, billed_tokens, cost_pico, requests)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (day, org, grp) DO UPDATE SET
+                free_tokens = {free_tokens},
+                billed_tokens = {billed_tokens},
+                cost_pico = {cost_pico},
+                requests = {requests}",
+        free_tokens = saturating("free_tokens"),
+        billed_tokens = saturating("billed_tokens"),
+        cost_pico = saturating("cost_pico"),
+        requests = saturating("requests"),
+    )
+});
