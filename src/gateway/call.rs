@@ -19,6 +19,8 @@ pub struct Outcome {
     pub usage: Option<Usage>,
     /// Output text seen (streamed or in the body), counted when usage is missing.
     pub output_text: String,
+    /// `output_text`'s tokens, when counted already (off the async workers).
+    pub output_tokens: Option<u64>,
     /// The status the client got; 0 when it hung up first.
     pub status: u16,
     /// Upstream answered with an error: nothing was used.
@@ -104,6 +106,11 @@ impl Call {
         self.upstream_started = Some(Instant::now());
     }
 
+    /// The encoding the call's text is counted in.
+    pub fn encoding(&self) -> Encoding {
+        self.encoding
+    }
+
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
     }
@@ -138,7 +145,9 @@ impl Call {
             (None, false) => (
                 Usage {
                     input: self.prompt,
-                    output: self.encoding.count(&outcome.output_text),
+                    output: outcome
+                        .output_tokens
+                        .unwrap_or_else(|| self.encoding.count(&outcome.output_text)),
                     ..Usage::default()
                 },
                 true,

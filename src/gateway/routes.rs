@@ -411,6 +411,57 @@ fn with_usage_asked(body: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(out))
 }
 
+/// What settling needs of a whole successful answer: its usage and model,
+/// or (usage missing or absurd) its text for the estimate, counted here
+/// when `count_in` gives the encoding; the whole answer when captured.
+fn read_answer(
+    endpoint: Endpoint,
+    body: &[u8],
+    captures: bool,
+    status: u16,
+    count_in: Option<crate::tokens::Encoding>,
+) -> Outcome {
+    // Most answers carry their usage and are not captured: read only
+    // `usage` and `model`, past the rest (see [`scan`]).
+    let head = if captures {
+        None
+    } else {
+        scan::members_of(body, endpoint)
+    };
+    if let Some(scan::Members {
+        usage: Some(usage),
+        model,
+        ..
+    }) = head.filter(|m| m.usage.is_some_and(|u| u.is_sane()))
+    {
+        return Outcome {
+            usage: Some(usage),
+            status,
+            served_model: model,
+            ..Outcome::default()
+        };
+    }
+    let parsed: Value = serde_json::from_slice(body).unwrap_or_default();
+    let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
+    let output_text = if usage.is_none() {
+        body_text(endpoint, &parsed)
+    } else {
+        String::new()
+    };
+    Outcome {
+        usage,
+        output_tokens: count_in.map(|encoding| encoding.count(&output_text)),
+        output_text,
+        status,
+        served_model: parsed
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        completion: captures.then_some(parsed),
+        ..Outcome::default()
+    }
+}
+
 /// A body up to this size is parsed, guarded and counted on the async
 /// worker that read it (tens of microseconds); a larger one on the blocking
 /// pool, so that one large body never holds a worker other connections
@@ -743,51 +794,37 @@ async fn metered(
             return Err(error);
         }
     };
-    let outcome = if status.is_success() {
-        // Most answers carry their usage and are not captured: read only
-        // `usage` and `model`, past the rest (see [`scan`]).
-        let head = if call.captures() {
-            None
-        } else {
-            scan::members_of(&upstream_body, endpoint)
-        };
-        match head {
-            Some(scan::Members {
-                usage: Some(usage),
-                model,
-                ..
-            }) if usage.is_sane() => Outcome {
-                usage: Some(usage),
-                status: status.as_u16(),
-                served_model: model,
-                ..Outcome::default()
-            },
-            _ => {
-                let parsed: Value = serde_json::from_slice(&upstream_body).unwrap_or_default();
-                let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
-                Outcome {
-                    usage,
-                    output_text: if usage.is_none() {
-                        body_text(endpoint, &parsed)
-                    } else {
-                        String::new()
-                    },
-                    status: status.as_u16(),
-                    served_model: parsed
-                        .get("model")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned),
-                    completion: call.captures().then_some(parsed),
-                    ..Outcome::default()
-                }
-            }
-        }
-    } else {
+    let outcome = if !status.is_success() {
         Outcome {
             failed: true,
             status: status.as_u16(),
             ..Outcome::default()
         }
+    } else if upstream_body.len() <= INLINE_READ_BYTES {
+        read_answer(
+            endpoint,
+            &upstream_body,
+            call.captures(),
+            status.as_u16(),
+            None,
+        )
+    } else {
+        // A large answer is read (and, without usage, counted) on the
+        // blocking pool, as a large request is.
+        let (captures, encoding, body) = (call.captures(), call.encoding(), upstream_body.clone());
+        let _turn = gateway
+            .heavy_reads
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Internal)?;
+        tokio::task::spawn_blocking(move || {
+            read_answer(endpoint, &body, captures, status.as_u16(), Some(encoding))
+        })
+        .await
+        .unwrap_or_else(|_| Outcome {
+            status: status.as_u16(),
+            ..Outcome::default()
+        })
     };
     call.settle_and_store(outcome);
     free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
