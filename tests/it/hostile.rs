@@ -360,3 +360,32 @@ async fn a_ledger_with_reals_from_an_older_version_still_opens() {
     // The two rows' cost saturates rather than fail the report.
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A copied ledger gives away no credential: neither a client key nor the
+/// upstream's key is in the database, its WAL or the call journal (a key
+/// is kept only as a 12-hex-digit prefix of its SHA-256).
+#[tokio::test]
+async fn a_copied_ledger_holds_no_key() {
+    let h = start("hostile-copied", &config()).await;
+    for _ in 0..3 {
+        let (status, body) = call(&h, KEY, &chat("gpt-4o-mini")).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    h.settled().await;
+    let mut files = 0;
+    for entry in std::fs::read_dir(&h.dir).unwrap_or_else(|e| panic!("{e}")) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+        files += 1;
+        for secret in [KEY, UPSTREAM_KEY, "Bearer"] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in {}",
+                path.display()
+            );
+        }
+    }
+    assert!(files >= 2, "the ledger and its journal");
+    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    assert_eq!(record.key_id.len(), 12);
+}
