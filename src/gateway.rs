@@ -37,7 +37,6 @@ pub mod auth;
 pub mod call;
 pub mod dashboard;
 pub mod error;
-mod http1;
 pub mod metrics;
 mod repoll;
 pub mod routes;

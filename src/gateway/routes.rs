@@ -154,6 +154,7 @@ pub async fn passthrough(
     match upstream::send(
         &gateway,
         &project.upstream,
+        caller.org,
         parts.method,
         path,
         &parts.headers,
@@ -581,6 +582,7 @@ async fn metered(
     let mut response = match upstream::send(
         &gateway,
         &project.upstream,
+        caller.org,
         Method::POST,
         path,
         &headers,
@@ -630,11 +632,7 @@ async fn metered(
     let upstream_body = match response.bytes().await {
         Ok(bytes) => bytes,
         Err(e) => {
-            let error = if matches!(e, upstream::BodyError::Timeout) {
-                ApiError::GatewayTimeout
-            } else {
-                ApiError::BadGateway("The upstream answer was cut short.".into())
-            };
+            let error = ApiError::from(e);
             call.settle_and_store(Outcome {
                 status: error.status_code().as_u16(),
                 ..Outcome::default()
