@@ -303,6 +303,7 @@ models = ["o1-pro"]
             Err(e) => panic!("{e}"),
         };
         assert_eq!(c.store, StoreUrl::Sqlite(PathBuf::from("/tmp/x.db")));
+        assert_eq!(c.server.max_answer_bytes, 64 * 1024 * 1024, "the default");
         let up = &c.upstreams["openai"];
         assert_eq!(up.base_url, "https://api.openai.com/v1");
         assert_eq!(
