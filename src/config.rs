@@ -157,6 +157,9 @@ pub struct Server {
     pub admin_token: Option<Secret>,
     /// Request bodies above this are refused with 413.
     pub max_body_bytes: usize,
+    /// A whole (not streamed) upstream answer above this is not read: the
+    /// client gets 502.
+    pub max_answer_bytes: usize,
     /// The longest an upstream call may take, streaming included.
     pub upstream_timeout: Duration,
     /// `/metrics` without the admin token (default: the token is needed).
@@ -236,6 +239,7 @@ pub struct Project {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_STORE: &str = "sqlite://tokenwarden.db";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;
+pub const DEFAULT_MAX_ANSWER_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_UPSTREAM_TIMEOUT_SECS: u64 = 600;
 
 #[cfg(test)]
@@ -303,6 +307,7 @@ models = ["o1-pro"]
             Err(e) => panic!("{e}"),
         };
         assert_eq!(c.store, StoreUrl::Sqlite(PathBuf::from("/tmp/x.db")));
+        assert_eq!(c.server.max_answer_bytes, 64 * 1024 * 1024, "the default");
         let up = &c.upstreams["openai"];
         assert_eq!(up.base_url, "https://api.openai.com/v1");
         assert_eq!(

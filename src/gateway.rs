@@ -40,7 +40,6 @@ pub mod auth;
 pub mod call;
 pub mod dashboard;
 pub mod error;
-mod http1;
 pub mod metrics;
 pub mod path;
 mod repoll;

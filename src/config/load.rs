@@ -13,7 +13,8 @@ use toml::Spanned;
 use super::{
     Alerts, Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy, Project, Secret,
     Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_CAPTURE_RETENTION_DAYS,
-    DEFAULT_LISTEN, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
+    DEFAULT_LISTEN, DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE,
+    DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
@@ -56,6 +57,7 @@ struct RawServer {
     listen: Option<Text>,
     admin_token: Option<Text>,
     max_body_bytes: Option<u64>,
+    max_answer_bytes: Option<u64>,
     upstream_timeout_secs: Option<u64>,
     public_metrics: Option<bool>,
     header_read_timeout_secs: Option<u64>,
@@ -290,6 +292,12 @@ impl Config {
             listen,
             admin_token,
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES) as usize,
+            max_answer_bytes: raw
+                .server
+                .max_answer_bytes
+                .unwrap_or(DEFAULT_MAX_ANSWER_BYTES)
+                .try_into()
+                .unwrap_or(usize::MAX),
             upstream_timeout: Duration::from_secs(
                 raw.server
                     .upstream_timeout_secs

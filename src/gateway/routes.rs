@@ -182,6 +182,7 @@ pub async fn passthrough(
     let answer = upstream::send(
         &gateway,
         &project.upstream,
+        caller.org,
         parts.method.clone(),
         target,
         &parts.headers,
@@ -733,6 +734,7 @@ async fn metered(
     let mut response = match upstream::send(
         &gateway,
         &project.upstream,
+        caller.org,
         Method::POST,
         path,
         &headers,
@@ -782,11 +784,7 @@ async fn metered(
     let upstream_body = match response.bytes().await {
         Ok(bytes) => bytes,
         Err(e) => {
-            let error = if matches!(e, upstream::BodyError::Timeout) {
-                ApiError::GatewayTimeout
-            } else {
-                ApiError::BadGateway("The upstream answer was cut short.".into())
-            };
+            let error = ApiError::from(e);
             call.settle_and_store(Outcome {
                 status: error.status_code().as_u16(),
                 ..Outcome::default()

@@ -179,11 +179,25 @@ fn string_after<'a>(data: &'a [u8], key: &Finder<'_>) -> Option<&'a [u8]> {
     None
 }
 
+/// The most one event may take; a longer one cuts the stream (the tap
+/// holds an event whole until its end, so this bounds its memory).
+pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
+
 /// The end of the first complete event in `buf` (after its blank line:
 /// `\n\n` or `\r\n\r\n`, whichever comes first). One pass over the
 /// line feeds, so a buffer of many events is split in linear time.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    for n in memchr::memchr_iter(b'\n', buf) {
+    event_end_from(buf, 0)
+}
+
+/// [`event_end`], searching from `from` on: `buf[..from + 2]` was searched
+/// before and had no end (an end's first line feed needs at most the two
+/// bytes after it to be told), so an event that arrives in many pieces is
+/// searched once, not once a piece.
+fn event_end_from(buf: &[u8], from: usize) -> Option<usize> {
+    let from = from.min(buf.len());
+    for i in memchr::memchr_iter(b'\n', &buf[from..]) {
+        let n = from + i;
         match buf.get(n + 1) {
             Some(b'\n') => return Some(n + 2),
             Some(b'\r') if n >= 1 && buf[n - 1] == b'\r' && buf.get(n + 2) == Some(&b'\n') => {
@@ -290,6 +304,8 @@ pub struct Tap {
     endpoint: Endpoint,
     /// Bytes of an event not yet complete.
     buffer: BytesMut,
+    /// Where the search for the end of the event in `buffer` resumes.
+    searched: usize,
     /// The client asked for the usage chunk itself.
     client_wants_usage: bool,
     usage: Option<Usage>,
@@ -324,6 +340,7 @@ impl Tap {
             upstream: upstream.into_stream(),
             endpoint,
             buffer: BytesMut::new(),
+            searched: 0,
             client_wants_usage,
             usage: None,
             served_model: None,
@@ -463,17 +480,81 @@ impl Tap {
             completion,
             ..Outcome::default()
         };
-        if outcome.usage.is_none() && !self.text.is_empty() {
-            self.text.pop();
-            let mut array = Vec::with_capacity(self.text.len() + 2);
-            array.push(b'[');
-            array.extend_from_slice(&self.text);
-            array.push(b']');
-            if let Ok(pieces) = serde_json::from_slice::<Vec<String>>(&array) {
-                outcome.output_text = pieces.concat();
+        let text = if outcome.usage.is_none() {
+            std::mem::take(&mut self.text)
+        } else {
+            Vec::new()
+        };
+        let long = text.len() > LONG_TEXT_BYTES;
+        let settle = move || {
+            if !text.is_empty() {
+                outcome.output_text = streamed_text(text);
+            }
+            call.settle_in_place(outcome);
+        };
+        // Without usage the streamed text is counted: a long one on the
+        // blocking pool, so that it never holds a worker other connections
+        // need (40 MB of text is seconds of counting).
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if long => {
+                drop(runtime.spawn_blocking(settle));
+            }
+            _ => settle(),
+        }
+    }
+}
+
+/// Streamed text past this many bytes is counted on the blocking pool.
+const LONG_TEXT_BYTES: usize = 64 * 1024;
+
+/// The text of a stream's deltas, kept as JSON string literals each
+/// followed by a comma (see [`Tap::keep`]), unescaped and joined.
+fn streamed_text(mut literals: Vec<u8>) -> String {
+    literals.pop();
+    let mut array = Vec::with_capacity(literals.len() + 2);
+    array.push(b'[');
+    array.extend_from_slice(&literals);
+    array.push(b']');
+    serde_json::from_slice::<Vec<String>>(&array)
+        .map(|pieces| pieces.concat())
+        .unwrap_or_default()
+}
+
+impl Tap {
+    /// Take a chunk from upstream: the data from the start of the pending
+    /// event with the end of the first complete event in it, or `None`
+    /// while that event goes on (the chunk is then kept in `buffer`). A
+    /// chunk that starts an event is not copied.
+    fn pending(&mut self, chunk: Bytes) -> Option<(Bytes, usize)> {
+        if self.buffer.is_empty() {
+            if let Some(end) = event_end(&chunk) {
+                return Some((chunk, end));
+            }
+            self.buffer.extend_from_slice(&chunk);
+            self.searched = self.buffer.len();
+            return None;
+        }
+        let from = self.searched.saturating_sub(2);
+        self.buffer.extend_from_slice(&chunk);
+        match event_end_from(&self.buffer, from) {
+            Some(end) => {
+                self.searched = 0;
+                Some((self.buffer.split().freeze(), end))
+            }
+            None => {
+                self.searched = self.buffer.len();
+                None
             }
         }
-        call.settle_in_place(outcome);
+    }
+
+    /// End the stream as cut, upstream's or by the gateway: settle on an
+    /// estimate, and cut the client's stream too.
+    fn cut(&mut self, why: &'static str) -> std::io::Error {
+        self.ended = true;
+        self.buffer = BytesMut::new();
+        self.finish(200, false);
+        std::io::Error::other(why)
     }
 }
 
@@ -489,30 +570,34 @@ impl Stream for Tap {
             match Pin::new(&mut this.upstream).poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
-                    // What is pending: the chunk itself when nothing was
-                    // left over (no copy), else the leftover and the chunk.
-                    let data = if this.buffer.is_empty() {
-                        chunk
-                    } else {
-                        this.buffer.extend_from_slice(&chunk);
-                        this.buffer.split().freeze()
+                    let Some((data, first)) = this.pending(chunk) else {
+                        if this.buffer.len() > MAX_EVENT_BYTES {
+                            tracing::warn!("an upstream event passed 16 MiB: the stream is cut");
+                            return Poll::Ready(Some(Err(
+                                this.cut("an upstream event passed 16 MiB")
+                            )));
+                        }
+                        continue;
                     };
                     // The events passed on are a slice of `data` until one
                     // is held back; from then on they are copied.
                     let mut at = 0;
+                    let mut next = Some(first);
                     let mut copied: Option<BytesMut> = None;
-                    while let Some(len) = event_end(&data[at..]) {
-                        let event = data.slice(at..at + len);
+                    while let Some(end) = next {
+                        let event = data.slice(at..end);
                         let pass = this.inspect(&event);
                         match (&mut copied, pass) {
                             (Some(out), true) => out.extend_from_slice(&event),
                             (None, false) => copied = Some(BytesMut::from(&data[..at])),
                             _ => {}
                         }
-                        at += len;
+                        at = end;
+                        next = event_end(&data[at..]).map(|len| at + len);
                     }
                     if at < data.len() {
                         this.buffer.extend_from_slice(&data[at..]);
+                        this.searched = this.buffer.len();
                     }
                     let out = copied.map_or_else(|| data.slice(..at), BytesMut::freeze);
                     if !out.is_empty() {
@@ -520,16 +605,12 @@ impl Stream for Tap {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    // Upstream cut the stream: settle with an estimate and cut the client's too.
                     tracing::warn!(error = %e, "upstream stream ended abruptly");
-                    this.ended = true;
-                    this.finish(200, false);
-                    return Poll::Ready(Some(Err(std::io::Error::other(
-                        "upstream stream ended abruptly",
-                    ))));
+                    return Poll::Ready(Some(Err(this.cut("upstream stream ended abruptly"))));
                 }
                 Poll::Ready(None) => {
                     this.ended = true;
+                    this.searched = 0;
                     let rest = std::mem::take(&mut this.buffer);
                     if !rest.is_empty() {
                         let rest = rest.freeze();
@@ -594,6 +675,31 @@ mod tests {
                     code /= 3;
                 }
                 assert_eq!(event_end(&buf), plain(&buf), "{buf:?}");
+            }
+        }
+    }
+
+    /// Resuming the search two bytes before where a search found no end
+    /// finds what a search of the whole buffer finds.
+    #[test]
+    fn event_end_from_resumes_where_the_search_stopped() {
+        for len in 0..=8u32 {
+            for mut code in 0..3usize.pow(len) {
+                let mut buf = Vec::new();
+                for _ in 0..len {
+                    buf.push([b'a', b'\r', b'\n'][code % 3]);
+                    code /= 3;
+                }
+                for split in 0..=buf.len() {
+                    if event_end(&buf[..split]).is_none() {
+                        let from = split.saturating_sub(2);
+                        assert_eq!(
+                            event_end_from(&buf, from),
+                            event_end(&buf),
+                            "{buf:?} {split}"
+                        );
+                    }
+                }
             }
         }
     }

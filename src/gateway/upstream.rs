@@ -1,16 +1,26 @@
 //! Calls to an upstream: the client's own credentials never leave, the
-//! upstream's key goes only to the upstream, hop-by-hop headers are dropped.
+//! upstream's key goes only to the upstream, hop-by-hop headers are dropped,
+//! and each org's calls go on connections of their own. The answer's side
+//! (headers by an allow-list, bounded bodies) is in `upstream/answer.rs`.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
+use axum::http::uri::{Authority, Scheme};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_platform_verifier::BuilderVerifierExt;
 
-mod h1;
+mod answer;
+
+pub use answer::{Answer, BodyError, BodyStream};
 
 use super::error::ApiError;
 use super::Gateway;
@@ -32,31 +42,54 @@ pub fn webhook_client(config: &Config) -> Result<reqwest::Client, reqwest::Error
         .build()
 }
 
-/// The upstreams' client: each upstream's origin with its own pool of
-/// keep-alive connections ([`h1`]), TLS by rustls with the ring provider and
-/// the platform's verifier (with an upstream's `ca_file` roots added), a
+/// The limit on connecting, the TLS handshake included.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle connection older than this is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Idle connections kept per upstream and org; more are closed.
+const MAX_IDLE: usize = 1024;
+
+/// hyper-rustls's connector (plain TCP for `http`, rustls for `https`)
+/// under the connect limit.
+type Connector = TimedConnect<hyper_rustls::HttpsConnector<HttpConnector>>;
+/// One pool of keep-alive connections, hyper-util's.
+type Pool = hyper_util::client::legacy::Client<Connector, Full<Bytes>>;
+
+/// The upstreams' client: hyper's, a pool of keep-alive connections for
+/// each upstream and org, TLS by rustls with the ring provider and the
+/// platform's verifier (with an upstream's `ca_file` roots added), a
 /// bounded connect time, and the configured limit on a whole call, its body
-/// included. Redirects are not followed (the
-/// upstream's answer goes to the client as it is, and the upstream's key
-/// goes nowhere else), and no proxy from the environment is used.
+/// included. Redirects are not followed (the upstream's answer goes to the
+/// client as it is, and the upstream's key goes nowhere else), and no proxy
+/// from the environment is used.
 #[derive(Clone)]
 pub struct Client {
     timeout: Duration,
-    /// Each upstream's origin and own headers (its key, organization and
-    /// project) written once; `None` when its URL is not one or its key
-    /// cannot be a header value.
+    /// The most of a whole (not streamed) answer that is read.
+    max_answer_bytes: usize,
+    /// Each upstream, ready to call; `None` when its URL is not one or its
+    /// key cannot be a header value.
     targets: Arc<BTreeMap<String, Option<Target>>>,
 }
 
 /// One upstream, ready to call.
 struct Target {
-    origin: Arc<h1::Origin>,
-    /// The gateway's own header lines for it, already in HTTP/1.1 form.
-    own_headers: Vec<u8>,
+    /// The URL's scheme and authority, which every call's URI starts with.
+    scheme: Scheme,
+    authority: Authority,
+    /// The URL's path without its trailing `/`; each call's path follows it.
+    prefix: String,
+    /// The gateway's own headers for it (its key, marked sensitive so it is
+    /// never logged, organization and project).
+    own_headers: HeaderMap,
+    /// A pool per org, by the org's index: a connection that carried one
+    /// org's call never carries another org's, so no mistake in reading one
+    /// answer can hand it to another tenant.
+    pools: Vec<Pool>,
 }
 
-/// The headers an upstream gets from the gateway on every call, as lines.
-fn upstream_headers(target: &crate::config::Upstream) -> Option<Vec<u8>> {
+/// The headers an upstream gets from the gateway on every call.
+fn upstream_headers(target: &crate::config::Upstream) -> Option<HeaderMap> {
     let mut headers = HeaderMap::new();
     if let Some(key) = &target.api_key {
         let mut value = HeaderValue::from_str(&format!("Bearer {}", key.expose())).ok()?;
@@ -73,11 +106,56 @@ fn upstream_headers(target: &crate::config::Upstream) -> Option<Vec<u8>> {
             headers.insert("openai-project", value);
         }
     }
-    let mut lines = Vec::new();
-    for (name, value) in &headers {
-        h1::put_header(&mut lines, name, value);
+    Some(headers)
+}
+
+/// An upstream's base URL as scheme, authority and path prefix: `http` or
+/// `https`, no user, no query; `None` when it is not one.
+fn base_of(base_url: &str) -> Option<(Scheme, Authority, String)> {
+    let uri: Uri = base_url.parse().ok()?;
+    let scheme = uri.scheme()?.clone();
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return None;
     }
-    Some(lines)
+    let authority = uri.authority()?.clone();
+    if authority.as_str().contains('@') || uri.query().is_some() {
+        return None;
+    }
+    Some((
+        scheme,
+        authority,
+        uri.path().trim_end_matches('/').to_owned(),
+    ))
+}
+
+/// A call's URI: the base URL's, its path followed by the client's.
+fn target_uri(target: &Target, path_and_query: &str) -> Option<Uri> {
+    let mut path = String::with_capacity(target.prefix.len() + path_and_query.len() + 1);
+    path.push_str(&target.prefix);
+    if path.is_empty() && !path_and_query.starts_with('/') {
+        // A request target is never empty: at least `/`.
+        path.push('/');
+    }
+    path.push_str(path_and_query);
+    Uri::builder()
+        .scheme(target.scheme.clone())
+        .authority(target.authority.clone())
+        .path_and_query(path)
+        .build()
+        .ok()
+}
+
+/// A pool on `connector`.
+fn pool(connector: &Connector) -> Pool {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(MAX_IDLE)
+        // A pooled connection the upstream closed before answering never
+        // saw the request: it is sent again, once, on another.
+        .retry_canceled_requests(true)
+        .set_host(true)
+        .build(connector.clone())
 }
 
 /// Build the upstreams' client.
@@ -86,9 +164,17 @@ pub fn client(config: &Config) -> Result<Client, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let connector = |mut tls: rustls::ClientConfig| {
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsConnector::from(Arc::new(tls))
+    let connector = |tls: rustls::ClientConfig| {
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        TimedConnect(
+            hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls)
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(tcp),
+        )
     };
     let platform = connector(
         builder
@@ -117,125 +203,52 @@ pub fn client(config: &Config) -> Result<Client, rustls::Error> {
             );
             &own
         };
-        let ready = h1::Origin::new(&target.base_url, tls).and_then(|origin| {
+        let ready = base_of(&target.base_url).and_then(|(scheme, authority, prefix)| {
             Some(Target {
-                origin: Arc::new(origin),
+                scheme,
+                authority,
+                prefix,
                 own_headers: upstream_headers(target)?,
+                pools: config.orgs.iter().map(|_| pool(tls)).collect(),
             })
         });
         targets.insert(name.clone(), ready);
     }
     Ok(Client {
         timeout: config.server.upstream_timeout,
+        max_answer_bytes: config.server.max_answer_bytes,
         targets: Arc::new(targets),
     })
 }
 
-/// Why reading an upstream's body failed.
-#[derive(Debug)]
-pub enum BodyError {
-    /// The call's time limit passed.
-    Timeout,
-    /// The connection failed or the body was cut.
-    Cut(std::io::Error),
-}
+/// A connector whose connecting (TCP and TLS) fails past [`CONNECT_TIMEOUT`].
+#[derive(Clone)]
+struct TimedConnect<C>(C);
 
-impl std::error::Error for BodyError {}
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-impl std::fmt::Display for BodyError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            BodyError::Timeout => f.write_str("the upstream call took longer than its time limit"),
-            BodyError::Cut(e) => write!(f, "{e}"),
-        }
-    }
-}
+impl<C> tower_service::Service<Uri> for TimedConnect<C>
+where
+    C: tower_service::Service<Uri>,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
 
-/// An upstream's answer: its head, and a body to read before the call's
-/// deadline.
-pub struct Answer {
-    status: axum::http::StatusCode,
-    headers: HeaderMap,
-    body: h1::Body,
-    deadline: tokio::time::Instant,
-}
-
-impl Answer {
-    pub fn status(&self) -> axum::http::StatusCode {
-        self.status
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
     }
 
-    pub fn headers(&self) -> &HeaderMap {
-        &self.headers
-    }
-
-    /// The headers worth passing to the client, taken out of the answer:
-    /// upstream's own map (not copied) less [`DROPPED_RESPONSE_HEADERS`],
-    /// with room for the gateway's own.
-    pub fn take_headers(&mut self) -> HeaderMap {
-        let mut headers = std::mem::take(&mut self.headers);
-        for name in DROPPED_RESPONSE_HEADERS {
-            headers.remove(name);
-        }
-        headers.reserve(4);
-        headers
-    }
-
-    /// The whole body.
-    pub async fn bytes(mut self) -> Result<Bytes, BodyError> {
-        match tokio::time::timeout_at(self.deadline, self.body.collect()).await {
-            Err(_) => Err(BodyError::Timeout),
-            Ok(Err(e)) => Err(BodyError::Cut(e)),
-            Ok(Ok(bytes)) => Ok(bytes),
-        }
-    }
-
-    /// The body as a stream of chunks, as they arrive.
-    pub fn into_stream(self) -> BodyStream {
-        BodyStream {
-            body: self.body,
-            deadline: Box::pin(tokio::time::sleep_until(self.deadline)),
-            ended: false,
-        }
-    }
-}
-
-/// An upstream's body, chunk by chunk; an error ends it.
-pub struct BodyStream {
-    body: h1::Body,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
-    ended: bool,
-}
-
-impl futures_util::Stream for BodyStream {
-    type Item = Result<Bytes, BodyError>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        use std::task::Poll;
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        match self.body.poll_chunk(cx) {
-            Poll::Ready(Ok(Some(data))) => Poll::Ready(Some(Ok(data))),
-            Poll::Ready(Err(e)) => {
-                self.ended = true;
-                Poll::Ready(Some(Err(BodyError::Cut(e))))
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err("connecting took longer than 10 s".into()),
             }
-            Poll::Ready(Ok(None)) => {
-                self.ended = true;
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if self.deadline.as_mut().poll(cx).is_ready() {
-                    self.ended = true;
-                    return Poll::Ready(Some(Err(BodyError::Timeout)));
-                }
-                Poll::Pending
-            }
-        }
+        })
     }
 }
 
@@ -263,22 +276,13 @@ fn dropped_request_header(name: &HeaderName) -> bool {
     )
 }
 
-/// Response headers that are the connection's or no longer true of the body.
-const DROPPED_RESPONSE_HEADERS: [HeaderName; 7] = [
-    axum::http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    axum::http::header::TRANSFER_ENCODING,
-    axum::http::header::CONTENT_LENGTH,
-    axum::http::header::CONTENT_ENCODING,
-    axum::http::header::UPGRADE,
-    axum::http::header::SET_COOKIE,
-];
-
-/// Send a call to the project's upstream. `path_and_query` is the client's
-/// path after `/v1`, with its query; it follows the upstream URL's path.
+/// Send a call to the project's upstream, on a connection of `org`'s own
+/// pool. `path_and_query` is the client's path after `/v1`, with its query;
+/// it follows the upstream URL's path.
 pub async fn send(
     gateway: &Gateway,
     upstream: &str,
+    org: usize,
     method: Method,
     path_and_query: &str,
     client_headers: &HeaderMap,
@@ -294,51 +298,81 @@ pub async fn send(
     let target = ready.as_ref().ok_or_else(|| {
         ApiError::BadGateway(format!("The upstream '{upstream}' has an invalid URL."))
     })?;
-    let mut head = target.origin.start_head(method.as_str(), path_and_query);
+    let Some(pool) = target.pools.get(org) else {
+        tracing::error!(upstream, org, "a call names an org that is not configured");
+        return Err(ApiError::Internal);
+    };
+    let uri = target_uri(target, path_and_query).ok_or_else(|| {
+        ApiError::BadGateway(format!("The upstream '{upstream}' has an invalid URL."))
+    })?;
+    let mut request = axum::http::Request::new(Full::new(body));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    let headers = request.headers_mut();
+    headers.reserve(client_headers.len() + target.own_headers.len());
     for (name, value) in client_headers {
         if !dropped_request_header(name) {
-            h1::put_header(&mut head, name, value);
+            headers.append(name.clone(), value.clone());
         }
     }
-    head.extend_from_slice(&target.own_headers);
-    let method_has_body = matches!(method, Method::POST | Method::PUT | Method::PATCH);
-    h1::end_head(&mut head, body.len(), method_has_body);
+    for (name, value) in &target.own_headers {
+        headers.insert(name.clone(), value.clone());
+    }
     let deadline = tokio::time::Instant::now() + gateway.client.timeout;
-    let call = target.origin.call(head, body, method == Method::HEAD);
-    match tokio::time::timeout_at(deadline, call).await {
+    match tokio::time::timeout_at(deadline, pool.request(request)).await {
         Err(_) => Err(ApiError::GatewayTimeout),
         Ok(Err(e)) => {
             // The errors name neither the URL nor any header, so the key
             // stays out of logs.
-            tracing::warn!(upstream, error = %e, "upstream call failed");
+            tracing::warn!(upstream, error = %Chain(&e), "upstream call failed");
             Err(ApiError::BadGateway(format!(
                 "The upstream '{upstream}' could not be reached."
             )))
         }
-        Ok(Ok(answer)) => Ok(Answer {
-            status: answer.status,
-            headers: answer.headers,
-            body: answer.body,
-            deadline,
-        }),
+        Ok(Ok(answer)) => {
+            let (parts, body) = answer.into_parts();
+            Ok(Answer {
+                status: parts.status,
+                headers: parts.headers,
+                body,
+                deadline,
+                max_answer_bytes: gateway.client.max_answer_bytes,
+            })
+        }
+    }
+}
+
+/// An error and its sources, on one line (hyper's top error alone says
+/// only "client error (Connect)").
+struct Chain<'a>(&'a dyn std::error::Error);
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(e) = source {
+            write!(f, ": {e}")?;
+            source = e.source();
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use super::answer::passed_response_header;
     use super::*;
 
-    fn origin(base: &str) -> Option<h1::Origin> {
-        install_crypto_provider();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_platform_verifier()
-            .unwrap()
-            .with_no_client_auth();
-        h1::Origin::new(base, &tokio_rustls::TlsConnector::from(Arc::new(tls)))
+    fn target(base: &str) -> Option<Target> {
+        let (scheme, authority, prefix) = base_of(base)?;
+        Some(Target {
+            scheme,
+            authority,
+            prefix,
+            own_headers: HeaderMap::new(),
+            pools: Vec::new(),
+        })
     }
 
     #[test]
@@ -364,20 +398,22 @@ mod tests {
                 "example.test",
             ),
         ] {
-            let head = origin(base).unwrap().start_head("GET", path);
+            let uri = target_uri(&target(base).unwrap(), path).unwrap();
             let concatenated = format!("{}{path}", base.trim_end_matches('/'));
-            let target = concatenated.split_once(host).unwrap().1;
+            let (scheme_host, rest) =
+                concatenated.split_at(concatenated.find(host).unwrap() + host.len());
             // A request target starts with `/`, even when the URL has none.
-            let target = if target.starts_with('/') {
-                target.to_owned()
+            let rest = if rest.starts_with('/') {
+                rest.to_owned()
             } else {
-                format!("/{target}")
+                format!("/{rest}")
             };
             assert_eq!(
-                String::from_utf8(head).unwrap(),
-                format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n"),
+                uri.to_string(),
+                format!("{scheme_host}{rest}"),
                 "{base} + {path}"
             );
+            assert_eq!(uri.authority().unwrap().as_str(), host);
         }
         for bad in [
             "not a url",
@@ -385,7 +421,41 @@ mod tests {
             "http://user:pw@example.test/v1",
             "http://example.test/v1?x=1",
         ] {
-            assert!(origin(bad).is_none(), "{bad}");
+            assert!(target(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn answer_headers_pass_by_an_allow_list() {
+        for name in [
+            "content-type",
+            "x-request-id",
+            "openai-processing-ms",
+            "openai-version",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-reset-tokens",
+            "retry-after",
+        ] {
+            assert!(
+                passed_response_header(&HeaderName::from_static(name)),
+                "{name}"
+            );
+        }
+        for name in [
+            "server",
+            "set-cookie",
+            "x-evil",
+            "content-length",
+            "transfer-encoding",
+            "connection",
+            "content-encoding",
+            "openai-organization",
+            "x-ratelimit",
+        ] {
+            assert!(
+                !passed_response_header(&HeaderName::from_static(name)),
+                "{name}"
+            );
         }
     }
 }

@@ -162,7 +162,7 @@ async fn an_https_upstream_is_reached_when_its_authority_is_trusted_and_refused_
     assert!(!text.contains(UPSTREAM_KEY));
     let log = stop(gateway);
     assert!(
-        log.contains("upstream call failed upstream=\"private\" error=invalid peer certificate: UnknownIssuer"),
+        log.contains("upstream call failed upstream=\"private\" error=client error (Connect): invalid peer certificate: UnknownIssuer"),
         "{log}"
     );
     // Piped, not a terminal: plain text, no colour codes.

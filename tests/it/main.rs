@@ -16,6 +16,7 @@ mod properties;
 mod reference;
 mod requests;
 mod sdk;
+mod upstream;
 mod usage;
 
 use tokenwarden::catalog::Catalog;
