@@ -158,14 +158,12 @@ fn faults(headers: &HeaderMap) -> Faults {
 }
 
 fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    match value.strip_prefix("Bearer ") {
-        Some(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
-        _ => Err(ApiError::Unauthorized("You didn't provide an API key.")),
-    }
+        .and_then(crate::gateway::auth::bearer_token)
+        .map(str::to_owned)
+        .ok_or(ApiError::Unauthorized("You didn't provide an API key."))
 }
 
 fn now() -> u64 {
