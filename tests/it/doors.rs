@@ -3,6 +3,8 @@
 //! check, names that try to break the dashboard's event stream, one label
 //! set per `/metrics` series, and the simulator's own bounds.
 
+use std::collections::HashSet;
+
 use serde_json::json;
 
 use crate::harness::{start_with_server, Harness};
@@ -81,5 +83,90 @@ async fn the_bearer_scheme_is_accepted_in_any_case() {
             .await
             .map(|r| r.status().as_u16());
         assert_eq!(refused.unwrap_or(0), 401, "{value}");
+    }
+}
+
+// ---- 5. One label set per /metrics series ---------------------------------------
+
+/// Every sample line of `text` as (name, sorted labels) -> value.
+fn series(text: &str) -> Vec<(String, Vec<String>, String)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let mut labels: Vec<String> = labels
+                .trim_end_matches('}')
+                .split("\",")
+                .filter(|p| !p.is_empty())
+                .map(|p| p.trim_end_matches('"').to_owned())
+                .collect();
+            labels.sort();
+            Some((name.to_owned(), labels, value.to_owned()))
+        })
+        .collect()
+}
+
+async fn scrape(h: &Harness) -> String {
+    h.client
+        .get(format!("{}/metrics", root(h)))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_fine_tuned_call_does_not_relabel_its_base_models_series() {
+    let h = gateway("doors-metrics").await;
+    let call = |model: &'static str| {
+        h.post("/chat/completions", KEY)
+            .json(&json!({"model": model, "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+    };
+    let first = call("gpt-4o-mini").await.map(|r| r.status().as_u16());
+    assert_eq!(first.unwrap_or(0), 200);
+    h.settled().await;
+    let before = series(&scrape(&h).await);
+    let mini: Vec<_> = before
+        .iter()
+        .filter(|(name, labels, _)| {
+            name == "tokenwarden_tokens_total" && labels.iter().any(|l| l == "model=\"gpt-4o-mini")
+        })
+        .cloned()
+        .collect();
+    assert!(!mini.is_empty(), "no gpt-4o-mini series:\n{before:?}");
+    assert!(
+        mini.iter()
+            .all(|(_, labels, _)| labels.iter().any(|l| l == "group=\"mini")),
+        "{mini:?}"
+    );
+
+    let ft = call("ft:gpt-4o-mini-2024-07-18:acme::abc123")
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(ft.unwrap_or(0), 200);
+    h.settled().await;
+    let after = series(&scrape(&h).await);
+    // Every series seen before is still there, with its labels and value.
+    for s in &mini {
+        assert!(after.contains(s), "{s:?} changed:\n{after:?}");
+    }
+    // The fine-tuned tokens have a series of their own (outside the program).
+    assert!(after.iter().any(|(name, labels, value)| {
+        name == "tokenwarden_tokens_total"
+            && labels.iter().any(|l| l == "group=\"none")
+            && value != "0"
+    }));
+    // promtool's rule: no two samples with the same name and labels.
+    let mut seen = HashSet::new();
+    for (name, labels, _) in &after {
+        assert!(
+            seen.insert((name.clone(), labels.clone())),
+            "duplicate series {name}{labels:?}"
+        );
     }
 }
