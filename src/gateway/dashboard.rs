@@ -319,16 +319,8 @@ async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
             }
             let g = gateway.clone();
             let html = tokio::task::spawn_blocking(move || live(&g)).await.ok()?;
-            let mut frame = String::with_capacity(html.len() + 64);
-            frame.push_str("event: update\n");
-            for line in html.lines() {
-                frame.push_str("data: ");
-                frame.push_str(line);
-                frame.push('\n');
-            }
-            frame.push('\n');
             Some((
-                Ok(bytes::Bytes::from(frame)),
+                Ok(bytes::Bytes::from(update_frame(&html))),
                 (gateway, commits, session, false),
             ))
         });
@@ -344,6 +336,33 @@ async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
         HeaderValue::from_static("nosniff"),
     );
     response
+}
+
+/// One `update` event carrying `html`. Every line of it is a `data:` line of
+/// its own, lines ending where an `EventSource` ends them: at CRLF, at a
+/// lone CR and at a lone LF. Names from requests (a model, say) reach the
+/// page, and a CR in one must not end a field, nor a CR CR the event.
+fn update_frame(html: &str) -> String {
+    let mut frame = String::with_capacity(html.len() + 64);
+    frame.push_str("event: update\n");
+    let mut rest = html;
+    loop {
+        let end = rest.find(['\r', '\n']).unwrap_or(rest.len());
+        frame.push_str("data: ");
+        frame.push_str(&rest[..end]);
+        frame.push('\n');
+        let skip = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        match rest.get(end + skip..) {
+            Some(next) if !next.is_empty() => rest = next,
+            _ => break,
+        }
+    }
+    frame.push('\n');
+    frame
 }
 
 // ---- rendering ---------------------------------------------------------------
@@ -782,6 +801,16 @@ pub fn render_live(gateway: &Gateway) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_line_of_an_update_is_a_data_line() {
+        assert_eq!(update_frame("a"), "event: update\ndata: a\n\n");
+        assert_eq!(
+            update_frame("a\r\revent: x\rdata: y\r\n\r\nb\n\nc\n"),
+            "event: update\ndata: a\ndata: \ndata: event: x\ndata: data: y\ndata: \ndata: b\ndata: \ndata: c\n\n"
+        );
+        assert_eq!(update_frame(""), "event: update\ndata: \n\n");
+    }
 
     #[test]
     fn form_values_are_decoded() {

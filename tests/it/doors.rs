@@ -4,7 +4,9 @@
 //! set per `/metrics` series, and the simulator's own bounds.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::harness::{start_with_server, Harness};
@@ -34,6 +36,26 @@ fn client_from(local: Option<&str>) -> reqwest::Client {
         builder = builder.local_address(ip);
     }
     builder.build().unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn sign_in(client: &reqwest::Client, root: &str, token: &str) -> reqwest::Response {
+    client
+        .post(format!("{root}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The session cookie (`tw_session=...`) a successful sign-in set.
+fn session(response: &reqwest::Response) -> String {
+    let cookie = response
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    cookie.split(';').next().unwrap_or_default().to_owned()
 }
 
 // ---- 1. `Authorization: bearer KEY`, the scheme in any case ------------------
@@ -84,6 +106,125 @@ async fn the_bearer_scheme_is_accepted_in_any_case() {
             .map(|r| r.status().as_u16());
         assert_eq!(refused.unwrap_or(0), 401, "{value}");
     }
+}
+
+// ---- 4. Names cannot break the dashboard's event stream -------------------------
+
+/// One parsed server-sent event: its type and the values of its fields.
+#[derive(Debug)]
+struct Event {
+    kind: String,
+    data: Vec<String>,
+}
+
+/// Events as a browser's `EventSource` reads them (the HTML spec's
+/// parser: lines end at CRLF, a lone CR or a lone LF; a blank line ends
+/// an event), with every field name seen.
+fn parse_events(text: &str) -> (Vec<Event>, HashSet<String>) {
+    let (mut events, mut fields) = (Vec::new(), HashSet::new());
+    let (mut kind, mut data) = (String::new(), Vec::new());
+    let mut lines = Vec::new();
+    let mut rest = text;
+    while let Some(end) = rest.find(['\r', '\n']) {
+        lines.push(&rest[..end]);
+        let skip = if rest[end..].starts_with("\r\n") {
+            2
+        } else {
+            1
+        };
+        rest = &rest[end + skip..];
+    }
+    for line in lines {
+        if line.is_empty() {
+            if !data.is_empty() {
+                let kind = if kind.is_empty() {
+                    "message".to_owned()
+                } else {
+                    std::mem::take(&mut kind)
+                };
+                events.push(Event {
+                    kind,
+                    data: std::mem::take(&mut data),
+                });
+            }
+            kind.clear();
+            continue;
+        }
+        if line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        fields.insert(field.to_owned());
+        match field {
+            "event" => kind = value.to_owned(),
+            "data" => data.push(value.to_owned()),
+            _ => {}
+        }
+    }
+    (events, fields)
+}
+
+#[tokio::test]
+async fn a_model_name_cannot_inject_events_into_the_live_stream() {
+    let h = gateway("doors-events").await;
+    let root = root(&h);
+    let client = client_from(None);
+    let hostile =
+        "ft:gpt-4o-mini:x\r\revent: evil\rdata: pwned\r\n\r\nevent: evil2\ndata: pwned2\n\nx";
+    let call = h
+        .post("/chat/completions", KEY)
+        .json(&json!({"model": hostile, "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(call.unwrap_or(0), 200, "the call itself is served");
+    h.settled().await;
+
+    let signed = sign_in(&client, &root, ADMIN).await;
+    assert_eq!(signed.status().as_u16(), 303);
+    let response = client
+        .get(format!("{root}/dashboard/events"))
+        .header("cookie", session(&signed))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(response.status().as_u16(), 200);
+    // The first update: everything up to the first blank line the server
+    // itself wrote (a frame ends in "\n\n").
+    let mut stream = response.bytes_stream();
+    let mut raw = Vec::new();
+    while !raw.windows(2).any(|w| w == b"\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("no update within 10 s"));
+        match chunk {
+            Some(Ok(bytes)) => raw.extend_from_slice(&bytes),
+            other => panic!("the stream ended: {other:?}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let end = text.find("\n\n").map_or(text.len(), |i| i + 2);
+    let (events, fields) = parse_events(&text[..end]);
+    assert_eq!(events.len(), 1, "one update, one event: {events:#?}");
+    assert!(events.iter().all(|e| e.kind == "update"), "{events:#?}");
+    assert!(
+        fields.iter().all(|f| f == "data" || f == "event"),
+        "{fields:?}"
+    );
+    let data = events[0].data.join("\n");
+    assert!(
+        data.contains("ft:gpt-4o-mini:x"),
+        "the name is shown, as text"
+    );
+    assert!(
+        events[0]
+            .data
+            .iter()
+            .all(|line| !line.starts_with("pwned") && !line.starts_with("evil")),
+        "an injected line became a field: {:?}",
+        events[0].data
+    );
 }
 
 // ---- 5. One label set per /metrics series ---------------------------------------
