@@ -3,6 +3,8 @@
 //! Signing in posts the admin token once, in a form; the answer sets an
 //! HttpOnly, SameSite=Strict cookie holding a random session id (only its
 //! hash is kept), so the token never sits in a URL, a page or a script.
+//! The forms also check `Origin` ([`origin`]), and sign-in allows a few
+//! tries per client address before a lockout ([`throttle`]).
 //! The page is rendered on the server, numbers, bars and the 30-day chart
 //! (SVG) included, so it reads with scripts off. A small script, embedded in
 //! the binary like the stylesheet, listens on `/dashboard/events`
@@ -13,11 +15,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -38,9 +41,17 @@ const MAX_SESSIONS: usize = 256;
 const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
 
-/// Signed-in sessions: hash of the session id -> expiry (Unix ms).
+mod origin;
+mod throttle;
+
+/// Signed-in sessions, and the sign-in attempts that may make more.
 #[derive(Default)]
-pub struct Sessions(Mutex<HashMap<[u8; 32], i64>>);
+pub struct Sessions {
+    /// Hash of the session id -> expiry (Unix ms).
+    active: Mutex<HashMap<[u8; 32], i64>>,
+    /// Attempts per client address, to lock out a guesser.
+    sign_ins: throttle::Throttle,
+}
 
 fn digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
@@ -50,7 +61,7 @@ impl Sessions {
     /// A new session id (shown once, in the cookie).
     fn create(&self, now_ms: i64) -> String {
         let id = crate::cli::new_key("");
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.active.lock() {
             map.retain(|_, expires| *expires > now_ms);
             if map.len() >= MAX_SESSIONS {
                 if let Some(oldest) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| *k) {
@@ -63,7 +74,7 @@ impl Sessions {
     }
 
     fn valid(&self, id: &str, now_ms: i64) -> bool {
-        let Ok(map) = self.0.lock() else {
+        let Ok(map) = self.active.lock() else {
             return false;
         };
         map.get(&digest(id))
@@ -71,7 +82,7 @@ impl Sessions {
     }
 
     fn end(&self, id: &str) {
-        if let Ok(mut map) = self.0.lock() {
+        if let Ok(mut map) = self.active.lock() {
             map.remove(&digest(id));
         }
     }
@@ -223,26 +234,77 @@ fn form_value(body: &[u8], name: &str) -> Option<String> {
         .map(|(_, v)| super::usage::decode(v))
 }
 
-/// `POST /dashboard/login`: the admin token, compared in constant time.
-async fn login(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+/// The client's address, as the server saw the connection (none when the
+/// router runs without the server, as in a unit test: all such callers
+/// share one record).
+fn peer(request: &axum::extract::Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+}
+
+/// 403 for a form posted from another site.
+fn cross_site() -> Response {
+    tracing::warn!("dashboard form posted from another origin refused");
+    page_response(
+        StatusCode::FORBIDDEN,
+        login_page(Some("This form was posted from another site."), false),
+    )
+}
+
+/// 429 while an address is locked out, with `Retry-After`.
+fn locked_out(seconds: u64) -> Response {
+    let mut response = page_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        login_page(
+            Some(&format!(
+                "Too many sign-in attempts from this address. Try again in {seconds} seconds."
+            )),
+            false,
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
+/// `POST /dashboard/login`: the admin token, compared in constant time,
+/// from the gateway's own origin, a few tries per address.
+async fn login(State(gateway): State<Arc<Gateway>>, request: axum::extract::Request) -> Response {
     let Some(admin) = gateway.config.server.admin_token.as_ref() else {
         return page_response(StatusCode::FORBIDDEN, login_page(None, true));
     };
+    if !origin::allowed(request.headers()) {
+        return cross_site();
+    }
+    let ip = peer(&request);
+    if let Err(seconds) = gateway
+        .sessions
+        .sign_ins
+        .attempt(ip, gateway.clock.now_ms())
+    {
+        return locked_out(seconds);
+    }
+    let (parts, body) = request.into_parts();
     let bytes = match super::routes::read_body(body, 4096).await {
         Ok(bytes) => bytes,
         Err(e) => return e.into_response(),
     };
     let presented = form_value(&bytes, "token").unwrap_or_default();
     if !super::auth::constant_time_eq(&digest(admin.expose()), &digest(presented.trim())) {
-        tracing::warn!("dashboard sign-in with a wrong token");
+        tracing::warn!(address = %ip, "dashboard sign-in with a wrong token");
         return page_response(
             StatusCode::UNAUTHORIZED,
             login_page(Some("That is not the admin token."), false),
         );
     }
+    gateway.sessions.sign_ins.succeeded(ip);
     let id = gateway.sessions.create(gateway.clock.now_ms());
     // Behind a TLS-terminating proxy, the cookie is sent over HTTPS only.
-    let secure = headers
+    let secure = parts
+        .headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("https"));
@@ -263,6 +325,9 @@ async fn login(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bo
 
 /// `POST /dashboard/logout`.
 async fn logout(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if !origin::allowed(&headers) {
+        return cross_site();
+    }
     if let Some(id) = cookie_value(&headers, COOKIE) {
         gateway.sessions.end(id);
     }

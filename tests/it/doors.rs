@@ -108,6 +108,124 @@ async fn the_bearer_scheme_is_accepted_in_any_case() {
     }
 }
 
+// ---- 2. The sign-in throttle --------------------------------------------------
+
+/// Repeated wrong tokens from one address lock that address out (429 with
+/// `Retry-After`), even with the right token, while another address signs
+/// in; the lock ends when its time is up.
+#[tokio::test]
+async fn repeated_wrong_sign_ins_lock_the_address_out() {
+    let h = gateway("doors-throttle").await;
+    let root = root(&h);
+    let attacker = client_from(Some("127.0.0.1"));
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        let r = sign_in(&attacker, &root, &format!("wrong-token-{i:04}")).await;
+        statuses.push(r.status().as_u16());
+    }
+    let refused = statuses.iter().filter(|&&s| s == 401).count();
+    assert!(
+        (1..=5).contains(&refused),
+        "at most 5 wrong tokens are checked before the lock: {statuses:?}"
+    );
+    assert!(
+        statuses[refused..].iter().all(|&s| s == 429),
+        "{statuses:?}"
+    );
+
+    let locked = sign_in(&attacker, &root, ADMIN).await;
+    assert_eq!(
+        locked.status().as_u16(),
+        429,
+        "the right token while locked"
+    );
+    let retry: u64 = locked
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(retry >= 1, "Retry-After: {retry}");
+    assert!(locked.headers().get("set-cookie").is_none());
+
+    // Another address is not affected.
+    let other = client_from(Some("127.0.0.2"));
+    let good = sign_in(&other, &root, ADMIN).await;
+    assert_eq!(good.status().as_u16(), 303, "another address signs in");
+
+    // Past the lock, the right token works again from the first address.
+    h.clock
+        .set(crate::harness::NOON_MS + (retry as i64 + 1) * 1000);
+    let after = sign_in(&attacker, &root, ADMIN).await;
+    assert_eq!(after.status().as_u16(), 303, "after Retry-After");
+}
+
+// ---- 3. The dashboard's POST routes check `Origin` ------------------------------
+
+#[tokio::test]
+async fn dashboard_posts_from_another_origin_are_refused() {
+    let h = gateway("doors-origin").await;
+    let root = root(&h);
+    let client = client_from(None);
+    let host = root.trim_start_matches("http://").to_owned();
+    let post = |path: &str, origin: Option<&str>, cookie: Option<&str>| {
+        let mut request = client
+            .post(format!("{root}{path}"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={ADMIN}"));
+        if let Some(origin) = origin {
+            request = request.header("origin", origin.to_owned());
+        }
+        if let Some(cookie) = cookie {
+            request = request.header("cookie", cookie.to_owned());
+        }
+        request.send()
+    };
+    let other_port = format!("http://127.0.0.1:{}", 1);
+    for origin in [
+        "http://evil.example",
+        "null",
+        other_port.as_str(),
+        "http://127.0.0.1.evil.example",
+    ] {
+        let r = post("/dashboard/login", Some(origin), None)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status().as_u16(), 403, "Origin: {origin}");
+        assert!(r.headers().get("set-cookie").is_none(), "Origin: {origin}");
+    }
+    // The gateway's own origin, and no Origin at all (a non-browser client).
+    let own = post("/dashboard/login", Some(&format!("http://{host}")), None)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(own.status().as_u16(), 303);
+    let cookie = session(&own);
+    let bare = post("/dashboard/login", None, None)
+        .await
+        .map(|r| r.status().as_u16());
+    assert_eq!(bare.unwrap_or(0), 303);
+
+    // A cross-site sign-out does not end the session.
+    let out = post(
+        "/dashboard/logout",
+        Some("http://evil.example"),
+        Some(&cookie),
+    )
+    .await
+    .map(|r| r.status().as_u16());
+    assert_eq!(out.unwrap_or(0), 403);
+    let page = client
+        .get(format!("{root}/dashboard"))
+        .header("cookie", cookie.clone())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(page.contains("data-metric"), "still signed in");
+}
+
 // ---- 4. Names cannot break the dashboard's event stream -------------------------
 
 /// One parsed server-sent event: its type and the values of its fields.
