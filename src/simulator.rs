@@ -13,6 +13,11 @@
 //!
 //! `GET /stats` reports, per API key, the calls served and the tokens of the
 //! usage it reported: the witness that tests audit the gateway against.
+//!
+//! It bounds its own work ([`limits`]): OpenAI's limits on a request (2,048
+//! embedding inputs, `n`, `dimensions`), the model's largest output, a body
+//! of [`MAX_BODY_BYTES`], delays of ten minutes, [`MAX_KEYS`] keys in its
+//! stats; embeddings are written as they are sent.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,19 +25,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::catalog::Catalog;
 use crate::gateway::error::ApiError;
-use crate::tokens::request::{count_body, Endpoint};
+use crate::tokens::request::{count_request, parse_body, Endpoint};
 
+mod embeddings;
+pub mod limits;
 mod shapes;
 
 use shapes::Output;
@@ -43,6 +49,16 @@ const WORDS: [&str; 24] = [
     " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " with", " was",
     " on", " be", " by", " this", " are", " from", " at", " or", " an", " which", " have", " not",
 ];
+
+/// The largest request body the simulator reads: twice the gateway's
+/// default limit (`server.max_body_bytes`), so what a default gateway
+/// forwards is read; a larger one is a 413 in OpenAI's shape.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Keys whose stats are kept apart; calls with further keys are counted
+/// together under [`OTHER_KEYS`], so a flood of made-up keys costs bounded
+/// memory.
+pub const MAX_KEYS: usize = 10_000;
+pub const OTHER_KEYS: &str = "(other keys)";
 
 /// Latency and output defaults for every call.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +119,11 @@ impl Simulator {
 
     fn record(&self, key: &str, f: impl FnOnce(&mut KeyStats)) {
         if let Ok(mut stats) = self.stats.lock() {
+            let key = if stats.len() < MAX_KEYS || stats.contains_key(key) {
+                key
+            } else {
+                OTHER_KEYS
+            };
             f(stats.entry(key.to_owned()).or_default());
         }
     }
@@ -121,7 +142,6 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/models", get(models))
         .route("/stats", get(stats))
         .fallback(unknown_route)
-        .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(sim)
 }
 
@@ -149,7 +169,7 @@ fn faults(headers: &HeaderMap) -> Faults {
                 faults.status = n.parse().ok().and_then(|n| StatusCode::from_u16(n).ok())
             }
             Some(("cut", n)) => faults.cut_after = n.parse().ok(),
-            Some(("stall", ms)) => faults.stall = ms.parse().ok().map(Duration::from_millis),
+            Some(("stall", ms)) => faults.stall = ms.parse().ok().map(limits::delay),
             None if part == "no-usage" => faults.no_usage = true,
             _ => {}
         }
@@ -233,31 +253,37 @@ impl Simulator {
         if let Some(status) = faults.status {
             return Err(Box::new(fault_response(status)));
         }
-        let counted = count_body(&self.catalog, Some(endpoint), body, None)
-            .map_err(|e| Box::new(ApiError::from(e).into_response()))?;
-        let value: Value = serde_json::from_slice(body).unwrap_or_default();
+        let refuse = |e: ApiError| Box::new(e.into_response());
+        let value = parse_body(body).map_err(|e| refuse(e.into()))?;
+        let counted = count_request(&self.catalog, Some(endpoint), &value, None)
+            .map_err(|e| refuse(e.into()))?;
         let model = self
             .catalog
             .lookup(&counted.model)
-            .map_err(|e| Box::new(ApiError::ModelNotFound(e.to_string()).into_response()))?;
+            .map_err(|e| refuse(ApiError::ModelNotFound(e.to_string())))?;
         let served = model
             .model
             .served_as
             .clone()
             .unwrap_or_else(|| counted.model.clone());
+        limits::check(endpoint, &value, &served).map_err(refuse)?;
+        // The request's cap, else the model's largest output (also the
+        // bound on what `x-sim-output-tokens` gets).
         let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
             .iter()
             .find_map(|k| value.get(*k).and_then(Value::as_u64))
-            .or((endpoint == Endpoint::Completions).then_some(16));
+            .or((endpoint == Endpoint::Completions).then_some(16))
+            .unwrap_or(u64::MAX)
+            .min(limits::output_limit(model.model.max_output));
         let wanted =
             header_u64(headers, "x-sim-output-tokens").unwrap_or(self.config.output_tokens);
-        let length = cap.map_or(wanted, |cap| wanted.min(cap));
+        let length = wanted.min(cap);
         let seed = counted.prompt.tokens as usize;
         let output = (0..length as usize)
             .map(|i| WORDS[(seed + i) % WORDS.len()])
             .collect();
         let ms = |name: &str, default: Duration| {
-            header_u64(headers, name).map_or(default, Duration::from_millis)
+            header_u64(headers, name).map_or(default, limits::delay)
         };
         Ok(Call {
             key,
@@ -265,7 +291,7 @@ impl Simulator {
             model: served,
             prompt_tokens: counted.prompt.tokens,
             output,
-            truncated: cap.is_some_and(|cap| cap < wanted),
+            truncated: cap < wanted,
             stream: value
                 .get("stream")
                 .and_then(Value::as_bool)
@@ -331,19 +357,20 @@ async fn serve_call(
         return with_headers(response, started);
     }
     if !call.ttft.is_zero() {
-        tokio::time::sleep(call.ttft + call.token_delay * call.output.len() as u32).await;
+        tokio::time::sleep(limits::answer_time(
+            call.ttft,
+            call.token_delay,
+            call.output.len(),
+        ))
+        .await;
     }
     let mut body = match endpoint {
         Endpoint::ChatCompletions => output.chat_completion(),
         Endpoint::Responses => output.response(true, call.max_output_tokens),
         Endpoint::Completions => output.text_completion(),
-        Endpoint::Embeddings => embedding_body(&call),
+        Endpoint::Embeddings => return with_headers(embeddings_answer(&sim, &call), started),
     };
-    let completion = if endpoint == Endpoint::Embeddings {
-        0
-    } else {
-        output.completion_tokens()
-    };
+    let completion = output.completion_tokens();
     if call.faults.no_usage {
         if let Some(map) = body.as_object_mut() {
             map.remove("usage");
@@ -469,49 +496,25 @@ fn stream_response(
     response
 }
 
-fn embedding_body(call: &Call) -> Value {
-    let inputs = match call.body.get("input") {
-        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
-        Some(Value::Array(items)) => items.len(),
-        _ => 1,
-    };
-    let dimensions = call
-        .body
-        .get("dimensions")
-        .and_then(Value::as_u64)
-        .unwrap_or(if call.model.contains("large") {
-            3072
-        } else {
-            1536
-        });
-    let base64 = call.body.get("encoding_format").and_then(Value::as_str) == Some("base64");
-    let data: Vec<Value> = (0..inputs)
-        .map(|index| {
-            let vector: Vec<f32> = (0..dimensions)
-                .map(|d| ((index as u64 * 31 + d) % 97) as f32 / 97.0 - 0.5)
-                .collect();
-            let embedding = if base64 {
-                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    json!({
-        "object": "list",
-        "data": data,
-        "model": call.model,
-        "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}
-    })
+/// An embeddings answer, written as it is sent.
+fn embeddings_answer(sim: &Simulator, call: &Call) -> Response {
+    let usage = (!call.faults.no_usage).then_some(call.prompt_tokens);
+    sim.record(&call.key, |s| {
+        s.completed += 1;
+        s.prompt_tokens += usage.unwrap_or(0);
+        s.total_tokens += usage.unwrap_or(0);
+    });
+    embeddings::Answer::new(&call.body, &call.model, usage).response()
 }
 
 /// The route of one of the four endpoints the simulator serves.
 fn endpoint_route(endpoint: Endpoint) -> axum::routing::MethodRouter<Arc<Simulator>> {
     post(
-        move |State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes| {
-            serve_call(sim, endpoint, headers, body)
+        move |State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Body| async move {
+            match crate::gateway::routes::read_body(body, MAX_BODY_BYTES).await {
+                Ok(body) => serve_call(sim, endpoint, headers, body).await,
+                Err(e) => e.into_response(),
+            }
         },
     )
 }
@@ -641,6 +644,22 @@ mod tests {
                 assert_eq!(chunks[4]["usage"]["completion_tokens"], 3);
             }
         }
+    }
+
+    #[test]
+    fn stats_keep_at_most_max_keys_apart() {
+        let sim = Simulator::new(
+            crate::catalog::Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+            SimConfig::default(),
+        );
+        for i in 0..MAX_KEYS + 50 {
+            sim.record(&format!("sk-{i}"), |s| s.requests += 1);
+        }
+        sim.record("sk-0", |s| s.requests += 1);
+        let stats = sim.stats();
+        assert_eq!(stats.len(), MAX_KEYS + 1);
+        assert_eq!(stats.get(OTHER_KEYS).map(|s| s.requests), Some(50));
+        assert_eq!(stats.get("sk-0").map(|s| s.requests), Some(2));
     }
 
     #[test]

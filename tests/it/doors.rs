@@ -7,9 +7,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::harness::{start_with_server, Harness};
+use crate::harness::{spawn, start_with_server, Harness};
 
 const ADMIN: &str = "admin-token-doors-000001";
 const KEY: &str = "tw-doors-app-00000000001";
@@ -428,4 +428,106 @@ async fn a_fine_tuned_call_does_not_relabel_its_base_models_series() {
             "duplicate series {name}{labels:?}"
         );
     }
+}
+
+// ---- 6. The simulator bounds its own work ---------------------------------------
+
+async fn simulator() -> (String, tokio::sync::oneshot::Sender<()>) {
+    let sim = tokenwarden::simulator::Simulator::new(
+        crate::catalog(),
+        tokenwarden::simulator::SimConfig::default(),
+    );
+    let (addr, stop) = spawn(tokenwarden::simulator::router(sim)).await;
+    (format!("http://{addr}/v1"), stop)
+}
+
+async fn sim_post(
+    client: &reqwest::Client,
+    url: &str,
+    body: reqwest::Body,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut request = client
+        .post(url)
+        .bearer_auth("sk-sim-test")
+        .header("content-type", "application/json")
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let r = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let status = r.status().as_u16();
+    let value = r.json().await.unwrap_or(Value::Null);
+    (status, value)
+}
+
+/// An OpenAI-shaped 400 naming `param`.
+fn invalid(status: u16, body: &Value, param: Option<&str>) -> bool {
+    status == 400
+        && body["error"]["type"] == "invalid_request_error"
+        && body["error"]["message"].is_string()
+        && body["error"]["param"] == param.map_or(Value::Null, |p| json!(p))
+}
+
+#[tokio::test]
+async fn the_simulator_refuses_work_past_openais_limits() {
+    let (base, _stop) = simulator().await;
+    let client = client_from(None);
+    let embeddings = format!("{base}/embeddings");
+    let inputs = |n: usize| vec!["a"; n];
+
+    // 2,048 inputs per embeddings request, as OpenAI.
+    let body = json!({"model": "text-embedding-3-small", "input": inputs(2049)});
+    let (status, value) = sim_post(&client, &embeddings, body.to_string().into(), &[]).await;
+    assert!(invalid(status, &value, None), "{status} {value}");
+    let body = json!({"model": "text-embedding-3-small", "input": inputs(2048), "dimensions": 4});
+    let (status, value) = sim_post(&client, &embeddings, body.to_string().into(), &[]).await;
+    assert_eq!(status, 200, "{value}");
+    assert_eq!(value["data"].as_array().map(Vec::len), Some(2048));
+    assert_eq!(
+        value["data"][2047]["embedding"].as_array().map(Vec::len),
+        Some(4)
+    );
+    assert_eq!(value["data"][2047]["index"], 2047);
+    assert_eq!(value["usage"]["prompt_tokens"], 2048);
+
+    // Dimensions: at least 1, at most the model's own.
+    for dimensions in [0u64, 1537, 100_000_000] {
+        let body =
+            json!({"model": "text-embedding-3-small", "input": "a", "dimensions": dimensions});
+        let (status, value) = sim_post(&client, &embeddings, body.to_string().into(), &[]).await;
+        assert!(
+            invalid(status, &value, Some("dimensions")),
+            "{dimensions}: {status} {value}"
+        );
+    }
+
+    // `n`: at most 128.
+    let chat = format!("{base}/chat/completions");
+    let body =
+        json!({"model": "gpt-4o-mini", "n": 129, "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, value) = sim_post(&client, &chat, body.to_string().into(), &[]).await;
+    assert!(invalid(status, &value, Some("n")), "{status} {value}");
+
+    // Asked for more output than the model can give: the model's limit.
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, value) = sim_post(
+        &client,
+        &chat,
+        body.to_string().into(),
+        &[("x-sim-output-tokens", "200000")],
+    )
+    .await;
+    assert_eq!(status, 200, "{value}");
+    let produced = value["usage"]["completion_tokens"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    assert_eq!(produced, 16_384, "gpt-4o-mini's max output");
+    assert_eq!(value["choices"][0]["finish_reason"], "length");
+
+    // A body past the limit is a 413 in OpenAI's shape, unread.
+    let limit = tokenwarden::simulator::MAX_BODY_BYTES;
+    let (status, value) = sim_post(&client, &chat, vec![b' '; limit + 1].into(), &[]).await;
+    assert_eq!(status, 413, "{value}");
+    assert_eq!(value["error"]["type"], "invalid_request_error", "{value}");
 }
