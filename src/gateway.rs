@@ -398,6 +398,9 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 pub struct App {
     router: Router,
     gateway: Option<Arc<Gateway>>,
+    /// The connection's peer, given to the router's requests as axum's
+    /// `ConnectInfo` (the dashboard's sign-in throttle reads it).
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// The gateway's app: its router, and its road for metered calls.
@@ -405,6 +408,7 @@ pub fn app(gateway: Arc<Gateway>) -> App {
     App {
         router: router(gateway.clone()),
         gateway: Some(gateway),
+        peer: None,
     }
 }
 
@@ -413,6 +417,7 @@ impl From<Router> for App {
         App {
             router,
             gateway: None,
+            peer: None,
         }
     }
 }
@@ -444,6 +449,12 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for App {
                     });
                 }
             }
+        }
+        let mut request = request;
+        if let Some(peer) = self.peer {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
         }
         let router = hyper_util::service::TowerToHyperService::new(self.router.clone());
         Box::pin(async move { router.call(request).await })
@@ -499,7 +510,7 @@ pub async fn serve_with_timeout(
         }
     }));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -512,7 +523,10 @@ pub async fn serve_with_timeout(
             () = &mut shutdown => break,
         };
         let _ = tcp.set_nodelay(true);
-        let service = app.clone();
+        let service = App {
+            peer: Some(peer),
+            ..app.clone()
+        };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_timeout)

@@ -226,24 +226,54 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
 
 /// Every finding in `text`, in order; where two overlap, the detector listed
 /// first wins (a key inside a PEM block is the block; a card is not a phone).
+///
+/// Linear in the number of matches: the findings so far are sorted and do
+/// not overlap, and a detector's matches come in order without overlapping
+/// each other, so one sweep over both lists finds the overlaps and one
+/// merge keeps the findings sorted. (Checking each match against every
+/// finding so far took 4.7 s on `"a@b.co " * 80000`.)
 pub fn scan(text: &str) -> Vec<Finding> {
     let mut findings: Vec<Finding> = Vec::new();
     for detector in DETECTORS.iter() {
+        let mut kept = Vec::new();
+        let mut next = 0;
         for m in detector.pattern.find_iter(text) {
-            let overlaps = findings
-                .iter()
-                .any(|f| m.start() < f.end && f.start < m.end());
+            // Findings that end before this match cannot overlap it or any later one.
+            while findings.get(next).is_some_and(|f| f.end <= m.start()) {
+                next += 1;
+            }
+            let overlaps = findings.get(next).is_some_and(|f| f.start < m.end());
             if !overlaps && (detector.check)(m.as_str()) {
-                findings.push(Finding {
+                kept.push(Finding {
                     kind: detector.kind,
                     start: m.start(),
                     end: m.end(),
                 });
             }
         }
+        if !kept.is_empty() {
+            findings = merge(findings, kept);
+        }
     }
-    findings.sort_by_key(|f| f.start);
     findings
+}
+
+/// Two lists sorted by start, as one.
+fn merge(a: Vec<Finding>, b: Vec<Finding>) -> Vec<Finding> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut a, mut b) = (a.into_iter().peekable(), b.into_iter().peekable());
+    loop {
+        let next = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x.start <= y.start => a.next(),
+            (Some(_), Some(_)) => b.next(),
+            (Some(_), None) => a.next(),
+            (None, _) => b.next(),
+        };
+        match next {
+            Some(f) => out.push(f),
+            None => return out,
+        }
+    }
 }
 
 /// `text` with every finding replaced by its placeholder, and the kinds found.
@@ -281,6 +311,75 @@ mod tests {
         assert!(!iban("GB82 WEST 1234 5698 7654 33"));
         assert!(us_ssn("123-45-6789"));
         assert!(!us_ssn("666-45-6789") && !us_ssn("123-00-6789") && !us_ssn("912-45-6789"));
+    }
+
+    /// The scan before it was made linear: each match checked against
+    /// every finding so far (quadratic), then sorted.
+    fn scan_reference(text: &str) -> Vec<Finding> {
+        let mut findings: Vec<Finding> = Vec::new();
+        for detector in DETECTORS.iter() {
+            for m in detector.pattern.find_iter(text) {
+                let overlaps = findings
+                    .iter()
+                    .any(|f| m.start() < f.end && f.start < m.end());
+                if !overlaps && (detector.check)(m.as_str()) {
+                    findings.push(Finding {
+                        kind: detector.kind,
+                        start: m.start(),
+                        end: m.end(),
+                    });
+                }
+            }
+        }
+        findings.sort_by_key(|f| f.start);
+        findings
+    }
+
+    /// Pieces that make findings of every kind, and overlaps between them.
+    const PIECES: [&str; 20] = [
+        "a@b.co",
+        " ",
+        "4111 1111 1111 1111",
+        "4111-1111-1111-1111",
+        "+1 555 123 4567",
+        "(555) 123-4567",
+        "123-45-6789",
+        "GB82 WEST 1234 5698 7654 32",
+        "sk-proj-abcdefghijklmnopqrstuvwxyz012",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abcdefghijklmnopqrstuv",
+        "-----BEGIN PRIVATE KEY-----\nMIIB\n",
+        "-----END PRIVATE KEY-----",
+        "AKIAABCDEFGHIJKLMNOP",
+        "xoxb-1234567890-abc",
+        "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+        "x",
+        "0",
+        "7",
+        "@",
+        ".",
+    ];
+
+    proptest::proptest! {
+        #[test]
+        fn the_linear_scan_finds_what_the_quadratic_one_did(
+            picks in proptest::collection::vec(0..PIECES.len(), 0..40)
+        ) {
+            let text: String = picks.iter().map(|&i| PIECES[i]).collect();
+            proptest::prop_assert_eq!(scan(&text), scan_reference(&text));
+        }
+    }
+
+    /// 80,000 emails in 560 KB. No time limit is asserted, but the
+    /// quadratic scan (3.2 billion overlap checks) took 4.7 s in a release
+    /// build and 27 s in this debug one, against 0.36 s for the linear one.
+    #[test]
+    fn a_body_of_80000_emails_scans_in_one_pass() {
+        let text = "a@b.co ".repeat(80_000);
+        let findings = scan(&text);
+        assert_eq!(findings.len(), 80_000);
+        assert!(findings.iter().all(|f| f.kind == Kind::Email));
+        assert!(findings.windows(2).all(|w| w[0].end <= w[1].start));
+        assert_eq!((findings[1].start, findings[1].end), (7, 13));
     }
 
     #[test]

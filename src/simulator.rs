@@ -13,6 +13,11 @@
 //!
 //! `GET /stats` reports, per API key, the calls served and the tokens of the
 //! usage it reported: the witness that tests audit the gateway against.
+//!
+//! It bounds its own work ([`limits`]): OpenAI's limits on a request (2,048
+//! embedding inputs, `n`, `dimensions`), the model's largest output, a body
+//! of [`MAX_BODY_BYTES`], delays of ten minutes, [`MAX_KEYS`] keys in its
+//! stats; embeddings are written as they are sent.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,22 +25,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::catalog::Catalog;
 use crate::gateway::error::ApiError;
-use crate::tokens::request::{count_body, Endpoint};
+use crate::tokens::request::{count_request, parse_body, Endpoint};
 
+mod embeddings;
+pub mod limits;
 mod shapes;
+mod stream;
 
 use shapes::Output;
+use stream::{response_events, stream_response};
 
 /// Words that are one token each, with their leading space, in both
 /// encodings, so an output of N words is N tokens (checked in the tests).
@@ -43,6 +51,16 @@ const WORDS: [&str; 24] = [
     " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " with", " was",
     " on", " be", " by", " this", " are", " from", " at", " or", " an", " which", " have", " not",
 ];
+
+/// The largest request body the simulator reads: twice the gateway's
+/// default limit (`server.max_body_bytes`), so what a default gateway
+/// forwards is read; a larger one is a 413 in OpenAI's shape.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Keys whose stats are kept apart; calls with further keys are counted
+/// together under [`OTHER_KEYS`], so a flood of made-up keys costs bounded
+/// memory.
+pub const MAX_KEYS: usize = 10_000;
+pub const OTHER_KEYS: &str = "(other keys)";
 
 /// Latency and output defaults for every call.
 #[derive(Clone, Copy, Debug)]
@@ -103,6 +121,11 @@ impl Simulator {
 
     fn record(&self, key: &str, f: impl FnOnce(&mut KeyStats)) {
         if let Ok(mut stats) = self.stats.lock() {
+            let key = if stats.len() < MAX_KEYS || stats.contains_key(key) {
+                key
+            } else {
+                OTHER_KEYS
+            };
             f(stats.entry(key.to_owned()).or_default());
         }
     }
@@ -121,7 +144,6 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/models", get(models))
         .route("/stats", get(stats))
         .fallback(unknown_route)
-        .layer(DefaultBodyLimit::max(64 * 1024 * 1024))
         .with_state(sim)
 }
 
@@ -149,7 +171,7 @@ fn faults(headers: &HeaderMap) -> Faults {
                 faults.status = n.parse().ok().and_then(|n| StatusCode::from_u16(n).ok())
             }
             Some(("cut", n)) => faults.cut_after = n.parse().ok(),
-            Some(("stall", ms)) => faults.stall = ms.parse().ok().map(Duration::from_millis),
+            Some(("stall", ms)) => faults.stall = ms.parse().ok().map(limits::delay),
             None if part == "no-usage" => faults.no_usage = true,
             _ => {}
         }
@@ -158,14 +180,12 @@ fn faults(headers: &HeaderMap) -> Faults {
 }
 
 fn bearer(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    match value.strip_prefix("Bearer ") {
-        Some(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
-        _ => Err(ApiError::Unauthorized("You didn't provide an API key.")),
-    }
+        .and_then(crate::gateway::auth::bearer_token)
+        .map(str::to_owned)
+        .ok_or(ApiError::Unauthorized("You didn't provide an API key."))
 }
 
 fn now() -> u64 {
@@ -235,31 +255,37 @@ impl Simulator {
         if let Some(status) = faults.status {
             return Err(Box::new(fault_response(status)));
         }
-        let counted = count_body(&self.catalog, Some(endpoint), body, None)
-            .map_err(|e| Box::new(ApiError::from(e).into_response()))?;
-        let value: Value = serde_json::from_slice(body).unwrap_or_default();
+        let refuse = |e: ApiError| Box::new(e.into_response());
+        let value = parse_body(body).map_err(|e| refuse(e.into()))?;
+        let counted = count_request(&self.catalog, Some(endpoint), &value, None)
+            .map_err(|e| refuse(e.into()))?;
         let model = self
             .catalog
             .lookup(&counted.model)
-            .map_err(|e| Box::new(ApiError::ModelNotFound(e.to_string()).into_response()))?;
+            .map_err(|e| refuse(ApiError::ModelNotFound(e.to_string())))?;
         let served = model
             .model
             .served_as
             .clone()
             .unwrap_or_else(|| counted.model.clone());
+        limits::check(endpoint, &value, &served).map_err(refuse)?;
+        // The request's cap, else the model's largest output (also the
+        // bound on what `x-sim-output-tokens` gets).
         let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
             .iter()
             .find_map(|k| value.get(*k).and_then(Value::as_u64))
-            .or((endpoint == Endpoint::Completions).then_some(16));
+            .or((endpoint == Endpoint::Completions).then_some(16))
+            .unwrap_or(u64::MAX)
+            .min(limits::output_limit(model.model.max_output));
         let wanted =
             header_u64(headers, "x-sim-output-tokens").unwrap_or(self.config.output_tokens);
-        let length = cap.map_or(wanted, |cap| wanted.min(cap));
+        let length = wanted.min(cap);
         let seed = counted.prompt.tokens as usize;
         let output = (0..length as usize)
             .map(|i| WORDS[(seed + i) % WORDS.len()])
             .collect();
         let ms = |name: &str, default: Duration| {
-            header_u64(headers, name).map_or(default, Duration::from_millis)
+            header_u64(headers, name).map_or(default, limits::delay)
         };
         Ok(Call {
             key,
@@ -267,7 +293,7 @@ impl Simulator {
             model: served,
             prompt_tokens: counted.prompt.tokens,
             output,
-            truncated: cap.is_some_and(|cap| cap < wanted),
+            truncated: cap < wanted,
             stream: value
                 .get("stream")
                 .and_then(Value::as_bool)
@@ -333,19 +359,20 @@ async fn serve_call(
         return with_headers(response, started);
     }
     if !call.ttft.is_zero() {
-        tokio::time::sleep(call.ttft + call.token_delay * call.output.len() as u32).await;
+        tokio::time::sleep(limits::answer_time(
+            call.ttft,
+            call.token_delay,
+            call.output.len(),
+        ))
+        .await;
     }
     let mut body = match endpoint {
         Endpoint::ChatCompletions => output.chat_completion(),
         Endpoint::Responses => output.response(true, call.max_output_tokens),
         Endpoint::Completions => output.text_completion(),
-        Endpoint::Embeddings => embedding_body(&call),
+        Endpoint::Embeddings => return with_headers(embeddings_answer(&sim, &call), started),
     };
-    let completion = if endpoint == Endpoint::Embeddings {
-        0
-    } else {
-        output.completion_tokens()
-    };
+    let completion = output.completion_tokens();
     if call.faults.no_usage {
         if let Some(map) = body.as_object_mut() {
             map.remove("usage");
@@ -362,158 +389,25 @@ async fn serve_call(
     with_headers((StatusCode::OK, Json(body)).into_response(), started)
 }
 
-/// Every event of a Responses stream, each a complete SSE frame.
-fn response_events(call: &Call, output: &Output<'_>) -> Vec<Bytes> {
-    output
-        .response_events(call.max_output_tokens)
-        .into_iter()
-        .map(|(name, mut data)| {
-            if call.faults.no_usage {
-                if let Some(response) = data.get_mut("response").and_then(Value::as_object_mut) {
-                    response.insert("usage".into(), Value::Null);
-                }
-            }
-            Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
-        })
-        .collect()
-}
-
-/// How many events a chat or completions stream has: a chunk per token
-/// (chat first sends the role), the finishing chunk, the usage chunk when
-/// asked for, and `[DONE]`.
-fn chunk_count(call: &Call) -> usize {
-    let usage = call.include_usage && !call.faults.no_usage;
-    let role = usize::from(call.endpoint != Endpoint::Completions);
-    role + call.output.len() + 1 + usize::from(usage) + 1
-}
-
-/// Event `i` of a chat or completions stream, a complete SSE frame.
-fn chunk_event(call: &Call, output: &Output<'_>, i: usize) -> Bytes {
-    let frame = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
-    let tokens = call.output.len();
-    if i + 1 == chunk_count(call) {
-        return Bytes::from_static(b"data: [DONE]\n\n");
-    }
-    if call.endpoint == Endpoint::Completions {
-        return match call.output.get(i) {
-            Some(token) => frame(&output.text_chunk(token, None)),
-            None if i == tokens => frame(&output.text_finish()),
-            None => frame(&output.text_usage_chunk()),
-        };
-    }
-    match i.checked_sub(1).map(|t| call.output.get(t)) {
-        None => frame(&output.chat_chunk(
-            json!({"role": "assistant", "content": "", "refusal": null}),
-            None,
-            call.include_usage,
-        )),
-        Some(Some(token)) => {
-            frame(&output.chat_chunk(json!({"content": token}), None, call.include_usage))
-        }
-        Some(None) if i == tokens + 1 => frame(&output.finish_chunk(call.include_usage)),
-        Some(None) => frame(&output.chat_usage_chunk()),
-    }
-}
-
-/// A streamed answer: `made` holds a Responses stream's events; chat and
-/// completions chunks are made as the stream reaches them.
-fn stream_response(
-    sim: Arc<Simulator>,
-    call: Call,
-    id: String,
-    created: u64,
-    made: Option<Vec<Bytes>>,
-) -> Response {
-    let reports_usage =
-        !call.faults.no_usage && (call.include_usage || call.endpoint == Endpoint::Responses);
-    let total = made.as_ref().map_or_else(|| chunk_count(&call), Vec::len);
-    let stream = futures_util::stream::unfold(
-        (0usize, sim, call, id, made),
-        move |(i, sim, call, id, made)| async move {
-            if i == total {
-                return None;
-            }
-            let delay = if i == 0 { call.ttft } else { call.token_delay };
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-            if call.faults.cut_after == Some(i) {
-                // An abrupt end: the connection closes mid-stream (after the
-                // usual delay, so the events before it have left).
-                return Some((
-                    Err(std::io::Error::other("simulated cut")),
-                    (total, sim, call, id, made),
-                ));
-            }
-            if i + 1 == total {
-                let completion = call.output.len() as u64;
-                sim.record(&call.key, |s| {
-                    s.completed += 1;
-                    if reports_usage {
-                        s.prompt_tokens += call.prompt_tokens;
-                        s.completion_tokens += completion;
-                        s.total_tokens += call.prompt_tokens + completion;
-                    }
-                });
-            }
-            let event = match &made {
-                Some(events) => events.get(i).cloned().unwrap_or_default(),
-                None => chunk_event(&call, &call.output(&id, created), i),
-            };
-            Some((Ok(event), (i + 1, sim, call, id, made)))
-        },
-    );
-    let mut response = Response::new(Body::from_stream(stream));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    response
-}
-
-fn embedding_body(call: &Call) -> Value {
-    let inputs = match call.body.get("input") {
-        Some(Value::Array(items)) if items.iter().all(Value::is_number) => 1,
-        Some(Value::Array(items)) => items.len(),
-        _ => 1,
-    };
-    let dimensions = call
-        .body
-        .get("dimensions")
-        .and_then(Value::as_u64)
-        .unwrap_or(if call.model.contains("large") {
-            3072
-        } else {
-            1536
-        });
-    let base64 = call.body.get("encoding_format").and_then(Value::as_str) == Some("base64");
-    let data: Vec<Value> = (0..inputs)
-        .map(|index| {
-            let vector: Vec<f32> = (0..dimensions)
-                .map(|d| ((index as u64 * 31 + d) % 97) as f32 / 97.0 - 0.5)
-                .collect();
-            let embedding = if base64 {
-                let bytes: Vec<u8> = vector.iter().flat_map(|f| f.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    json!({
-        "object": "list",
-        "data": data,
-        "model": call.model,
-        "usage": {"prompt_tokens": call.prompt_tokens, "total_tokens": call.prompt_tokens}
-    })
+/// An embeddings answer, written as it is sent.
+fn embeddings_answer(sim: &Simulator, call: &Call) -> Response {
+    let usage = (!call.faults.no_usage).then_some(call.prompt_tokens);
+    sim.record(&call.key, |s| {
+        s.completed += 1;
+        s.prompt_tokens += usage.unwrap_or(0);
+        s.total_tokens += usage.unwrap_or(0);
+    });
+    embeddings::Answer::new(&call.body, &call.model, usage).response()
 }
 
 /// The route of one of the four endpoints the simulator serves.
 fn endpoint_route(endpoint: Endpoint) -> axum::routing::MethodRouter<Arc<Simulator>> {
     post(
-        move |State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes| {
-            serve_call(sim, endpoint, headers, body)
+        move |State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Body| async move {
+            match crate::gateway::routes::read_body(body, MAX_BODY_BYTES).await {
+                Ok(body) => serve_call(sim, endpoint, headers, body).await,
+                Err(e) => e.into_response(),
+            }
         },
     )
 }
@@ -643,6 +537,22 @@ mod tests {
                 assert_eq!(chunks[4]["usage"]["completion_tokens"], 3);
             }
         }
+    }
+
+    #[test]
+    fn stats_keep_at_most_max_keys_apart() {
+        let sim = Simulator::new(
+            crate::catalog::Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+            SimConfig::default(),
+        );
+        for i in 0..MAX_KEYS + 50 {
+            sim.record(&format!("sk-{i}"), |s| s.requests += 1);
+        }
+        sim.record("sk-0", |s| s.requests += 1);
+        let stats = sim.stats();
+        assert_eq!(stats.len(), MAX_KEYS + 1);
+        assert_eq!(stats.get(OTHER_KEYS).map(|s| s.requests), Some(50));
+        assert_eq!(stats.get("sk-0").map(|s| s.requests), Some(2));
     }
 
     #[test]

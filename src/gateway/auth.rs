@@ -72,14 +72,21 @@ impl KeyTable {
     }
 }
 
-/// The token of an `Authorization: Bearer TOKEN` header, if there is one.
+/// The token of an `Authorization` header's value `Bearer TOKEN`. The
+/// scheme is matched in any case (RFC 9110, 11.1: `bearer`, `BEARER`),
+/// because clients and proxies that lower-case it are common.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// The token of a request's `Authorization: Bearer TOKEN` header, if there is one.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
+        .and_then(bearer_token)
 }
 
 /// The caller a request's `Authorization: Bearer KEY` names, or OpenAI's 401.
@@ -136,6 +143,23 @@ pub async fn require_admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_matches_in_any_case() {
+        for value in ["Bearer k1", "bearer k1", "BEARER k1", "BeArEr  k1 "] {
+            assert_eq!(bearer_token(value), Some("k1"), "{value}");
+        }
+        for value in [
+            "Basic k1",
+            "Bearerk1",
+            "Bearer ",
+            "Bearer",
+            "k1",
+            "Bearer\tk1",
+        ] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
+    }
 
     #[test]
     fn constant_time_comparison() {

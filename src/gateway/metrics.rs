@@ -60,11 +60,10 @@ impl Histogram {
     }
 }
 
-/// Tokens of one (org, project, model): input (uncached), cached input and
-/// output, each in the free and the billed lane.
+/// Tokens of one (org, project, model, group): input (uncached), cached
+/// input and output, each in the free and the billed lane.
 #[derive(Clone, Debug, Default)]
 struct Tokens {
-    group: Option<usize>,
     /// `[lane][kind]`: lane 0 free, 1 billed; kind 0 input, 1 cached, 2 output.
     tokens: [[u64; 3]; 2],
     cost_pico: u64,
@@ -72,8 +71,12 @@ struct Tokens {
 
 #[derive(Default)]
 struct Inner {
-    /// (org, project, model) -> tokens.
-    tokens: BTreeMap<(usize, usize, String), Tokens>,
+    /// (org, project, model, group) -> tokens. The group is part of the
+    /// key because one catalog model can be in a group and outside it: a
+    /// fine-tuned `ft:gpt-4o-mini:...` is labelled `gpt-4o-mini` but is
+    /// outside the program, and a series must keep one label set (keyed by
+    /// model alone, its `group` label flipped with each call's).
+    tokens: BTreeMap<(usize, usize, String, Option<usize>), Tokens>,
     /// (org, project, status) -> requests.
     requests: BTreeMap<(usize, usize, u16), u64>,
     /// (org, project, kind, action) -> findings of the privacy guard.
@@ -121,9 +124,8 @@ impl Metrics {
         };
         let entry = inner
             .tokens
-            .entry((o.org, o.project, o.model.to_owned()))
+            .entry((o.org, o.project, o.model.to_owned(), o.group))
             .or_default();
-        entry.group = o.group;
         let lane = usize::from(!o.free);
         let cached = o.cached.min(o.input);
         entry.tokens[lane][0] += o.input - cached;
@@ -245,7 +247,7 @@ pub fn render(gateway: &Gateway) -> String {
         "counter",
         "Tokens of settled calls by kind (input: uncached input; cached: cached input; output) and lane (free or billed).",
     );
-    for ((o, p, model), t) in &inner.tokens {
+    for ((o, p, model, group), t) in &inner.tokens {
         for (lane, lane_name) in ["free", "billed"].iter().enumerate() {
             for (kind, kind_name) in ["input", "cached", "output"].iter().enumerate() {
                 let _ = writeln!(
@@ -253,7 +255,7 @@ pub fn render(gateway: &Gateway) -> String {
                     "tokenwarden_tokens_total{{org=\"{}\",project=\"{}\",group=\"{}\",model=\"{}\",kind=\"{kind_name}\",lane=\"{lane_name}\"}} {}",
                     label(org_name(*o)),
                     label(project_name(*o, *p)),
-                    label(group_name(t.group)),
+                    label(group_name(*group)),
                     label(model),
                     t.tokens[lane][kind]
                 );
@@ -266,13 +268,13 @@ pub fn render(gateway: &Gateway) -> String {
         "counter",
         "List-price cost of billed calls, in US dollars (kept as integer picodollars inside).",
     );
-    for ((o, p, model), t) in &inner.tokens {
+    for ((o, p, model, group), t) in &inner.tokens {
         let _ = writeln!(
             out,
             "tokenwarden_cost_usd_total{{org=\"{}\",project=\"{}\",group=\"{}\",model=\"{}\"}} {}",
             label(org_name(*o)),
             label(project_name(*o, *p)),
-            label(group_name(t.group)),
+            label(group_name(*group)),
             label(model),
             t.cost_pico as f64 / 1e12
         );

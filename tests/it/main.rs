@@ -5,6 +5,7 @@ mod capture;
 mod cli;
 mod crash;
 mod dashboard;
+mod doors;
 mod gateway;
 mod guard;
 mod harness;

@@ -1,0 +1,461 @@
+//! The dashboard's live part as HTML: numbers, bars and the 30-day chart
+//! (SVG) rendered on the server, so the page reads with scripts off; the
+//! live events send the same render again.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::super::Gateway;
+use crate::alerts::{clock_time, projected_exhaustion};
+use crate::catalog::format_usd;
+use crate::day::Day;
+use crate::store::{DailyTotal, Record, UsageRow};
+
+/// HTML-escaped text.
+pub(super) fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// 1234567 -> "1,234,567".
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Dollars to the cent for people ("$12.35"); the exact figure is in `title`.
+fn dollars(pico: u64) -> String {
+    let cents = (u128::from(pico) + 5_000_000_000) / 10_000_000_000;
+    format!("${}.{:02}", cents / 100, cents % 100)
+}
+
+/// A number with its exact value in `data-value`, for programs and tests.
+fn number(metric: &str, org: &str, group: &str, value: u64) -> String {
+    format!(
+        "<span class=\"num\" data-metric=\"{metric}\" data-org=\"{}\" data-group=\"{}\" data-value=\"{value}\">{}</span>",
+        esc(org),
+        esc(group),
+        grouped(value)
+    )
+}
+
+fn money(metric: &str, org: &str, group: &str, pico: u64) -> String {
+    format!(
+        "<span class=\"num\" data-metric=\"{metric}\" data-org=\"{}\" data-group=\"{}\" data-value=\"{pico}\" title=\"{}\">{}</span>",
+        esc(org),
+        esc(group),
+        format_usd(u128::from(pico)),
+        dollars(pico)
+    )
+}
+
+fn duration(secs: u64) -> String {
+    format!(
+        "{}h {:02}m {:02}s",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Today's per-row usage of one org, merged over the free and billed lanes.
+#[derive(Default)]
+struct Line {
+    requests: u64,
+    input: u64,
+    output: u64,
+    free: u64,
+    billed: u64,
+    cost: u64,
+}
+
+fn lines(
+    rows: &[UsageRow],
+    org: &str,
+    key: impl Fn(&UsageRow) -> Option<String>,
+) -> BTreeMap<String, Line> {
+    let mut out: BTreeMap<String, Line> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.org == org) {
+        let line = out.entry(key(r).unwrap_or_default()).or_default();
+        let tokens = r.input_tokens + r.output_tokens;
+        line.requests += r.num_model_requests;
+        line.input += r.input_tokens;
+        line.output += r.output_tokens;
+        if r.lane.as_deref() == Some("free") {
+            line.free += tokens;
+        } else {
+            line.billed += tokens;
+        }
+        line.cost += r.cost_pico;
+    }
+    out
+}
+
+fn table(out: &mut String, caption: &str, first: &str, lines: &BTreeMap<String, Line>) {
+    let _ = write!(
+        out,
+        "<div class=\"scroll\"><table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th>\
+<th scope=\"col\">Requests</th><th scope=\"col\">Input</th><th scope=\"col\">Output</th>\
+<th scope=\"col\">Free tokens</th><th scope=\"col\">Billed tokens</th><th scope=\"col\">Cost</th></tr></thead><tbody>",
+        esc(caption),
+        esc(first)
+    );
+    if lines.is_empty() {
+        out.push_str("<tr><td colspan=\"7\" class=\"empty\">No calls today.</td></tr>");
+    }
+    for (name, l) in lines {
+        let _ = write!(
+            out,
+            "<tr><th scope=\"row\">{}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
+            esc(name),
+            grouped(l.requests),
+            grouped(l.input),
+            grouped(l.output),
+            grouped(l.free),
+            grouped(l.billed),
+            format_usd(u128::from(l.cost)),
+            dollars(l.cost)
+        );
+    }
+    out.push_str("</tbody></table></div>");
+}
+
+/// A bar of `value` out of `max`, as SVG (no inline styles: the page's CSP forbids them).
+fn bar(value: u64, max: u64, reserved: u64) -> String {
+    let width = |n: u64| {
+        if max == 0 {
+            0
+        } else {
+            (u128::from(n.min(max)) * 1000 / u128::from(max)) as u64
+        }
+    };
+    let used = width(value);
+    let held = width(value.saturating_add(reserved)).saturating_sub(used);
+    format!(
+        "<svg class=\"bar\" viewBox=\"0 0 1000 20\" preserveAspectRatio=\"none\" role=\"img\" aria-label=\"{} percent used\">\
+<rect class=\"bar-bg\" width=\"1000\" height=\"20\"/><rect class=\"bar-used\" width=\"{used}\" height=\"20\"/>\
+<rect class=\"bar-held\" x=\"{used}\" width=\"{held}\" height=\"20\"/></svg>",
+        used / 10
+    )
+}
+
+/// The last 30 days of one org: free and billed tokens stacked, cost as a line.
+fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
+    let first = Day(today.0 - 29);
+    let mut per_day = vec![(0u64, 0u64, 0u64); 30];
+    for d in days
+        .iter()
+        .filter(|d| d.org == org && d.day >= first && d.day <= today)
+    {
+        let slot = &mut per_day[(d.day.0 - first.0) as usize];
+        slot.0 += d.free_tokens;
+        slot.1 += d.billed_tokens;
+        slot.2 += d.cost_pico;
+    }
+    let max_tokens = per_day.iter().map(|d| d.0 + d.1).max().unwrap_or(0).max(1);
+    let max_cost = per_day.iter().map(|d| d.2).max().unwrap_or(0).max(1);
+    let (w, h, slot) = (600u64, 160u64, 20u64);
+    let mut svg = format!(
+        "<svg class=\"chart\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"Free and billed tokens and cost, last 30 days\">",
+        h + 20
+    );
+    let mut cost_points = Vec::new();
+    for (i, (free, billed, cost)) in per_day.iter().enumerate() {
+        let x = i as u64 * slot;
+        let free_h = free * h / max_tokens;
+        let billed_h = billed * h / max_tokens;
+        let day = Day(first.0 + i as i64);
+        let _ = write!(
+            svg,
+            "<g><title>{day}: {} free, {} billed, {}</title>\
+<rect class=\"c-free\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"{free_h}\"/>\
+<rect class=\"c-billed\" x=\"{}\" y=\"{}\" width=\"{}\" height=\"{billed_h}\"/></g>",
+            grouped(*free),
+            grouped(*billed),
+            dollars(*cost),
+            x + 2,
+            h - free_h,
+            slot - 4,
+            x + 2,
+            h - free_h - billed_h,
+            slot - 4
+        );
+        cost_points.push(format!("{},{}", x + slot / 2, h - cost * h / max_cost));
+    }
+    let _ = write!(
+        svg,
+        "<polyline class=\"c-cost\" points=\"{}\"/>\
+<text x=\"0\" y=\"{}\" class=\"c-label\">{}</text><text x=\"{w}\" y=\"{}\" class=\"c-label end\">{today}</text></svg>",
+        cost_points.join(" "),
+        h + 16,
+        first,
+        h + 16
+    );
+    svg
+}
+
+/// The page's live part: everything the server-sent events replace.
+pub fn render_live(gateway: &Gateway) -> String {
+    let config = &gateway.config;
+    let now_ms = gateway.clock.now_ms();
+    let today = gateway.today();
+    let reset = gateway.seconds_to_reset();
+    let start_ms = today.start_unix() * 1000;
+    let end_ms = start_ms + 86_400_000;
+    let store = &gateway.store;
+    let by_project = store
+        .usage_rows(start_ms, end_ms, 86_400_000, &["project_id", "lane"])
+        .unwrap_or_default();
+    let by_key = store
+        .usage_rows(start_ms, end_ms, 86_400_000, &["api_key_id", "lane"])
+        .unwrap_or_default();
+    let by_model = store
+        .usage_rows(start_ms, end_ms, 86_400_000, &["model", "lane"])
+        .unwrap_or_default();
+    let by_sharing = store
+        .usage_rows(start_ms, end_ms, 86_400_000, &["sharing"])
+        .unwrap_or_default();
+    let daily = store.daily(today).unwrap_or_default();
+    let history = store
+        .daily_range(Day(today.0 - 29), today)
+        .unwrap_or_default();
+    let recent: Vec<Record> = store.recent(20).unwrap_or_default();
+    let alerts = gateway.alerts.today(today);
+
+    let mut out = String::with_capacity(32 * 1024);
+    let _ = write!(
+        out,
+        "<p class=\"when\">{today}, {} UTC. Allowances reset at 00:00 UTC, in \
+<span data-reset-at=\"{}\">{}</span>.</p>",
+        clock_time(now_ms),
+        now_ms + reset as i64 * 1000,
+        duration(reset)
+    );
+    if config.orgs.is_empty() {
+        out.push_str("<p>No organizations are configured.</p>");
+    }
+    for (o, org) in config.orgs.iter().enumerate() {
+        let name = &*org.name;
+        let eligible = gateway.org_gets_free_tokens(o);
+        let _ = write!(
+            out,
+            "<section class=\"org\" data-org=\"{}\"><h2>{}</h2><p class=\"meta\">tier {} · sharing {} · {}</p>",
+            esc(name),
+            esc(name),
+            org.tier,
+            match org.sharing {
+                crate::config::OrgSharing::All => "all",
+                crate::config::OrgSharing::Selected => "selected",
+                crate::config::OrgSharing::Disabled => "disabled",
+            },
+            if eligible {
+                "gets free tokens today"
+            } else {
+                "no free tokens (not eligible, not sharing, or the program is not running)"
+            }
+        );
+        // Shared against private tokens today, as each call was recorded.
+        let projects = lines(&by_project, name, |r| r.project_id.clone());
+        let sharing = lines(&by_sharing, name, |r| r.sharing.clone());
+        let tokens_of = |kind: &str| sharing.get(kind).map_or(0, |l| l.input + l.output);
+        let (shared, private) = (tokens_of("shared"), tokens_of("private"));
+        let _ = write!(
+            out,
+            "<p class=\"meta\">Shared tokens today: {} · private: {}</p>",
+            number("shared-tokens", name, "", shared),
+            number("private-tokens", name, "", private)
+        );
+        if org.capture {
+            let kept = store.count_captures(name).unwrap_or(0);
+            let _ = write!(
+                out,
+                "<p class=\"meta\">Captured calls kept: {} (retention {} days; <code>tokenwarden export --org {}</code>)</p>",
+                number("captured", name, "", kept),
+                org.capture_retention_days,
+                esc(name)
+            );
+        }
+        out.push_str("<div class=\"groups\">");
+        for (g, group) in config.catalog.groups.iter().enumerate() {
+            let state = gateway.pool_state(o, g);
+            let total = daily
+                .iter()
+                .find(|d| d.org == name && *d.group == *group.name);
+            let billed = total.map_or(0, |t| t.billed_tokens);
+            let cost = total.map_or(0, |t| t.cost_pico);
+            let gname = &*group.name;
+            let projection = match projected_exhaustion(state.used, state.cap, today, now_ms) {
+                _ if state.cap == 0 => "no allowance".to_owned(),
+                _ if state.used >= state.cap => "used up".to_owned(),
+                Some(at) => format!("at {} UTC", clock_time(at)),
+                None if state.used == 0 => "no use yet".to_owned(),
+                None => "not before the reset".to_owned(),
+            };
+            let _ = write!(
+                out,
+                "<article class=\"group\" data-org=\"{}\" data-group=\"{}\"><h3>{}</h3>{}\
+<dl><div><dt>Free used</dt><dd>{} of {}</dd></div>\
+<div><dt>Free left</dt><dd>{}</dd></div>\
+<div><dt>Reserved in flight</dt><dd>{}</dd></div>\
+<div><dt>Runs out</dt><dd data-metric=\"projection\" data-org=\"{}\" data-group=\"{}\">{}</dd></div>\
+<div><dt>Billed tokens today</dt><dd>{}</dd></div>\
+<div><dt>Cost today</dt><dd>{}</dd></div></dl></article>",
+                esc(name),
+                esc(gname),
+                esc(gname),
+                bar(state.used, state.cap, state.reserved),
+                number("free-used", name, gname, state.used),
+                number("free-cap", name, gname, state.cap),
+                number("free-left", name, gname, state.left()),
+                number("reserved", name, gname, state.reserved),
+                esc(name),
+                esc(gname),
+                esc(&projection),
+                number("billed-tokens", name, gname, billed),
+                money("cost", name, gname, cost),
+            );
+        }
+        out.push_str("</div>");
+        let outside = daily.iter().find(|d| d.org == name && d.group.is_empty());
+        if let Some(t) = outside {
+            let _ = write!(
+                out,
+                "<p class=\"meta\">Models outside the program today: {} tokens, {}</p>",
+                number("billed-tokens", name, "none", t.billed_tokens),
+                money("cost", name, "none", t.cost_pico)
+            );
+        }
+        table(&mut out, "Today by project", "Project", &projects);
+        table(
+            &mut out,
+            "Today by key",
+            "Key id",
+            &lines(&by_key, name, |r| r.api_key_id.clone()),
+        );
+        table(
+            &mut out,
+            "Today by model",
+            "Model",
+            &lines(&by_model, name, |r| r.model.clone()),
+        );
+        let findings = gateway.metrics.findings_by_kind(o);
+        if !findings.is_empty() {
+            out.push_str("<p class=\"meta\">Privacy guard findings since start: ");
+            let parts: Vec<String> = findings
+                .iter()
+                .map(|(kind, n)| format!("{} {}", esc(kind), number("findings", name, kind, *n)))
+                .collect();
+            out.push_str(&parts.join(" · "));
+            out.push_str("</p>");
+        }
+        let _ = write!(
+            out,
+            "<figure><figcaption>Last 30 days: <span class=\"key c-free\">free tokens</span> \
+<span class=\"key c-billed\">billed tokens</span> <span class=\"key c-cost\">cost</span></figcaption>{}</figure></section>",
+            chart(&history, name, today)
+        );
+    }
+
+    out.push_str("<section><h2>Alerts today</h2>");
+    if alerts.is_empty() {
+        out.push_str(
+            "<p class=\"empty\" data-metric=\"alerts\" data-value=\"0\">None fired today.</p>",
+        );
+    } else {
+        let _ = write!(
+            out,
+            "<ul class=\"alerts\" data-metric=\"alerts\" data-value=\"{}\">",
+            alerts.len()
+        );
+        for a in &alerts {
+            let _ = write!(
+                out,
+                "<li data-rule=\"{}\"><time>{}</time> {}</li>",
+                esc(&a.rule),
+                clock_time(a.fired_ms),
+                esc(&a.text)
+            );
+        }
+        out.push_str("</ul>");
+    }
+    out.push_str("</section>");
+
+    out.push_str(
+        "<section><h2>Latest requests</h2><div class=\"scroll\"><table class=\"recent\"><thead><tr>\
+<th scope=\"col\">#</th><th scope=\"col\">Time</th><th scope=\"col\">Org</th><th scope=\"col\">Project</th>\
+<th scope=\"col\">Key id</th><th scope=\"col\">Model</th><th scope=\"col\">Decision</th><th scope=\"col\">Status</th>\
+<th scope=\"col\">Input</th><th scope=\"col\">Output</th><th scope=\"col\">Lane</th><th scope=\"col\">Cost</th>\
+<th scope=\"col\">Latency</th></tr></thead><tbody>",
+    );
+    if recent.is_empty() {
+        out.push_str("<tr><td colspan=\"13\" class=\"empty\">No calls yet.</td></tr>");
+    }
+    for r in &recent {
+        let model = if r.served_model == r.requested_model {
+            esc(&r.served_model)
+        } else {
+            format!("{} → {}", esc(&r.requested_model), esc(&r.served_model))
+        };
+        let lane = match (r.state.as_str(), r.free) {
+            ("pending", _) => "in flight",
+            (_, true) => "free",
+            _ if r.decision == "refused" => "-",
+            _ => "billed",
+        };
+        let _ = write!(
+            out,
+            "<tr data-id=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{model}</td><td>{}</td><td>{}</td>\
+<td>{}</td><td>{}{}</td><td>{lane}</td><td>{}</td><td>{} ms</td></tr>",
+            r.id,
+            r.id,
+            clock_time(r.started_ms),
+            esc(&r.org),
+            esc(&r.project),
+            esc(&r.key_id),
+            esc(&r.decision),
+            if r.state == "pending" { "-".to_owned() } else { r.status.to_string() },
+            grouped(r.input),
+            grouped(r.output),
+            if r.estimated { " (est.)" } else { "" },
+            dollars(r.cost_pico),
+            r.latency_ms
+        );
+    }
+    out.push_str("</tbody></table></div></section>");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_escaped_and_numbers_grouped() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(1_234_567), "1,234,567");
+        assert_eq!(grouped(100), "100");
+        assert_eq!(dollars(1_234_567_890_123), "$1.23");
+        assert_eq!(dollars(5_000_000_000), "$0.01");
+    }
+}
