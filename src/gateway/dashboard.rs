@@ -156,7 +156,11 @@ fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> bool {
 }
 
 /// Headers every dashboard page carries: no caching, no framing, and
-/// scripts, styles and connections only from this origin.
+/// scripts, styles and connections only from this origin. The referrer
+/// policy is `same-origin`, not `no-referrer`: under `no-referrer` a
+/// browser sends `Origin: null` with the page's own form posts, which the
+/// forms' Origin check must refuse (a hostile page can send it too); no
+/// address leaves for another site either way.
 fn page_response(status: StatusCode, html: String) -> Response {
     let mut response = (status, html).into_response();
     let h = response.headers_mut();
@@ -164,7 +168,7 @@ fn page_response(status: StatusCode, html: String) -> Response {
         (header::CONTENT_TYPE, "text/html; charset=utf-8"),
         (header::CACHE_CONTROL, "no-store"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        (header::REFERRER_POLICY, "same-origin"),
         (header::X_FRAME_OPTIONS, "DENY"),
         (
             header::CONTENT_SECURITY_POLICY,
