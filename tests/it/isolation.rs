@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::harness::{start, Harness, UPSTREAM_KEY};
+use crate::harness::{start, start_with_server, Harness, UPSTREAM_KEY};
 
 const PLAIN: &str = "tw-test-isolation-plain-01";
 const MODS: &str = "tw-test-isolation-mods-001";
@@ -203,4 +203,62 @@ async fn a_404_echoes_only_a_short_prefix_of_the_path() {
     let (status, body) = raw(&h, "GET", &long, PLAIN, "").await;
     assert_eq!(status, 404);
     assert!(body.len() < 600, "{} bytes", body.len());
+}
+
+/// The dashboard shows what went past the meter: who, which method and path.
+#[tokio::test]
+async fn the_dashboard_shows_forwarded_calls() {
+    const ADMIN: &str = "admin-token-isolation-0001";
+    let h = start_with_server(
+        "isolation-dashboard",
+        &config(),
+        &format!("admin_token = \"{ADMIN}\"\n"),
+    )
+    .await;
+    let root = h.base.trim_end_matches("/v1").to_owned();
+    let r = h
+        .post("/moderations?q=hidden", MODS)
+        .json(&json!({"input": "hi"}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 404);
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let signed = client
+        .post(format!("{root}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={ADMIN}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no session"))
+        .to_owned();
+    let page = client
+        .get(format!("{root}/dashboard"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    let section = page
+        .split("Forwarded past the meter")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no forwarded section in {page}"));
+    assert!(section.contains("data-value=\"1\""), "{section}");
+    assert!(
+        section.contains("<td>mods</td>")
+            && section.contains("<td>POST</td><td>/v1/moderations</td><td>404</td>"),
+        "{section}"
+    );
+    assert!(!section.contains("hidden"), "the query is not kept");
 }

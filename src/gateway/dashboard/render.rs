@@ -439,7 +439,48 @@ pub fn render_live(gateway: &Gateway) -> String {
         );
     }
     out.push_str("</tbody></table></div></section>");
+    forwarded(&mut out, gateway);
     out
+}
+
+/// The latest calls that projects' `forward` rules let past the meter:
+/// what the operator opened, and who used it (shown once any project
+/// forwards or such a call is in the ledger).
+fn forwarded(out: &mut String, gateway: &Gateway) {
+    let rows = gateway.store.recent_forwarded(20).unwrap_or_default();
+    let any_rule = gateway
+        .config
+        .orgs
+        .iter()
+        .any(|o| o.projects.iter().any(|p| !p.forward.is_empty()));
+    if rows.is_empty() && !any_rule {
+        return;
+    }
+    let _ = write!(
+        out,
+        "<section><h2>Forwarded past the meter</h2><div class=\"scroll\"><table class=\"forwarded\" data-metric=\"forwarded\" data-value=\"{}\"><thead><tr>\
+<th scope=\"col\">Time</th><th scope=\"col\">Org</th><th scope=\"col\">Project</th><th scope=\"col\">Key id</th>\
+<th scope=\"col\">Method</th><th scope=\"col\">Path</th><th scope=\"col\">Status</th><th scope=\"col\">Latency</th></tr></thead><tbody>",
+        rows.len()
+    );
+    if rows.is_empty() {
+        out.push_str("<tr><td colspan=\"8\" class=\"empty\">None yet.</td></tr>");
+    }
+    for f in &rows {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>/v1{}</td><td>{}</td><td>{} ms</td></tr>",
+            clock_time(f.started_ms),
+            esc(&f.org),
+            esc(&f.project),
+            esc(&f.key_id),
+            f.method,
+            esc(&f.path),
+            f.status,
+            f.latency_ms
+        );
+    }
+    out.push_str("</tbody></table></div></section>");
 }
 
 #[cfg(test)]
