@@ -7,7 +7,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, MethodRouter};
-use axum::{Extension, Json};
+use axum::Json;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
@@ -15,15 +15,20 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::call::{Call, Labels, Outcome};
 use super::error::ApiError;
-use super::stream::{body_text, usage_of, Tap};
-use super::{scan, upstream, Gateway};
+use super::stream::Tap;
+use super::{upstream, Gateway};
 use crate::catalog::ModelRef;
-use crate::config::Guard;
 use crate::day::Day;
-use crate::guard;
 use crate::meter::{self, Decision, Downgrade, PoolKey};
 use crate::store::Admitted;
-use crate::tokens::request::{count_request, parse_body, Endpoint};
+use crate::tokens::request::{count_request, Endpoint};
+
+mod forward;
+mod privacy;
+mod read;
+
+pub use forward::passthrough;
+use read::{read_answer, read_request, Read, INLINE_READ_BYTES};
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
@@ -141,82 +146,7 @@ pub async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
     Json(json!({"object": "list", "data": data}))
 }
 
-/// Any other `/v1/*` call: refused with 404 unless one of the project's
-/// `forward` rules allows its method and path; then forwarded to the
-/// project's upstream, unmetered, and recorded in the ledger.
-pub async fn passthrough(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(caller): Extension<Caller>,
-    request: Request,
-) -> Response {
-    let (started, started_ms) = (std::time::Instant::now(), gateway.clock.now_ms());
-    let (parts, body) = request.into_parts();
-    let Some((org, project)) = org_project(&gateway, &caller) else {
-        return ApiError::Internal.into_response();
-    };
-    let path = parts.uri.path();
-    let upstream_path = path.strip_prefix("/v1").unwrap_or(path);
-    let method = parts.method.as_str();
-    let Some(rule) = project
-        .forward
-        .iter()
-        .find(|r| r.allows(method, upstream_path))
-    else {
-        return ApiError::NotForwarded {
-            method: super::path::excerpt(method, 16),
-            path: super::path::excerpt(path, 128),
-        }
-        .into_response();
-    };
-    let body = match read_body(body, gateway.config.server.max_body_bytes).await {
-        Ok(body) => body,
-        Err(e) => return e.into_response(),
-    };
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or(path, |p| p.as_str())
-        .strip_prefix("/v1")
-        .unwrap_or_default();
-    tracing::info!(org = %org.name, project = %project.name, method, path = upstream_path, "forwarded unmetered");
-    let answer = upstream::send(
-        &gateway,
-        &project.upstream,
-        caller.org,
-        parts.method.clone(),
-        target,
-        &parts.headers,
-        body,
-    )
-    .await;
-    let response = match answer {
-        Ok(mut response) => {
-            let status = response.status();
-            let headers = response.take_headers();
-            let mut out = Response::new(Body::from_stream(response.into_stream()));
-            *out.status_mut() = status;
-            *out.headers_mut() = headers;
-            out
-        }
-        Err(e) => e.into_response(),
-    };
-    let forwarded = crate::store::Forwarded {
-        started_ms,
-        org: org.name.clone(),
-        project: project.name.clone(),
-        key_id: caller.key_id.clone(),
-        method: rule.method.as_str(),
-        path: upstream_path.to_owned(),
-        status: response.status().as_u16(),
-        latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-    };
-    if let Err(e) = gateway.store.forward_nowait(forwarded) {
-        tracing::error!(error = %e, "could not record a forwarded call");
-    }
-    response
-}
-
-fn org_project<'a>(
+pub(super) fn org_project<'a>(
     gateway: &'a Gateway,
     caller: &Caller,
 ) -> Option<(&'a crate::config::Org, &'a crate::config::Project)> {
@@ -254,120 +184,6 @@ fn free_token_headers(gateway: &Gateway, headers: &mut HeaderMap, pool: Option<P
             headers.insert(name, value);
         }
         start = end;
-    }
-}
-
-/// Call `f` on every string of a body's content: messages, input, prompt,
-/// instructions (not roles, types, ids, model names or image data).
-fn visit_content(body: &mut Value, f: &mut impl FnMut(&mut String)) {
-    fn walk(value: &mut Value, f: &mut impl FnMut(&mut String)) {
-        match value {
-            Value::String(text) => f(text),
-            Value::Array(items) => items.iter_mut().for_each(|v| walk(v, f)),
-            Value::Object(map) => {
-                for (key, v) in map.iter_mut() {
-                    let skip = matches!(
-                        key.as_str(),
-                        "role"
-                            | "type"
-                            | "id"
-                            | "call_id"
-                            | "model"
-                            | "detail"
-                            | "image_url"
-                            | "file_data"
-                            | "file_id"
-                    );
-                    if !skip {
-                        walk(v, f);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    if let Value::Object(map) = body {
-        for key in ["messages", "input", "prompt", "instructions", "suffix"] {
-            if let Some(v) = map.get_mut(key) {
-                walk(v, f);
-            }
-        }
-    }
-}
-
-/// The privacy guard, before anything is counted or sent. A call marked
-/// `x-tokenwarden-private: true` goes to the project's `reroute_to`; a
-/// sharing project's call with findings is blocked, rerouted or redacted as
-/// the project says. Only the kinds found are ever logged or returned.
-/// Returns whether the body was changed.
-fn apply_privacy_guard(
-    gateway: &Gateway,
-    caller: &mut Caller,
-    private: bool,
-    body: &mut Value,
-) -> Result<bool, ApiError> {
-    let (org, project) = org_project(gateway, caller).ok_or(ApiError::Internal)?;
-    if private {
-        return match project.reroute_to {
-            Some(target) => {
-                caller.project = target;
-                Ok(false)
-            }
-            None if !project.shares => Ok(false),
-            None => Err(ApiError::InvalidRequest {
-                message: format!("x-tokenwarden-private: project {} shares its traffic and has no reroute_to project.", project.name),
-                param: None,
-                code: Some("no_private_route"),
-            }),
-        };
-    }
-    if !project.shares || project.privacy_guard == Guard::Off {
-        return Ok(false);
-    }
-    let mut kinds: Vec<guard::Kind> = Vec::new();
-    visit_content(body, &mut |text| {
-        for finding in guard::scan(text) {
-            if !kinds.contains(&finding.kind) {
-                kinds.push(finding.kind);
-            }
-        }
-    });
-    if kinds.is_empty() {
-        return Ok(false);
-    }
-    kinds.sort();
-    let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-    tracing::info!(org = %org.name, project = %project.name, kinds = ?names, action = ?project.privacy_guard, "privacy guard findings");
-    let action = match project.privacy_guard {
-        Guard::Off => "off",
-        Guard::Block => "block",
-        Guard::Reroute => "reroute",
-        Guard::Redact => "redact",
-    };
-    gateway
-        .metrics
-        .findings(caller.org, caller.project, &names, action);
-    match project.privacy_guard {
-        Guard::Off => Ok(false),
-        Guard::Block => Err(ApiError::InvalidRequest {
-            message: format!(
-                "This call would share data that must not be shared ({}). Remove it, or send the call with x-tokenwarden-private: true.",
-                names.join(", ")
-            ),
-            param: None,
-            code: Some("sensitive_data_detected"),
-        }),
-        Guard::Reroute => {
-            caller.project = project.reroute_to.ok_or(ApiError::Internal)?;
-            Ok(false)
-        }
-        Guard::Redact => {
-            visit_content(body, &mut |text| {
-                let (redacted, _) = guard::redact(text);
-                *text = redacted;
-            });
-            Ok(true)
-        }
     }
 }
 
@@ -410,114 +226,6 @@ fn with_usage_asked(body: &[u8]) -> Option<Bytes> {
     }
     out.extend_from_slice(&body[open + 1..]);
     Some(Bytes::from(out))
-}
-
-/// What settling needs of a whole successful answer: its usage and model,
-/// or (usage missing or absurd) its text for the estimate, counted here
-/// when `count_in` gives the encoding; the whole answer when captured.
-fn read_answer(
-    endpoint: Endpoint,
-    body: &[u8],
-    captures: bool,
-    status: u16,
-    count_in: Option<crate::tokens::Encoding>,
-) -> Outcome {
-    // Most answers carry their usage and are not captured: read only
-    // `usage` and `model`, past the rest (see [`scan`]).
-    let head = if captures {
-        None
-    } else {
-        scan::members_of(body, endpoint)
-    };
-    if let Some(scan::Members {
-        usage: Some(usage),
-        model,
-        ..
-    }) = head.filter(|m| m.usage.is_some_and(|u| u.is_sane()))
-    {
-        return Outcome {
-            usage: Some(usage),
-            status,
-            served_model: model,
-            ..Outcome::default()
-        };
-    }
-    let parsed: Value = serde_json::from_slice(body).unwrap_or_default();
-    let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
-    let output_text = if usage.is_none() {
-        body_text(endpoint, &parsed)
-    } else {
-        String::new()
-    };
-    Outcome {
-        usage,
-        output_tokens: count_in.map(|encoding| encoding.count(&output_text)),
-        output_text,
-        status,
-        served_model: parsed
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        completion: captures.then_some(parsed),
-        ..Outcome::default()
-    }
-}
-
-/// A body up to this size is parsed, guarded and counted on the async
-/// worker that read it (tens of microseconds); a larger one on the blocking
-/// pool, so that one large body never holds a worker other connections
-/// need (a megabyte takes milliseconds to count and scan).
-const INLINE_READ_BYTES: usize = 64 * 1024;
-
-/// A request's body as the meter needs it.
-struct Read {
-    value: Value,
-    /// The caller, rerouted to another project by the privacy guard maybe.
-    caller: Caller,
-    /// The guard changed the body.
-    redacted: bool,
-    counted: crate::tokens::request::RequestCount,
-}
-
-/// Parse the body, apply the privacy guard, count the prompt: inline for a
-/// small body, on the blocking pool for a large one (at most
-/// [`Gateway::heavy_reads`] at once; the others wait their turn there).
-async fn read_request(
-    gateway: &Arc<Gateway>,
-    caller: Caller,
-    private: bool,
-    endpoint: Endpoint,
-    bytes: Bytes,
-) -> Result<Read, ApiError> {
-    fn read(
-        gateway: &Gateway,
-        mut caller: Caller,
-        private: bool,
-        endpoint: Endpoint,
-        bytes: &[u8],
-    ) -> Result<Read, ApiError> {
-        let mut value = parse_body(bytes)?;
-        let redacted = apply_privacy_guard(gateway, &mut caller, private, &mut value)?;
-        let counted = count_request(&gateway.config.catalog, Some(endpoint), &value, None)?;
-        Ok(Read {
-            value,
-            caller,
-            redacted,
-            counted,
-        })
-    }
-    if bytes.len() <= INLINE_READ_BYTES {
-        return read(gateway, caller, private, endpoint, &bytes);
-    }
-    let _turn = gateway
-        .heavy_reads
-        .acquire()
-        .await
-        .map_err(|_| ApiError::Internal)?;
-    let gateway = gateway.clone();
-    tokio::task::spawn_blocking(move || read(&gateway, caller, private, endpoint, &bytes))
-        .await
-        .map_err(|_| ApiError::Internal)?
 }
 
 async fn metered(
@@ -666,39 +374,7 @@ async fn metered(
     admitted.reserved = ticket.reserved;
     admitted.free_lane = ticket.reserved > 0;
 
-    // Always ask for the usage chunk; remember whether the client did.
-    let client_wants_usage = value
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let mut splice_usage = false;
-    if stream
-        && !client_wants_usage
-        && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
-    {
-        match value.get_mut("stream_options") {
-            Some(Value::Object(options)) => {
-                options.insert("include_usage".into(), Value::Bool(true));
-                modified = true;
-            }
-            // The usual case: the member is added to the client's own bytes
-            // (only when absent: a second `stream_options` would be ambiguous).
-            None if !modified => splice_usage = true,
-            // Absent from a body rewritten anyway, or `null`.
-            _ => {
-                value["stream_options"] = json!({"include_usage": true});
-                modified = true;
-            }
-        }
-    }
-    let body = if modified {
-        Bytes::from(serde_json::to_vec(&value).map_err(|_| ApiError::Internal)?)
-    } else if splice_usage {
-        with_usage_asked(&bytes).ok_or(ApiError::Internal)?
-    } else {
-        bytes
-    };
+    let (body, client_wants_usage) = body_to_send(endpoint, stream, &mut value, modified, bytes)?;
 
     let row = match gateway.store.admit(admitted) {
         Ok(row) => row,
@@ -781,11 +457,75 @@ async fn metered(
         return Ok(out);
     }
 
+    let answered = answer_whole(&gateway, &mut call, response, endpoint).await;
+    free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
+    let (status, upstream_body) = answered?;
+    let mut out = Response::new(Body::from(upstream_body));
+    *out.status_mut() = status;
+    *out.headers_mut() = out_headers;
+    Ok(out)
+}
+
+/// The body to send upstream, and whether the client asked for a stream's
+/// usage chunk: the gateway always asks for it (and hides it from a client
+/// that did not). The client's own bytes when nothing changed, or with the
+/// member spliced in; the parsed body serialized again otherwise.
+fn body_to_send(
+    endpoint: Endpoint,
+    stream: bool,
+    value: &mut Value,
+    mut modified: bool,
+    bytes: Bytes,
+) -> Result<(Bytes, bool), ApiError> {
+    let client_wants_usage = value
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mut splice_usage = false;
+    if stream
+        && !client_wants_usage
+        && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+    {
+        match value.get_mut("stream_options") {
+            Some(Value::Object(options)) => {
+                options.insert("include_usage".into(), Value::Bool(true));
+                modified = true;
+            }
+            // The usual case: the member is added to the client's own bytes
+            // (only when absent: a second `stream_options` would be ambiguous).
+            None if !modified => splice_usage = true,
+            // Absent from a body rewritten anyway, or `null`.
+            _ => {
+                value["stream_options"] = json!({"include_usage": true});
+                modified = true;
+            }
+        }
+    }
+    let body = if modified {
+        Bytes::from(serde_json::to_vec(value).map_err(|_| ApiError::Internal)?)
+    } else if splice_usage {
+        with_usage_asked(&bytes).ok_or(ApiError::Internal)?
+    } else {
+        bytes
+    };
+    Ok((body, client_wants_usage))
+}
+
+/// A whole answer: read it (within `max_answer_bytes`), settle the call
+/// with its usage (or an estimate), and hand back its status and bytes.
+async fn answer_whole(
+    gateway: &Gateway,
+    call: &mut Call,
+    response: upstream::Answer,
+    endpoint: Endpoint,
+) -> Result<(StatusCode, Bytes), ApiError> {
+    let status = response.status();
     let upstream_body = match response.bytes().await {
         Ok(bytes) => bytes,
         Err(e) => {
             let error = ApiError::from(e);
-            call.settle_and_store(Outcome {
+            call.settle_in_place(Outcome {
                 status: error.status_code().as_u16(),
                 ..Outcome::default()
             });
@@ -824,12 +564,9 @@ async fn metered(
             ..Outcome::default()
         })
     };
-    call.settle_and_store(outcome);
-    free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
-    let mut out = Response::new(Body::from(upstream_body));
-    *out.status_mut() = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    *out.headers_mut() = out_headers;
-    Ok(out)
+    call.settle_in_place(outcome);
+    let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    Ok((status, upstream_body))
 }
 
 #[cfg(test)]

@@ -1,0 +1,89 @@
+//! Calls past the meter: any other `/v1/*` path, forwarded only where the
+//! project's `forward` rules allow it (see [`crate::gateway::path`]).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+
+use super::{org_project, read_body};
+use crate::gateway::auth::Caller;
+use crate::gateway::error::ApiError;
+use crate::gateway::{path, upstream, Gateway};
+
+/// Any other `/v1/*` call: refused with 404 unless one of the project's
+/// `forward` rules allows its method and path; then forwarded to the
+/// project's upstream, unmetered, and recorded in the ledger.
+pub async fn passthrough(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
+    request: Request,
+) -> Response {
+    let (started, started_ms) = (std::time::Instant::now(), gateway.clock.now_ms());
+    let (parts, body) = request.into_parts();
+    let Some((org, project)) = org_project(&gateway, &caller) else {
+        return ApiError::Internal.into_response();
+    };
+    let path = parts.uri.path();
+    let upstream_path = path.strip_prefix("/v1").unwrap_or(path);
+    let method = parts.method.as_str();
+    let Some(rule) = project
+        .forward
+        .iter()
+        .find(|r| r.allows(method, upstream_path))
+    else {
+        return ApiError::NotForwarded {
+            method: path::excerpt(method, 16),
+            path: path::excerpt(path, 128),
+        }
+        .into_response();
+    };
+    let body = match read_body(body, gateway.config.server.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => return e.into_response(),
+    };
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or(path, |p| p.as_str())
+        .strip_prefix("/v1")
+        .unwrap_or_default();
+    tracing::info!(org = %org.name, project = %project.name, method, path = upstream_path, "forwarded unmetered");
+    let answer = upstream::send(
+        &gateway,
+        &project.upstream,
+        caller.org,
+        parts.method.clone(),
+        target,
+        &parts.headers,
+        body,
+    )
+    .await;
+    let response = match answer {
+        Ok(mut response) => {
+            let status = response.status();
+            let headers = response.take_headers();
+            let mut out = Response::new(Body::from_stream(response.into_stream()));
+            *out.status_mut() = status;
+            *out.headers_mut() = headers;
+            out
+        }
+        Err(e) => e.into_response(),
+    };
+    let forwarded = crate::store::Forwarded {
+        started_ms,
+        org: org.name.clone(),
+        project: project.name.clone(),
+        key_id: caller.key_id.clone(),
+        method: rule.method.as_str(),
+        path: upstream_path.to_owned(),
+        status: response.status().as_u16(),
+        latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    if let Err(e) = gateway.store.forward_nowait(forwarded) {
+        tracing::error!(error = %e, "could not record a forwarded call");
+    }
+    response
+}

@@ -1,0 +1,124 @@
+//! Reading a call's request and its whole answer: inline when small, on
+//! the blocking pool when large, so that one large body never holds an
+//! async worker other connections need.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use super::privacy::apply_privacy_guard;
+use crate::gateway::auth::Caller;
+use crate::gateway::call::Outcome;
+use crate::gateway::error::ApiError;
+use crate::gateway::stream::{body_text, usage_of};
+use crate::gateway::{scan, Gateway};
+use crate::tokens::request::{count_request, parse_body, Endpoint, RequestCount};
+
+/// What settling needs of a whole successful answer: its usage and model,
+/// or (usage missing or absurd) its text for the estimate, counted here
+/// when `count_in` gives the encoding; the whole answer when captured.
+pub(super) fn read_answer(
+    endpoint: Endpoint,
+    body: &[u8],
+    captures: bool,
+    status: u16,
+    count_in: Option<crate::tokens::Encoding>,
+) -> Outcome {
+    // Most answers carry their usage and are not captured: read only
+    // `usage` and `model`, past the rest (see [`scan`]).
+    let head = if captures {
+        None
+    } else {
+        scan::members_of(body, endpoint)
+    };
+    if let Some(scan::Members {
+        usage: Some(usage),
+        model,
+        ..
+    }) = head.filter(|m| m.usage.is_some_and(|u| u.is_sane()))
+    {
+        return Outcome {
+            usage: Some(usage),
+            status,
+            served_model: model,
+            ..Outcome::default()
+        };
+    }
+    let parsed: Value = serde_json::from_slice(body).unwrap_or_default();
+    let usage = parsed.get("usage").and_then(|u| usage_of(endpoint, u));
+    let output_text = if usage.is_none() {
+        body_text(endpoint, &parsed)
+    } else {
+        String::new()
+    };
+    Outcome {
+        usage,
+        output_tokens: count_in.map(|encoding| encoding.count(&output_text)),
+        output_text,
+        status,
+        served_model: parsed
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        completion: captures.then_some(parsed),
+        ..Outcome::default()
+    }
+}
+
+/// A body up to this size is parsed, guarded and counted on the async
+/// worker that read it (tens of microseconds); a larger one on the blocking
+/// pool, so that one large body never holds a worker other connections
+/// need (a megabyte takes milliseconds to count and scan).
+pub(super) const INLINE_READ_BYTES: usize = 64 * 1024;
+
+/// A request's body as the meter needs it.
+pub(super) struct Read {
+    pub(super) value: Value,
+    /// The caller, rerouted to another project by the privacy guard maybe.
+    pub(super) caller: Caller,
+    /// The guard changed the body.
+    pub(super) redacted: bool,
+    pub(super) counted: RequestCount,
+}
+
+/// Parse the body, apply the privacy guard, count the prompt: inline for a
+/// small body, on the blocking pool for a large one (at most
+/// [`Gateway::heavy_reads`] at once; the others wait their turn there).
+pub(super) async fn read_request(
+    gateway: &Arc<Gateway>,
+    caller: Caller,
+    private: bool,
+    endpoint: Endpoint,
+    bytes: Bytes,
+) -> Result<Read, ApiError> {
+    fn read(
+        gateway: &Gateway,
+        mut caller: Caller,
+        private: bool,
+        endpoint: Endpoint,
+        bytes: &[u8],
+    ) -> Result<Read, ApiError> {
+        let mut value = parse_body(bytes)?;
+        let redacted = apply_privacy_guard(gateway, &mut caller, private, &mut value)?;
+        let counted = count_request(&gateway.config.catalog, Some(endpoint), &value, None)?;
+        Ok(Read {
+            value,
+            caller,
+            redacted,
+            counted,
+        })
+    }
+    if bytes.len() <= INLINE_READ_BYTES {
+        return read(gateway, caller, private, endpoint, &bytes);
+    }
+    let _turn = gateway
+        .heavy_reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Internal)?;
+    let gateway = gateway.clone();
+    tokio::task::spawn_blocking(move || read(&gateway, caller, private, endpoint, &bytes))
+        .await
+        .map_err(|_| ApiError::Internal)?
+}
