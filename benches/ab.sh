@@ -14,7 +14,8 @@
 #   call (/proc/PID/stat), the three taking turns, ROUNDS rounds of
 #   SECONDS_EACH seconds each.
 # Method and results: docs/benchmarks.md. Run: benches/ab.sh (as root it
-# installs nginx from Debian).
+# installs nginx from Debian); VARIANTS="as-is" BEFORE=PATH benches/ab.sh
+# compares the build as is with a binary built from another commit.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 repo=$(pwd)
@@ -33,13 +34,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-variants=(as-is plain-scan plain-repoll)
+# VARIANTS: which builds (default all three); BEFORE=PATH adds a binary
+# built elsewhere (an earlier commit, say) as the variant "before".
+read -r -a variants <<<"${VARIANTS:-as-is plain-scan plain-repoll}"
 for v in "${variants[@]}"; do
   features=()
   [ "$v" != as-is ] && features=(--features "bench-$v")
   cargo build --release --locked --bin tokenwarden "${features[@]}" >/dev/null 2>&1
   cp target/release/tokenwarden "$dir/tw-$v"
 done
+if [ -n "${BEFORE:-}" ]; then
+  cp "$BEFORE" "$dir/tw-before"
+  variants=(before "${variants[@]}")
+fi
 # Leave the default build in target/release.
 cargo build --release --locked --bin tokenwarden >/dev/null 2>&1
 cargo bench --locked --bench load --no-run >/dev/null 2>&1
