@@ -79,7 +79,10 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
         let int = |param: &str| {
             value.parse::<i64>().map_err(|_| {
                 bad(
-                    format!("'{param}' must be an integer, got {value:?}."),
+                    format!(
+                        "'{param}' must be an integer, got {:?}.",
+                        super::path::excerpt(&value, 64)
+                    ),
                     param,
                 )
             })
@@ -98,9 +101,10 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
                         None => {
                             return Err(bad(
                                 format!(
-                                "Invalid value for 'group_by': {name:?}. Supported values are: {}.",
-                                allowed.join(", ")
-                            ),
+                                    "Invalid value for 'group_by': {:?}. Supported values are: {}.",
+                                    super::path::excerpt(name, 64),
+                                    allowed.join(", ")
+                                ),
                                 "group_by",
                             ))
                         }
@@ -127,8 +131,9 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
         other => {
             return Err(bad(
                 format!(
-                "Invalid value for 'bucket_width': {other:?}. Supported values are: 1m, 1h, 1d."
-            ),
+                    "Invalid value for 'bucket_width': {:?}. Supported values are: 1m, 1h, 1d.",
+                    super::path::excerpt(other, 64)
+                ),
                 "bucket_width",
             ))
         }
