@@ -155,6 +155,9 @@ pub async fn serve(
             .into())
         }
     };
+    for warning in config.forward_warnings() {
+        tracing::warn!("{warning}");
+    }
     run_gateway(config, |addr| {
         println!("tokenwarden: listening on http://{addr}/v1")
     })

@@ -236,6 +236,33 @@ pub struct Project {
     pub forward: Vec<crate::gateway::path::ForwardRule>,
 }
 
+impl Config {
+    /// A warning for each `forward` rule that opens a path spending money
+    /// outside the meter or reaching objects every tenant of the upstream
+    /// account shares.
+    pub fn forward_warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for org in &self.orgs {
+            for project in &org.projects {
+                for rule in &project.forward {
+                    if let Some(risk) = rule.risk() {
+                        let what = if risk.starts_with("a ") {
+                            format!("{risk} (of objects the upstream account shares)")
+                        } else {
+                            format!("/v1/{risk}")
+                        };
+                        warnings.push(format!(
+                            "org {} project {}: forward \"{rule}\" opens {what} to its keys unmetered, with the upstream's key: it can spend money past the meter or reach objects shared by every project on upstream '{}'",
+                            org.name, project.name, project.upstream
+                        ));
+                    }
+                }
+            }
+        }
+        warnings
+    }
+}
+
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_STORE: &str = "sqlite://tokenwarden.db";
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 8 * 1024 * 1024;

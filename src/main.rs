@@ -306,30 +306,10 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
         config.orgs.len(),
         config.upstreams.len()
     );
-    for warning in forward_warnings(&config) {
+    for warning in config.forward_warnings() {
         println!("warning: {warning}");
     }
     Ok(())
-}
-
-/// A warning for each `forward` rule that opens a path spending money
-/// outside the meter or reaching objects every tenant of the upstream
-/// account shares.
-fn forward_warnings(config: &Config) -> Vec<String> {
-    let mut warnings = Vec::new();
-    for org in &config.orgs {
-        for project in &org.projects {
-            for rule in &project.forward {
-                if let Some(risk) = rule.risk() {
-                    warnings.push(format!(
-                        "org {} project {}: forward \"{rule}\" opens /v1/{risk} to its keys unmetered, with the upstream's key: it can spend money past the meter or reach objects shared by every project on upstream '{}'",
-                        org.name, project.name, project.upstream
-                    ));
-                }
-            }
-        }
-    }
-    warnings
 }
 
 fn read_stdin() -> anyhow::Result<Vec<u8>> {

@@ -125,6 +125,15 @@ pub async fn require_admin(
     request: Request,
     next: Next,
 ) -> Response {
+    // Wrong tokens are counted per client address, as the dashboard's
+    // sign-in counts them: after a few, the address is locked out for a
+    // while (the right token included, or a guesser would learn it).
+    let ip = super::dashboard::peer(&request);
+    let guesses = &gateway.sessions.admin_guesses;
+    let now_ms = gateway.clock.now_ms();
+    if let Some(seconds) = guesses.locked(ip, now_ms) {
+        return locked_out(seconds);
+    }
     let presented = bearer(request.headers()).unwrap_or_default();
     let allowed = gateway
         .config
@@ -133,11 +142,29 @@ pub async fn require_admin(
         .as_ref()
         .is_some_and(|token| constant_time_eq(&hash(token.expose()), &hash(presented)));
     if allowed {
-        next.run(request).await
-    } else {
-        ApiError::Unauthorized("This route needs the admin token (server.admin_token).")
-            .into_response()
+        return next.run(request).await;
     }
+    if let Err(seconds) = guesses.attempt(ip, now_ms) {
+        return locked_out(seconds);
+    }
+    ApiError::Unauthorized("This route needs the admin token (server.admin_token).").into_response()
+}
+
+/// 429 with `Retry-After` for an address locked out after wrong tokens.
+fn locked_out(seconds: u64) -> Response {
+    let mut response = ApiError::InvalidRequest {
+        message: format!(
+            "Too many wrong admin tokens from this address; try again in {seconds} seconds."
+        ),
+        param: None,
+        code: Some("rate_limit_exceeded"),
+    }
+    .into_response();
+    *response.status_mut() = axum::http::StatusCode::TOO_MANY_REQUESTS;
+    if let Ok(value) = axum::http::HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 #[cfg(test)]

@@ -222,37 +222,23 @@ impl Call {
             (self.capture.take(), outcome_completion)
         {
             if (200..300).contains(&record.status) {
-                self.keep(endpoint, &body, completion, &record);
+                self.keep(endpoint, body, completion, &record);
             }
         }
         (self.row, record)
     }
 
     /// Compress and store a captured call; content never reaches a log.
+    /// A large one (its request over 64 KiB) on the blocking pool, so that
+    /// parsing and compressing it never holds a worker.
     fn keep(
         &self,
         endpoint: crate::tokens::request::Endpoint,
-        body: &[u8],
+        body: bytes::Bytes,
         completion: serde_json::Value,
         record: &Settled,
     ) {
-        let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
-            return;
-        };
-        let streamed = request
-            .get("stream")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false);
-        let pair = serde_json::json!({"request": request, "response": completion});
-        let compressed = match crate::capture::compress(&pair) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::error!(error = %e, row = self.row, "could not compress a captured call");
-                return;
-            }
-        };
-        let config = &self.gateway.config;
-        let Some(org) = config.orgs.get(self.labels.org) else {
+        let Some(org) = self.gateway.config.orgs.get(self.labels.org) else {
             return;
         };
         let capture = crate::capture::Capture {
@@ -268,13 +254,41 @@ impl Call {
                 .clone()
                 .unwrap_or_else(|| self.labels.model.to_string()),
             endpoint: endpoint.path(),
-            streamed,
+            streamed: false,
             input_tokens: record.input,
             output_tokens: record.output,
-            body: compressed,
+            body: Vec::new(),
         };
-        if let Err(e) = self.gateway.store.capture_nowait(capture) {
-            tracing::error!(error = %e, row = self.row, "could not store a captured call");
+        let (gateway, row) = (self.gateway.clone(), self.row);
+        let large = body.len() > 64 * 1024;
+        let store = move || {
+            let Ok(request) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                return;
+            };
+            let streamed = request
+                .get("stream")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
+            let pair = serde_json::json!({"request": request, "response": completion});
+            let compressed = match crate::capture::compress(&pair) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!(error = %e, row, "could not compress a captured call");
+                    return;
+                }
+            };
+            let capture = crate::capture::Capture {
+                streamed,
+                body: compressed,
+                ..capture
+            };
+            if let Err(e) = gateway.store.capture_nowait(capture) {
+                tracing::error!(error = %e, row, "could not store a captured call");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if large => drop(runtime.spawn_blocking(store)),
+            _ => store(),
         }
     }
 

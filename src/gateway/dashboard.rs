@@ -38,7 +38,7 @@ const APP_CSS: &str = include_str!("dashboard/app.css");
 
 mod origin;
 mod render;
-mod throttle;
+pub(crate) mod throttle;
 
 use render::{esc, render_live};
 
@@ -49,6 +49,8 @@ pub struct Sessions {
     active: Mutex<HashMap<[u8; 32], i64>>,
     /// Attempts per client address, to lock out a guesser.
     sign_ins: throttle::Throttle,
+    /// Wrong admin tokens on the API's admin routes, per client address.
+    pub(crate) admin_guesses: throttle::Throttle,
 }
 
 fn digest(text: &str) -> [u8; 32] {
@@ -239,7 +241,7 @@ fn form_value(body: &[u8], name: &str) -> Option<String> {
 /// The client's address, as the server saw the connection (none when the
 /// router runs without the server, as in a unit test: all such callers
 /// share one record).
-fn peer(request: &axum::extract::Request) -> IpAddr {
+pub(crate) fn peer(request: &axum::extract::Request) -> IpAddr {
     request
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()

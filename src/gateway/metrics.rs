@@ -128,9 +128,12 @@ impl Metrics {
             .or_default();
         let lane = usize::from(!o.free);
         let cached = o.cached.min(o.input);
-        entry.tokens[lane][0] += o.input - cached;
-        entry.tokens[lane][1] += cached;
-        entry.tokens[lane][2] += o.output;
+        for (sum, n) in entry.tokens[lane]
+            .iter_mut()
+            .zip([o.input - cached, cached, o.output])
+        {
+            *sum = sum.saturating_add(n);
+        }
         entry.cost_pico = entry.cost_pico.saturating_add(o.cost_pico);
         inner.total.observe(o.total);
         if let Some(upstream) = o.upstream {

@@ -91,6 +91,8 @@ const RISKY: &[&str] = &[
     "evals",
     "containers",
     "videos",
+    "models",
+    "conversations",
     "chat",
     "responses",
     "completions",
@@ -150,7 +152,15 @@ impl ForwardRule {
     /// spends money or reaches objects shared by the upstream account.
     pub fn risk(&self) -> Option<&'static str> {
         let first = self.prefix[1..].split('/').next().unwrap_or_default();
-        RISKY.iter().find(|r| **r == first).copied()
+        match RISKY.iter().find(|r| **r == first).copied() {
+            // Reading a model's page is harmless; deleting one (a
+            // fine-tuned model of the whole account) is not.
+            Some("models") if self.method != ForwardMethod::Delete => None,
+            Some(risk) => Some(risk),
+            // Any DELETE reaches objects the account shares.
+            None if self.method == ForwardMethod::Delete => Some("a DELETE"),
+            None => None,
+        }
     }
 }
 
@@ -224,6 +234,15 @@ mod tests {
         assert!(!rule.allows("GET", "/Files"));
         assert_eq!(rule.risk(), Some("files"));
         assert_eq!(ForwardRule::parse("POST /foo/bar").unwrap().risk(), None);
+        assert_eq!(ForwardRule::parse("GET /models").unwrap().risk(), None);
+        assert_eq!(
+            ForwardRule::parse("DELETE /models").unwrap().risk(),
+            Some("models")
+        );
+        assert_eq!(
+            ForwardRule::parse("DELETE /foo").unwrap().risk(),
+            Some("a DELETE")
+        );
     }
 
     #[test]

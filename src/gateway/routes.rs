@@ -374,7 +374,17 @@ async fn metered(
     admitted.reserved = ticket.reserved;
     admitted.free_lane = ticket.reserved > 0;
 
-    let (body, client_wants_usage) = body_to_send(endpoint, stream, &mut value, modified, bytes)?;
+    let (body, client_wants_usage) =
+        match body_to_send(endpoint, stream, &mut value, modified, bytes) {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Nothing was written yet: give the reservation back.
+                if let Ok(mut ledger) = gateway.ledger.lock() {
+                    ledger.settle(&ticket, &meter::Usage::default());
+                }
+                return Err(e);
+            }
+        };
 
     let row = match gateway.store.admit(admitted) {
         Ok(row) => row,

@@ -178,9 +178,16 @@ pub struct Tap {
     /// usage. Copied out of each event, so no event buffer stays pinned: a
     /// long stream holds its text, not its events.
     text: Vec<u8>,
+    /// Bytes of delta text past [`MAX_KEPT_TEXT_BYTES`], not kept: an
+    /// estimate counts them as a token per four bytes.
+    text_overflow: u64,
     /// Data of every event, kept only when the call is captured (to
-    /// assemble the completion).
+    /// assemble the completion), at most `max_answer_bytes` of it.
     seen: Vec<Bytes>,
+    /// The bytes in `seen`.
+    seen_bytes: usize,
+    /// The most `seen` may hold: past it the call is not captured.
+    max_seen_bytes: usize,
     /// Upstream has ended (or failed): never poll it again.
     ended: bool,
     /// The call is captured: assemble its completion when the stream ends.
@@ -197,6 +204,7 @@ impl Tap {
         client_wants_usage: bool,
     ) -> Self {
         Tap {
+            max_seen_bytes: call.gateway().config.server.max_answer_bytes,
             capture: call.captures(),
             completed: None,
             call: Some(call),
@@ -208,7 +216,9 @@ impl Tap {
             usage: None,
             served_model: None,
             text: Vec::new(),
+            text_overflow: 0,
             seen: Vec::new(),
+            seen_bytes: 0,
             ended: false,
         }
     }
@@ -307,16 +317,28 @@ impl Tap {
             Endpoint::ChatCompletions => Some(&CONTENT_KEY),
         };
         if let Some(literal) = key.and_then(|key| string_after(data, key)) {
-            if self.text.capacity() == 0 {
-                // A stream's text grows a few bytes an event: start with room.
-                self.text.reserve(256);
+            if self.text.len() + literal.len() > MAX_KEPT_TEXT_BYTES {
+                self.text_overflow = self.text_overflow.saturating_add(literal.len() as u64);
+            } else {
+                if self.text.capacity() == 0 {
+                    // A stream's text grows a few bytes an event: start with room.
+                    self.text.reserve(256);
+                }
+                self.text.push(b'"');
+                self.text.extend_from_slice(literal);
+                self.text.extend_from_slice(b"\",");
             }
-            self.text.push(b'"');
-            self.text.extend_from_slice(literal);
-            self.text.extend_from_slice(b"\",");
         }
         if self.capture {
-            self.seen.push(event);
+            self.seen_bytes = self.seen_bytes.saturating_add(event.len());
+            if self.seen_bytes > self.max_seen_bytes {
+                // Too long to assemble and keep: this call is not captured.
+                tracing::warn!("a captured stream passed max_answer_bytes; it is not captured");
+                self.capture = false;
+                self.seen = Vec::new();
+            } else {
+                self.seen.push(event);
+            }
         }
     }
 
@@ -326,46 +348,65 @@ impl Tap {
         let Some(mut call) = self.call.take() else {
             return;
         };
-        let completion = if self.capture && complete {
-            let events: Vec<Value> = self
-                .seen
-                .iter()
-                .filter_map(|data| serde_json::from_slice(data).ok())
-                .collect();
-            crate::capture::assemble(self.endpoint, &events, self.completed.as_ref())
+        let capture = self.capture && complete;
+        let seen = if capture {
+            std::mem::take(&mut self.seen)
         } else {
-            None
+            Vec::new()
         };
-        let mut outcome = Outcome {
-            usage: self.usage,
-            status,
-            served_model: self.served_model.take(),
-            completion,
-            ..Outcome::default()
-        };
-        let text = if outcome.usage.is_none() {
+        let (endpoint, completed) = (self.endpoint, self.completed.take());
+        let text = if self.usage.is_none() {
             std::mem::take(&mut self.text)
         } else {
             Vec::new()
         };
-        let long = text.len() > LONG_TEXT_BYTES;
+        let overflow = if self.usage.is_none() {
+            self.text_overflow
+        } else {
+            0
+        };
+        let heavy = text.len() > LONG_TEXT_BYTES || (capture && self.seen_bytes > LONG_TEXT_BYTES);
+        let mut outcome = Outcome {
+            usage: self.usage,
+            status,
+            served_model: self.served_model.take(),
+            ..Outcome::default()
+        };
         let settle = move || {
+            if capture {
+                let events: Vec<Value> = seen
+                    .iter()
+                    .filter_map(|data| serde_json::from_slice(data).ok())
+                    .collect();
+                outcome.completion =
+                    crate::capture::assemble(endpoint, &events, completed.as_ref());
+            }
             if !text.is_empty() {
                 outcome.output_text = streamed_text(text);
             }
+            if overflow > 0 {
+                let kept = call.encoding().count(&outcome.output_text);
+                outcome.output_tokens = Some(kept.saturating_add(overflow.div_ceil(4)));
+            }
             call.settle_in_place(outcome);
         };
-        // Without usage the streamed text is counted: a long one on the
-        // blocking pool, so that it never holds a worker other connections
-        // need (40 MB of text is seconds of counting).
+        // Without usage the streamed text is counted, and a captured
+        // stream's events are assembled: a long one on the blocking pool,
+        // so that it never holds a worker other connections need (40 MB of
+        // text is seconds of counting).
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if long => {
+            Ok(runtime) if heavy => {
                 drop(runtime.spawn_blocking(settle));
             }
             _ => settle(),
         }
     }
 }
+
+/// The most delta text a stream keeps for an estimate; past it, a token per
+/// four bytes is counted instead (OpenAI's rule of thumb), so a misbehaving
+/// upstream's endless stream costs no more memory than this.
+const MAX_KEPT_TEXT_BYTES: usize = 16 * 1024 * 1024;
 
 /// Streamed text past this many bytes is counted on the blocking pool.
 const LONG_TEXT_BYTES: usize = 64 * 1024;

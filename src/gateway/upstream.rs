@@ -151,8 +151,9 @@ fn pool(connector: &Connector) -> Pool {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(MAX_IDLE)
-        // A pooled connection the upstream closed before answering never
-        // saw the request: it is sent again, once, on another.
+        // A request that could not be sent on a pooled connection the
+        // upstream had closed is sent again, once, on another. One the
+        // upstream closed after reading is not: it may have been served.
         .retry_canceled_requests(true)
         .set_host(true)
         .build(connector.clone())

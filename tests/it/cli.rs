@@ -161,7 +161,7 @@ fn check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one() {
     let risky = dir.join("risky.toml");
     std::fs::write(
         &risky,
-        "[upstreams.sim]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"tw-0123456789abcdef\"]\nforward = [\"GET /files\", \"POST /images/generations\", \"GET /models\"]\n",
+        "[upstreams.sim]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"tw-0123456789abcdef\"]\nforward = [\"GET /files\", \"POST /images/generations\", \"GET /models\", \"DELETE /models\", \"DELETE /foo\"]\n",
     )
     .unwrap_or_else(|e| panic!("{e}"));
     let path = risky.to_string_lossy().into_owned();
@@ -175,6 +175,14 @@ fn check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one() {
         "{out}"
     );
     assert!(!out.contains("GET /models\""), "{out}");
+    assert!(
+        out.contains("forward \"DELETE /models\" opens /v1/models"),
+        "{out}"
+    );
+    assert!(
+        out.contains("forward \"DELETE /foo\" opens a DELETE"),
+        "{out}"
+    );
 
     // A rule that names a metered path or another method is an error.
     let bad_rule = dir.join("bad-rule.toml");

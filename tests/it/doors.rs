@@ -531,3 +531,44 @@ async fn the_simulator_refuses_work_past_openais_limits() {
     assert_eq!(status, 413, "{value}");
     assert_eq!(value["error"]["type"], "invalid_request_error", "{value}");
 }
+
+/// The API's admin routes count wrong admin tokens per address as the
+/// sign-in form does: after five, even the right token waits (or a
+/// guesser would learn it), while another address is not held up.
+#[tokio::test]
+async fn repeated_wrong_admin_tokens_lock_the_address_out_of_the_admin_routes() {
+    let h = gateway("doors-admin-guesses").await;
+    let usage = format!(
+        "{}/v1/organization/usage/completions?start_time=0",
+        root(&h)
+    );
+    let guesser = client_from(Some("127.0.0.1"));
+    let get = |client: &reqwest::Client, token: &str| {
+        client.get(&usage).bearer_auth(token.to_owned()).send()
+    };
+    let status =
+        |r: Result<reqwest::Response, reqwest::Error>| r.map(|r| r.status().as_u16()).unwrap_or(0);
+    assert_eq!(status(get(&guesser, ADMIN).await), 200);
+    for i in 0..5 {
+        let wrong = format!("not-the-admin-token-{i:04}");
+        assert_eq!(status(get(&guesser, &wrong).await), 401, "guess {i}");
+    }
+    let locked = get(&guesser, "not-the-admin-token-9999")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(locked.status().as_u16(), 429);
+    assert!(locked.headers().contains_key("retry-after"));
+    assert_eq!(
+        status(get(&guesser, ADMIN).await),
+        429,
+        "the right token waits too"
+    );
+    let metrics = guesser
+        .get(format!("{}/metrics", root(&h)))
+        .bearer_auth(ADMIN)
+        .send()
+        .await;
+    assert_eq!(status(metrics), 429, "on every admin route");
+    let other = client_from(Some("127.0.0.2"));
+    assert_eq!(status(get(&other, ADMIN).await), 200);
+}

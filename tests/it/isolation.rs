@@ -88,6 +88,12 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
         ("TRACE", "/v1/models"),
         ("TRACE", "/v1/files"),
         ("PUT", "/v1/files/file-abc123"),
+        // A GET rule lets no HEAD through; an absolute-form target is
+        // judged by its path; `*` is no path.
+        ("HEAD", "/v1/models/gpt-4o"),
+        ("GET", "http://upstream.example/v1/files"),
+        ("POST", "http://upstream.example/v1/moderations/../files"),
+        ("OPTIONS", "*"),
     ] {
         for key in [PLAIN, MODS] {
             if key == MODS && (method, path) == ("POST", "/v1/moderations") {
@@ -99,7 +105,7 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
                 matches!(status, 404 | 405),
                 "{method} {path} with {key}: {status} {body}"
             );
-            if status == 404 {
+            if status == 404 && method != "HEAD" {
                 assert_eq!(json["error"]["code"], "unknown_url", "{body}");
             }
         }

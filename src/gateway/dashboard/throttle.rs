@@ -92,8 +92,15 @@ impl Throttle {
             .min(MAX_LOCK_MS);
         record.lockouts = record.lockouts.saturating_add(1);
         record.locked_until_ms = now_ms + lock;
-        tracing::warn!(address = %ip, seconds = lock / 1000, "dashboard sign-in locked after repeated failures");
+        tracing::warn!(address = %ip, seconds = lock / 1000, "admin token guesses locked out after repeated failures");
         Err(seconds(lock))
+    }
+
+    /// Seconds `ip` is still locked out for, if it is (nothing counted).
+    pub fn locked(&self, ip: IpAddr, now_ms: i64) -> Option<u64> {
+        let table = self.0.lock().ok()?;
+        let record = table.get(&key(ip))?;
+        (record.locked_until_ms > now_ms).then(|| seconds(record.locked_until_ms - now_ms))
     }
 
     /// A right token: the address starts afresh.

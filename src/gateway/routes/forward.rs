@@ -29,6 +29,15 @@ pub async fn passthrough(
     let path = parts.uri.path();
     let upstream_path = path.strip_prefix("/v1").unwrap_or(path);
     let method = parts.method.as_str();
+    // The server routes only plain paths (see `App`); checked here too, so
+    // that no router built another way can forward a `..` segment.
+    if !path::is_plain(path) {
+        return ApiError::NotForwarded {
+            method: path::excerpt(method, 16),
+            path: path::excerpt(path, 128),
+        }
+        .into_response();
+    }
     let Some(rule) = project
         .forward
         .iter()
