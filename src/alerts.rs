@@ -173,12 +173,13 @@ impl Engine {
                 state.today.push(f);
             }
             for (org, group, cost) in billed {
-                *state
+                let sum = state
                     .billed
                     .entry(org)
                     .or_default()
                     .entry(group)
-                    .or_default() += cost;
+                    .or_default();
+                *sum = sum.saturating_add(cost);
             }
         }
     }

@@ -214,11 +214,11 @@ pub fn sharing_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<V
                 ..SharingRow::default()
             };
             for r in rows.iter().filter(|r| *r.org == *org.name) {
-                let tokens = r.input_tokens + r.output_tokens;
+                let tokens = r.input_tokens.saturating_add(r.output_tokens);
                 if r.sharing.as_deref() == Some("shared") {
-                    row.shared_tokens += tokens;
+                    row.shared_tokens = row.shared_tokens.saturating_add(tokens);
                 } else {
-                    row.private_tokens += tokens;
+                    row.private_tokens = row.private_tokens.saturating_add(tokens);
                 }
             }
             row

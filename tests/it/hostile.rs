@@ -354,9 +354,46 @@ async fn a_ledger_with_reals_from_an_older_version_still_opens() {
         .unwrap_or_else(|e| panic!("{e}"));
     let status = report.status().as_u16();
     let text = report.text().await.unwrap_or_default();
+    // The dashboard shows the day's billed cost, not 0.
+    let root = base.trim_end_matches("/v1").to_owned();
+    let no_redirects = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let signed = no_redirects
+        .post(format!("{root}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("token=admin-token-0123456789")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_default()
+        .to_owned();
+    let page = no_redirects
+        .get(format!("{root}/dashboard"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status, 200, "{text}");
+    let marker = "data-metric=\"cost\" data-org=\"acme\" data-group=\"flagship\" data-value=\"";
+    let cost: u64 = page
+        .split(marker)
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no flagship cost on the dashboard: {page}"));
+    assert!(cost > 0, "the dashboard shows {cost} billed");
     // The two rows' cost saturates rather than fail the report.
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -94,16 +94,18 @@ fn lines(
     let mut out: BTreeMap<String, Line> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.org == org) {
         let line = out.entry(key(r).unwrap_or_default()).or_default();
-        let tokens = r.input_tokens + r.output_tokens;
-        line.requests += r.num_model_requests;
-        line.input += r.input_tokens;
-        line.output += r.output_tokens;
+        // Saturating: a ledger can hold absurd numbers an older version
+        // took from a misbehaving upstream.
+        let tokens = r.input_tokens.saturating_add(r.output_tokens);
+        line.requests = line.requests.saturating_add(r.num_model_requests);
+        line.input = line.input.saturating_add(r.input_tokens);
+        line.output = line.output.saturating_add(r.output_tokens);
         if r.lane.as_deref() == Some("free") {
-            line.free += tokens;
+            line.free = line.free.saturating_add(tokens);
         } else {
-            line.billed += tokens;
+            line.billed = line.billed.saturating_add(tokens);
         }
-        line.cost += r.cost_pico;
+        line.cost = line.cost.saturating_add(r.cost_pico);
     }
     out
 }
@@ -165,11 +167,20 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
         .filter(|d| d.org == org && d.day >= first && d.day <= today)
     {
         let slot = &mut per_day[(d.day.0 - first.0) as usize];
-        slot.0 += d.free_tokens;
-        slot.1 += d.billed_tokens;
-        slot.2 += d.cost_pico;
+        slot.0 = slot.0.saturating_add(d.free_tokens);
+        slot.1 = slot.1.saturating_add(d.billed_tokens);
+        slot.2 = slot.2.saturating_add(d.cost_pico);
     }
-    let max_tokens = per_day.iter().map(|d| d.0 + d.1).max().unwrap_or(0).max(1);
+    let max_tokens = per_day
+        .iter()
+        .map(|d| d.0.saturating_add(d.1))
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    // A bar's height: `value` of `max` in `h`, in u128 so no product overflows.
+    let scale = |value: u64, max: u64, h: u64| {
+        u64::try_from(u128::from(value) * u128::from(h) / u128::from(max.max(1))).unwrap_or(h)
+    };
     let max_cost = per_day.iter().map(|d| d.2).max().unwrap_or(0).max(1);
     let (w, h, slot) = (600u64, 160u64, 20u64);
     let mut svg = format!(
@@ -179,8 +190,8 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
     let mut cost_points = Vec::new();
     for (i, (free, billed, cost)) in per_day.iter().enumerate() {
         let x = i as u64 * slot;
-        let free_h = free * h / max_tokens;
-        let billed_h = billed * h / max_tokens;
+        let free_h = scale(*free, max_tokens, h);
+        let billed_h = scale(*billed, max_tokens, h).min(h - free_h);
         let day = Day(first.0 + i as i64);
         let _ = write!(
             svg,
@@ -197,7 +208,11 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
             h - free_h - billed_h,
             slot - 4
         );
-        cost_points.push(format!("{},{}", x + slot / 2, h - cost * h / max_cost));
+        cost_points.push(format!(
+            "{},{}",
+            x + slot / 2,
+            h - scale(*cost, max_cost, h)
+        ));
     }
     let _ = write!(
         svg,
@@ -274,7 +289,11 @@ pub fn render_live(gateway: &Gateway) -> String {
         // Shared against private tokens today, as each call was recorded.
         let projects = lines(&by_project, name, |r| r.project_id.clone());
         let sharing = lines(&by_sharing, name, |r| r.sharing.clone());
-        let tokens_of = |kind: &str| sharing.get(kind).map_or(0, |l| l.input + l.output);
+        let tokens_of = |kind: &str| {
+            sharing
+                .get(kind)
+                .map_or(0, |l| l.input.saturating_add(l.output))
+        };
         let (shared, private) = (tokens_of("shared"), tokens_of("private"));
         let _ = write!(
             out,
