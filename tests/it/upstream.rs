@@ -529,3 +529,29 @@ async fn orgs_never_share_an_upstream_connection() {
     // ...but never another org's.
     assert!(a.iter().all(|p| !b.contains(p)), "{ports:?}");
 }
+
+/// An upstream that closes each keep-alive connection once it has answered
+/// (as servers do with idle connections): the next call is not lost on the
+/// closed pooled connection, it goes on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    let addr = fake(|seen, mut stream| async move {
+        let out = whole(
+            "content-type: application/json\r\n",
+            &completion(&marker(&seen)),
+        );
+        stream.write_all(&out).await.ok()?;
+        // Closed a moment after the answer, without `connection: close`.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        None
+    })
+    .await;
+    let h = gateway("upstream-closed-pooled", addr, "").await;
+    for n in 0..4 {
+        let mark = format!("marker-{n}");
+        let (status, body) = call(&h, KEY_A, &mark).await;
+        assert_eq!(status, 200, "call {n}: {body}");
+        assert_eq!(body["choices"][0]["message"]["content"], mark);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
