@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -85,7 +86,15 @@ struct Target {
     /// A pool per org, by the org's index: a connection that carried one
     /// org's call never carries another org's, so no mistake in reading one
     /// answer can hand it to another tenant.
-    pools: Vec<Pool>,
+    pools: Vec<OrgPool>,
+}
+
+/// One org's pool of connections to one upstream.
+struct OrgPool {
+    client: Pool,
+    /// Connections this pool has made: a call that failed while none was
+    /// made went on a pooled one (see [`send`]'s retry).
+    connects: Arc<AtomicU64>,
 }
 
 /// The headers an upstream gets from the gateway on every call.
@@ -145,18 +154,30 @@ fn target_uri(target: &Target, path_and_query: &str) -> Option<Uri> {
         .ok()
 }
 
-/// A pool on `connector`.
-fn pool(connector: &Connector) -> Pool {
+/// A pool on `connector`, counting the connections it makes.
+fn pool(connector: &Connector) -> OrgPool {
+    let connects = Arc::new(AtomicU64::new(0));
+    let connector = TimedConnect {
+        inner: connector.inner.clone(),
+        connects: Some(connects.clone()),
+    };
+    OrgPool {
+        client: client_on(connector),
+        connects,
+    }
+}
+
+fn client_on(connector: Connector) -> Pool {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_TIMEOUT)
         .pool_max_idle_per_host(MAX_IDLE)
         // A request that could not be sent on a pooled connection the
-        // upstream had closed is sent again, once, on another. One the
-        // upstream closed after reading is not: it may have been served.
+        // upstream had closed is sent again, once, on another (one it
+        // closed after reading: see `send`).
         .retry_canceled_requests(true)
         .set_host(true)
-        .build(connector.clone())
+        .build(connector)
 }
 
 /// Build the upstreams' client.
@@ -169,13 +190,14 @@ pub fn client(config: &Config) -> Result<Client, rustls::Error> {
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
-        TimedConnect(
-            hyper_rustls::HttpsConnectorBuilder::new()
+        TimedConnect {
+            inner: hyper_rustls::HttpsConnectorBuilder::new()
                 .with_tls_config(tls)
                 .https_or_http()
                 .enable_http1()
                 .wrap_connector(tcp),
-        )
+            connects: None,
+        }
     };
     let platform = connector(
         builder
@@ -222,9 +244,13 @@ pub fn client(config: &Config) -> Result<Client, rustls::Error> {
     })
 }
 
-/// A connector whose connecting (TCP and TLS) fails past [`CONNECT_TIMEOUT`].
+/// A connector whose connecting (TCP and TLS) fails past
+/// [`CONNECT_TIMEOUT`], counting the connections it starts.
 #[derive(Clone)]
-struct TimedConnect<C>(C);
+struct TimedConnect<C> {
+    inner: C,
+    connects: Option<Arc<AtomicU64>>,
+}
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -239,11 +265,14 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.0.poll_ready(cx).map_err(Into::into)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
+        if let Some(connects) = &self.connects {
+            connects.fetch_add(1, Ordering::Relaxed);
+        }
+        let connecting = self.inner.call(uri);
         Box::pin(async move {
             match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
                 Ok(connected) => connected.map_err(Into::into),
@@ -306,21 +335,43 @@ pub async fn send(
     let uri = target_uri(target, path_and_query).ok_or_else(|| {
         ApiError::BadGateway(format!("The upstream '{upstream}' has an invalid URL."))
     })?;
-    let mut request = axum::http::Request::new(Full::new(body));
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    let headers = request.headers_mut();
-    headers.reserve(client_headers.len() + target.own_headers.len());
-    for (name, value) in client_headers {
-        if !dropped_request_header(name) {
-            headers.append(name.clone(), value.clone());
+    let request = || {
+        let mut request = axum::http::Request::new(Full::new(body.clone()));
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = uri.clone();
+        let headers = request.headers_mut();
+        headers.reserve(client_headers.len() + target.own_headers.len());
+        for (name, value) in client_headers {
+            if !dropped_request_header(name) {
+                headers.append(name.clone(), value.clone());
+            }
         }
-    }
-    for (name, value) in &target.own_headers {
-        headers.insert(name.clone(), value.clone());
-    }
+        for (name, value) in &target.own_headers {
+            headers.insert(name.clone(), value.clone());
+        }
+        request
+    };
     let deadline = tokio::time::Instant::now() + gateway.client.timeout;
-    match tokio::time::timeout_at(deadline, pool.request(request)).await {
+    let call = async {
+        let connects = pool.connects.load(Ordering::Relaxed);
+        match pool.client.request(request()).await {
+            // The upstream closed the connection without a byte of an
+            // answer, and the pool made no connection meanwhile, so the
+            // call went on a pooled one: the upstream closed it while idle
+            // and never read the request. It goes again, once, on another
+            // (hyper-util retries by itself only a request it could not
+            // write; a call on a new connection is never sent twice).
+            Err(e) if unanswered(&e) && pool.connects.load(Ordering::Relaxed) == connects => {
+                tracing::debug!(
+                    upstream,
+                    "a pooled connection closed before answering; sent again"
+                );
+                pool.client.request(request()).await
+            }
+            other => other,
+        }
+    };
+    match tokio::time::timeout_at(deadline, call).await {
         Err(_) => Err(ApiError::GatewayTimeout),
         Ok(Err(e)) => {
             // The errors name neither the URL nor any header, so the key
@@ -341,6 +392,30 @@ pub async fn send(
             })
         }
     }
+}
+
+/// Whether a call failed because its connection closed before an answer
+/// came: hyper's incomplete message, or a reset or closed socket.
+fn unanswered(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An error and its sources, on one line (hyper's top error alone says

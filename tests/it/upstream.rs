@@ -555,3 +555,58 @@ async fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The upstream closes a pooled connection just as the next call is sent
+/// on it (it read the call, answered nothing): that call goes again, once,
+/// on a new connection. A call on a new connection is never sent twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_closed_before_answering_is_replaced_once() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(u16, String)>::new()));
+    let log = seen.clone();
+    let addr = fake(move |request, mut stream| {
+        let log = log.clone();
+        async move {
+            let mark = marker(&request);
+            let second_on_this_connection = {
+                let mut log = log.lock().ok()?;
+                let again = log.iter().any(|(port, _)| *port == request.port);
+                log.push((request.port, mark.clone()));
+                again
+            };
+            if second_on_this_connection || mark == "marker-never" {
+                // Read, and closed without a byte of an answer.
+                return None;
+            }
+            let out = whole("content-type: application/json\r\n", &completion(&mark));
+            stream.write_all(&out).await.ok()?;
+            Some(stream)
+        }
+    })
+    .await;
+    let h = gateway("upstream-closed-unanswered", addr, "").await;
+    for n in 0..3 {
+        let mark = format!("marker-{n}");
+        let (status, body) = call(&h, KEY_A, &mark).await;
+        assert_eq!(status, 200, "call {n}: {body}");
+        assert_eq!(body["choices"][0]["message"]["content"], mark);
+    }
+    let calls: Vec<(u16, String)> = seen.lock().map(|l| l.clone()).unwrap_or_default();
+    // Calls 1 and 2 each went first on the pooled connection, then again on a new one.
+    let marks: Vec<&str> = calls.iter().map(|(_, m)| m.as_str()).collect();
+    assert_eq!(
+        marks,
+        ["marker-0", "marker-1", "marker-1", "marker-2", "marker-2"],
+        "{calls:?}"
+    );
+    // An upstream that closes a new connection unanswered: a 502, sent once.
+    let other = gateway("upstream-closed-unanswered-new", addr, "").await;
+    let before = seen.lock().map(|l| l.len()).unwrap_or_default();
+    let (status, _) = call(&other, KEY_B, "marker-never").await;
+    assert_eq!(status, 502);
+    let after = seen.lock().map(|l| l.len()).unwrap_or_default();
+    assert_eq!(
+        after - before,
+        1,
+        "a call on a new connection is not sent twice"
+    );
+}
