@@ -3,10 +3,14 @@
 //!
 //! A request walks one road, and the modules follow it:
 //!
-//! 1. authenticate the key: key -> project -> org ([`gateway::auth`]);
+//! 1. authenticate the key: key -> project -> org ([`gateway::auth`]); only
+//!    a path's plain spelling is routed, and a `/v1` path the gateway does
+//!    not meter goes upstream only where the project's `forward` rules
+//!    allow it ([`gateway::path`]);
 //! 2. read the body: model, messages, output cap ([`tokens::request`]); for a
 //!    sharing project, the privacy [`guard`] blocks, reroutes or redacts
-//!    secrets and personal data;
+//!    secrets and personal data (a large body on the blocking pool, so it
+//!    never holds an async worker);
 //! 3. look the model up in the [`catalog`]: group, encoding, prices;
 //! 4. count its prompt ([`tokens`]): exact text counts in OpenAI's
 //!    encodings, the chat formula, tools, images ([`tokens::image`]);
