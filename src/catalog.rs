@@ -169,7 +169,7 @@ impl fmt::Display for UnknownModel {
         write!(
             f,
             "The model `{}` does not exist or you do not have access to it.",
-            crate::gateway::path::excerpt(&self.model, MAX_ECHOED_NAME_BYTES)
+            crate::excerpt(&self.model, MAX_ECHOED_NAME_BYTES)
         )?;
         if !self.suggestions.is_empty() {
             write!(f, " Did you mean {}?", self.suggestions.join(", "))?;
@@ -212,7 +212,7 @@ impl Catalog {
             }
         }
         Err(UnknownModel {
-            model: crate::gateway::path::excerpt(name, MAX_ECHOED_NAME_BYTES),
+            model: crate::excerpt(name, MAX_ECHOED_NAME_BYTES),
             // The edit distance costs the product of the names' lengths:
             // only a name of a real model's length gets suggestions.
             suggestions: if name.len() <= MAX_SUGGESTED_NAME_BYTES {

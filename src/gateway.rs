@@ -106,10 +106,10 @@ pub struct Gateway {
     pub sessions: dashboard::Sessions,
     /// The dashboard's live part, shared by its viewers.
     pub dashboard_cache: dashboard::Cache,
-    /// Turns for reading large request bodies on the blocking pool: as many
-    /// as the machine has cores, so large bodies queue rather than start a
-    /// thread (and hold a body in memory) each.
-    pub heavy_reads: tokio::sync::Semaphore,
+    /// Turns for CPU-heavy work on the blocking pool ([`Gateway::off_workers`]):
+    /// as many as the machine has cores, so large bodies queue rather than
+    /// start a thread (and hold a body in memory) each.
+    heavy_turns: tokio::sync::Semaphore,
 }
 
 impl Gateway {
@@ -167,7 +167,7 @@ impl Gateway {
             delivery,
             sessions: dashboard::Sessions::default(),
             dashboard_cache: dashboard::Cache::default(),
-            heavy_reads: tokio::sync::Semaphore::new(
+            heavy_turns: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
         });
@@ -189,6 +189,17 @@ impl Gateway {
             }
         }
         Ok(gateway)
+    }
+
+    /// Run `work` (reading a large body or answer) on the blocking pool, as
+    /// many at once as there are cores, so that it never holds an async
+    /// worker other connections need. `None` if it could not run.
+    pub(crate) async fn off_workers<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Option<T> {
+        let _turn = self.heavy_turns.acquire().await.ok()?;
+        tokio::task::spawn_blocking(work).await.ok()
     }
 
     /// Delete captured calls past their org's retention; returns how many.

@@ -35,6 +35,19 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 /// A hash set as [`FastMap`].
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+/// At most `max` bytes of client input for an error message (cut at a
+/// character boundary, with an ellipsis when cut).
+pub(crate) fn excerpt(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &text[..end])
+}
+
 pub mod alerts;
 pub mod capture;
 pub mod catalog;
@@ -48,3 +61,15 @@ pub mod meter;
 pub mod simulator;
 pub mod store;
 pub mod tokens;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_short_and_cut_at_a_character() {
+        assert_eq!(excerpt("gpt-4o", 10), "gpt-4o");
+        assert_eq!(excerpt("ééééé", 3), "é...");
+        assert_eq!(excerpt(&"x".repeat(10_000), 64).len(), 67);
+    }
+}

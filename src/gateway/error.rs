@@ -58,6 +58,22 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// OpenAI's 404 for a URL it does not serve, echoing a short prefix of it.
+    pub fn unknown_route(method: &str, path: &str) -> Self {
+        ApiError::UnknownRoute {
+            method: crate::excerpt(method, 16),
+            path: crate::excerpt(path, 128),
+        }
+    }
+
+    /// The 404 for a path the project's `forward` rules do not open.
+    pub fn not_forwarded(method: &str, path: &str) -> Self {
+        ApiError::NotForwarded {
+            method: crate::excerpt(method, 16),
+            path: crate::excerpt(path, 128),
+        }
+    }
+
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,

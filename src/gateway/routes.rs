@@ -40,10 +40,7 @@ pub async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
 
 /// OpenAI's 404 for a URL it does not serve, echoing a short prefix of it.
 pub fn not_found_now(method: &Method, uri: &axum::http::Uri) -> ApiError {
-    ApiError::UnknownRoute {
-        method: super::path::excerpt(method.as_str(), 16),
-        path: super::path::excerpt(uri.path(), 128),
-    }
+    ApiError::unknown_route(method.as_str(), uri.path())
 }
 
 /// How long a client may take to send its body: a client trickling bytes
@@ -560,19 +557,15 @@ async fn answer_whole(
         // A large answer is read (and, without usage, counted) on the
         // blocking pool, as a large request is.
         let (captures, encoding, body) = (call.captures(), call.encoding(), upstream_body.clone());
-        let _turn = gateway
-            .heavy_reads
-            .acquire()
+        gateway
+            .off_workers(move || {
+                read_answer(endpoint, &body, captures, status.as_u16(), Some(encoding))
+            })
             .await
-            .map_err(|_| ApiError::Internal)?;
-        tokio::task::spawn_blocking(move || {
-            read_answer(endpoint, &body, captures, status.as_u16(), Some(encoding))
-        })
-        .await
-        .unwrap_or_else(|_| Outcome {
-            status: status.as_u16(),
-            ..Outcome::default()
-        })
+            .unwrap_or_else(|| Outcome {
+                status: status.as_u16(),
+                ..Outcome::default()
+            })
     };
     call.settle_in_place(outcome);
     let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);

@@ -355,15 +355,11 @@ impl Tap {
             Vec::new()
         };
         let (endpoint, completed) = (self.endpoint, self.completed.take());
-        let text = if self.usage.is_none() {
-            std::mem::take(&mut self.text)
+        // The text is for an estimate: only a stream without usage needs it.
+        let (text, overflow) = if self.usage.is_none() {
+            (std::mem::take(&mut self.text), self.text_overflow)
         } else {
-            Vec::new()
-        };
-        let overflow = if self.usage.is_none() {
-            self.text_overflow
-        } else {
-            0
+            (Vec::new(), 0)
         };
         let heavy = text.len() > LONG_TEXT_BYTES || (capture && self.seen_bytes > LONG_TEXT_BYTES);
         let mut outcome = Outcome {

@@ -81,7 +81,7 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
                 bad(
                     format!(
                         "'{param}' must be an integer, got {:?}.",
-                        super::path::excerpt(&value, 64)
+                        crate::excerpt(&value, 64)
                     ),
                     param,
                 )
@@ -102,7 +102,7 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
                             return Err(bad(
                                 format!(
                                     "Invalid value for 'group_by': {:?}. Supported values are: {}.",
-                                    super::path::excerpt(name, 64),
+                                    crate::excerpt(name, 64),
                                     allowed.join(", ")
                                 ),
                                 "group_by",
@@ -132,7 +132,7 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
             return Err(bad(
                 format!(
                     "Invalid value for 'bucket_width': {:?}. Supported values are: 1m, 1h, 1d.",
-                    super::path::excerpt(other, 64)
+                    crate::excerpt(other, 64)
                 ),
                 "bucket_width",
             ))

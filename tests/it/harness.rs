@@ -38,6 +38,38 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// The dashboard's page at `root` (the gateway's address, without `/v1`),
+/// signed in with the admin token `admin`.
+pub async fn dashboard_page(root: &str, admin: &str) -> String {
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let signed = client
+        .post(format!("{root}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={admin}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cookie = signed
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no session"))
+        .to_owned();
+    client
+        .get(format!("{root}/dashboard"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default()
+}
+
 /// A path in the repository (fixtures, test scripts, target/).
 pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)

@@ -13,7 +13,8 @@ use tokenwarden::store::SqliteStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{
-    serve_process, spawn, start, start_with_server, temp_dir, Harness, NOON_MS, UPSTREAM_KEY,
+    dashboard_page, serve_process, spawn, start, start_with_server, temp_dir, Harness, NOON_MS,
+    UPSTREAM_KEY,
 };
 
 const KEY: &str = "tw-test-hostile-key-000001";
@@ -355,34 +356,7 @@ async fn a_ledger_with_reals_from_an_older_version_still_opens() {
     let status = report.status().as_u16();
     let text = report.text().await.unwrap_or_default();
     // The dashboard shows the day's billed cost, not 0.
-    let root = base.trim_end_matches("/v1").to_owned();
-    let no_redirects = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let signed = no_redirects
-        .post(format!("{root}/dashboard/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("token=admin-token-0123456789")
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let cookie = signed
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .unwrap_or_default()
-        .to_owned();
-    let page = no_redirects
-        .get(format!("{root}/dashboard"))
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .text()
-        .await
-        .unwrap_or_default();
+    let page = dashboard_page(base.trim_end_matches("/v1"), "admin-token-0123456789").await;
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(status, 200, "{text}");

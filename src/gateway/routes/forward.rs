@@ -31,23 +31,13 @@ pub async fn passthrough(
     let method = parts.method.as_str();
     // The server routes only plain paths (see `App`); checked here too, so
     // that no router built another way can forward a `..` segment.
-    if !path::is_plain(path) {
-        return ApiError::NotForwarded {
-            method: path::excerpt(method, 16),
-            path: path::excerpt(path, 128),
-        }
-        .into_response();
-    }
-    let Some(rule) = project
+    let rule = project
         .forward
         .iter()
         .find(|r| r.allows(method, upstream_path))
-    else {
-        return ApiError::NotForwarded {
-            method: path::excerpt(method, 16),
-            path: path::excerpt(path, 128),
-        }
-        .into_response();
+        .filter(|_| path::is_plain(path));
+    let Some(rule) = rule else {
+        return ApiError::not_forwarded(method, path).into_response();
     };
     let body = match read_body(body, gateway.config.server.max_body_bytes).await {
         Ok(body) => body,

@@ -84,7 +84,7 @@ pub(super) struct Read {
 
 /// Parse the body, apply the privacy guard, count the prompt: inline for a
 /// small body, on the blocking pool for a large one (at most
-/// [`Gateway::heavy_reads`] at once; the others wait their turn there).
+/// [`Gateway::off_workers`]).
 pub(super) async fn read_request(
     gateway: &Arc<Gateway>,
     caller: Caller,
@@ -112,13 +112,9 @@ pub(super) async fn read_request(
     if bytes.len() <= INLINE_READ_BYTES {
         return read(gateway, caller, private, endpoint, &bytes);
     }
-    let _turn = gateway
-        .heavy_reads
-        .acquire()
+    let shared = gateway.clone();
+    gateway
+        .off_workers(move || read(&shared, caller, private, endpoint, &bytes))
         .await
-        .map_err(|_| ApiError::Internal)?;
-    let gateway = gateway.clone();
-    tokio::task::spawn_blocking(move || read(&gateway, caller, private, endpoint, &bytes))
-        .await
-        .map_err(|_| ApiError::Internal)?
+        .ok_or(ApiError::Internal)?
 }

@@ -56,7 +56,7 @@ impl Counter<'_> {
                 if matches!(role.as_str(), "system" | "developer" | "user" | "assistant" | "tool" | "function") => {}
             Some(Value::String(role)) => {
                 return Err(invalid(
-                    format!("Invalid value: '{}'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'.", crate::gateway::path::excerpt(role, 64)),
+                    format!("Invalid value: '{}'. Supported values are: 'system', 'assistant', 'user', 'function', 'tool', and 'developer'.", crate::excerpt(role, 64)),
                     format!("{param}.role"),
                     "invalid_value",
                 ))
