@@ -6,27 +6,12 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use crate::catalog::Catalog;
 use crate::config::{Config, ConfigError, Env, ProcessEnv};
+use crate::gateway::auth::new_key;
 use crate::gateway::{self, Gateway, SystemClock};
 use crate::simulator::{self, SimConfig, Simulator};
 use crate::store::SqliteStore;
-
-/// A fresh client key: not guessable, shown once.
-pub fn new_key(prefix: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(std::process::id().to_le_bytes());
-    hasher.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
-    hasher.update(format!("{:p}", &hasher).as_bytes());
-    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
-        hasher.update(bytes);
-    }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
-}
 
 /// The configuration `serve` runs with when given no file: one org, one
 /// project and one new key in front of `base_url`.
@@ -78,7 +63,7 @@ pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> a
     }
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
-    let gateway = Gateway::new(config, store, Arc::new(SystemClock))?;
+    let gateway = Gateway::new(config, Arc::new(store), Arc::new(SystemClock)).await?;
     announce(addr);
     let header_timeout = gateway.config.server.header_read_timeout;
     gateway::serve_with_timeout(

@@ -20,10 +20,9 @@
 //! -> ask the meter -> write it as pending -> forward ([`upstream`]) -> tap
 //! the usage out of the body or stream ([`stream`]) -> settle ([`call`]).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::response::IntoResponse;
@@ -32,8 +31,8 @@ use axum::Router;
 
 use crate::config::Config;
 use crate::day::Day;
-use crate::meter::{Ledger, PoolKey};
-use crate::store::{SqliteStore, StoreError};
+use crate::meter::PoolKey;
+use crate::store::{PoolNames, Store, StoreError};
 use crate::tokens::request::Endpoint;
 
 pub mod auth;
@@ -91,9 +90,9 @@ pub struct Gateway {
     pub config: Config,
     /// Client key hashes -> (org, project).
     pub keys: auth::KeyTable,
-    /// Free tokens used and reserved, per org, group and day.
-    pub ledger: Mutex<Ledger>,
-    pub store: SqliteStore,
+    /// The ledger, and the meter's free tokens used and reserved per org,
+    /// group and day (SQLite or PostgreSQL: [`crate::store`]).
+    pub store: Arc<dyn Store>,
     /// One connection pool for every upstream.
     pub client: upstream::Client,
     pub clock: Arc<dyn Clock>,
@@ -115,12 +114,13 @@ pub struct Gateway {
 impl Gateway {
     /// Build the gateway: recover calls a crash left pending, then load
     /// today's totals into the meter, so a restart forgets nothing.
-    pub fn new(
+    pub async fn new(
         config: Config,
-        store: SqliteStore,
+        store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Gateway>, StoreError> {
-        let recovered = store.recover()?;
+        let today = Day::from_unix(clock.now_ms().div_euclid(1000));
+        let recovered = store.start(&PoolNames::of(&config), today).await?;
         if recovered > 0 {
             tracing::warn!(
                 recovered,
@@ -143,7 +143,7 @@ impl Gateway {
                 Some(crate::alerts::Delivery::start(
                     webhook,
                     Arc::new(move |fired, attempts, delivered| {
-                        if let Err(e) = store.alert_delivered_nowait(fired, attempts, delivered) {
+                        if let Err(e) = store.alert_delivered(fired, attempts, delivered) {
                             tracing::error!(error = %e, "could not record an alert's delivery");
                         }
                     }),
@@ -157,7 +157,6 @@ impl Gateway {
         };
         let gateway = Arc::new(Gateway {
             keys,
-            ledger: Mutex::new(Ledger::new()),
             store,
             client,
             clock,
@@ -171,8 +170,8 @@ impl Gateway {
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
         });
-        gateway.restore(gateway.today())?;
-        gateway.purge_captures();
+        gateway.restore_alerts(today).await?;
+        gateway.purge_captures().await;
         if gateway.config.orgs.iter().any(|o| o.capture) {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 // The retention purge runs by itself; the task ends with the gateway.
@@ -183,7 +182,7 @@ impl Gateway {
                         let Some(gateway) = weak.upgrade() else {
                             return;
                         };
-                        let _ = tokio::task::spawn_blocking(move || gateway.purge_captures()).await;
+                        gateway.purge_captures().await;
                     }
                 });
             }
@@ -203,13 +202,13 @@ impl Gateway {
     }
 
     /// Delete captured calls past their org's retention; returns how many.
-    pub fn purge_captures(&self) -> usize {
+    pub async fn purge_captures(&self) -> usize {
         let now_ms = self.clock.now_ms();
         let mut purged = 0;
         for org in &self.config.orgs {
             // Orgs that stopped capturing are purged on the same schedule.
             let before = now_ms - i64::from(org.capture_retention_days) * 86_400_000;
-            match self.store.purge_captures(&org.name, before) {
+            match self.store.purge_captures(&org.name, before).await {
                 Ok(0) => {}
                 Ok(n) => {
                     tracing::info!(org = %org.name, purged = n, "captured calls past their retention purged");
@@ -246,19 +245,12 @@ impl Gateway {
             (Some(o), Some(g)) if self.org_gets_free_tokens(org) => g.daily_tokens_for_tier(o.tier),
             _ => 0,
         };
-        match self.ledger.lock() {
-            Ok(ledger) => ledger.state(PoolKey { org, group, day }, cap),
-            Err(_) => crate::meter::PoolState {
-                cap,
-                used: 0,
-                reserved: 0,
-            },
-        }
+        self.store.pool_state(PoolKey { org, group, day }, cap)
     }
 
     /// After a call settled: add its billed cost and fire the alerts that
     /// now hold for its org and group. Never waits on delivery.
-    pub fn check_alerts(&self, org: usize, group: Option<usize>, cost_pico: u64) {
+    pub fn check_alerts(self: &Arc<Self>, org: usize, group: Option<usize>, cost_pico: u64) {
         let day = self.today();
         let Some(org_config) = self.config.orgs.get(org) else {
             return;
@@ -280,14 +272,41 @@ impl Gateway {
             billed_cost_pico: billed,
         };
         for fired in self.alerts.evaluate(rules, &view) {
-            tracing::warn!(rule = %fired.rule, org = %fired.org, group = %fired.group, "{}", fired.text);
-            self.metrics.alert(&fired.org, &fired.group, &fired.rule);
-            if let Err(e) = self.store.alert_nowait(fired.clone()) {
+            let record = self.store.alert(fired.clone());
+            match futures_util::FutureExt::now_or_never(record) {
+                Some(first) => self.announce(org, fired, first),
+                // A store across the network: announced once it answers.
+                None => {
+                    let gateway = self.clone();
+                    tokio::spawn(async move {
+                        let first = gateway.store.alert(fired.clone()).await;
+                        gateway.announce(org, fired, first);
+                    });
+                }
+            }
+        }
+    }
+
+    /// Log, count and post a fired alert, if this gateway recorded it first
+    /// (replicas sharing a ledger fire each alert once).
+    fn announce(&self, org: usize, fired: crate::alerts::Fired, first: Result<bool, StoreError>) {
+        match first {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
                 tracing::error!(error = %e, "could not record an alert");
+                return;
             }
-            if let (Some(delivery), Some(webhook)) = (&self.delivery, &rules.webhook) {
-                delivery.send(fired, webhook.clone(), rules.retries);
-            }
+        }
+        tracing::warn!(rule = %fired.rule, org = %fired.org, group = %fired.group, "{}", fired.text);
+        self.metrics.alert(&fired.org, &fired.group, &fired.rule);
+        let webhook = self
+            .config
+            .orgs
+            .get(org)
+            .and_then(|o| Some((o.alerts.webhook.clone()?, o.alerts.retries)));
+        if let (Some(delivery), Some((webhook, retries))) = (&self.delivery, webhook) {
+            delivery.send(fired, webhook, retries);
         }
     }
 
@@ -295,40 +314,25 @@ impl Gateway {
         Day::from_unix(self.clock.now_ms().div_euclid(1000))
     }
 
-    /// Load `day`'s free tokens used from the store into the meter.
-    fn restore(&self, day: Day) -> Result<(), StoreError> {
-        let org_index: HashMap<&str, usize> = self
-            .config
-            .orgs
-            .iter()
-            .enumerate()
-            .map(|(i, o)| (&*o.name, i))
-            .collect();
-        let totals = self.store.daily(day)?;
-        let billed = totals
-            .iter()
+    /// Load which alerts fired on `day` and each group's billed cost, so a
+    /// restart fires none of them again.
+    async fn restore_alerts(&self, day: Day) -> Result<(), StoreError> {
+        let billed = self
+            .store
+            .daily(day)
+            .await?
+            .into_iter()
             .map(|t| {
-                let group = if t.group.is_empty() { "none" } else { &t.group };
-                (t.org.clone(), group.to_owned(), t.cost_pico)
+                let group = if t.group.is_empty() {
+                    "none".to_owned()
+                } else {
+                    t.group
+                };
+                (t.org, group, t.cost_pico)
             })
             .collect();
-        self.alerts.restore(day, self.store.alerts(day)?, billed);
-        let mut ledger = self
-            .ledger
-            .lock()
-            .map_err(|_| StoreError::from_message("meter lock poisoned".into()))?;
-        for total in totals {
-            let org = org_index.get(total.org.as_str());
-            let group = self
-                .config
-                .catalog
-                .groups
-                .iter()
-                .position(|g| *g.name == *total.group);
-            if let (Some(&org), Some(group)) = (org, group) {
-                ledger.restore(PoolKey { org, group, day }, total.free_tokens);
-            }
-        }
+        self.alerts
+            .restore(day, self.store.alerts(day).await?, billed);
         Ok(())
     }
 

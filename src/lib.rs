@@ -14,11 +14,13 @@
 //! 3. look the model up in the [`catalog`]: group, encoding, prices;
 //! 4. count its prompt ([`tokens`]): exact text counts in OpenAI's
 //!    encodings, the chat formula, tools, images ([`tokens::image`]);
-//! 5. ask the [`meter`]: free, billed, refused, downgraded or clamped;
-//! 6. write it to the [`store`] as pending, forward it upstream
-//!    ([`gateway::upstream`]), tap the usage out of the response or stream
-//!    ([`gateway::stream`]);
-//! 7. settle with the meter and the store on every path ([`gateway::call`]);
+//! 5. admit it: the [`meter`] decides (free, billed, refused, downgraded or
+//!    clamped) behind the [`store::Store`] interface, which writes the call
+//!    as pending ([`gateway::routes`]'s `admit`);
+//! 6. forward it upstream ([`gateway::upstream`]), tap the usage out of the
+//!    response or stream ([`gateway::stream`]);
+//! 7. settle with the meter and the store on every path ([`gateway::call`]),
+//!    the answer's end held until its record is durable;
 //!    the settlement feeds the metrics ([`gateway::metrics`]) and the
 //!    [`alerts`], and each ledger commit wakes the live dashboard
 //!    ([`gateway::dashboard`]).

@@ -7,12 +7,162 @@
 //! reservation counted (an upper bound), so a `kill -9` loses no call and
 //! never hands out free tokens twice. SQLite is the embedded default.
 
+use crate::alerts::Fired;
 use crate::day::Day;
+use crate::meter::{Decision, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use std::sync::Arc;
 
 pub mod sqlite;
 
 pub use sqlite::{count_captures, for_each_capture, CapturedRow, ExportFilter, SqliteStore};
+
+/// What a store's asynchronous method returns.
+pub type StoreFuture<'a, T> = futures_util::future::BoxFuture<'a, Result<T, StoreError>>;
+
+/// The ledger, whichever database keeps it: the one interface the gateway,
+/// the dashboard and the commands use. Two implementations: SQLite
+/// ([`sqlite`], one gateway, embedded) and PostgreSQL (any number of
+/// replicas sharing one allowance).
+///
+/// A call takes four steps through it: [`Store::reserve`] (the meter's
+/// decision, holding what the call may use for free), [`Store::admit`]
+/// (its pending row), [`Store::settle_meter`] (the whole-request rule) and
+/// [`Store::settle`] (its final row, durable when the returned [`Durable`]
+/// resolves). Everything else is a record kept in the background or a read.
+pub trait Store: Send + Sync {
+    /// Settle what a crash left pending, then load (or lease) what the meter
+    /// needs for `today`. Called once, when a gateway starts; returns how
+    /// many calls were settled as interrupted.
+    fn start<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, usize>;
+
+    /// Decide a call and hold what it may use for free.
+    fn reserve<'a>(&'a self, request: &'a Request) -> StoreFuture<'a, Decision>;
+    /// Release a call's hold and settle it by the whole-request rule.
+    fn settle_meter(&self, ticket: &Ticket, usage: &Usage) -> Settlement;
+    /// A pool's free tokens as a new call here would see them.
+    fn pool_state(&self, key: PoolKey, cap: u64) -> PoolState;
+
+    /// Record an admitted call as pending; returns its id.
+    fn admit(&self, a: Admitted) -> Result<i64, StoreError>;
+    /// Record a refused call (no tokens, nothing reserved).
+    fn refuse(&self, a: Admitted, status: u16) -> Result<(), StoreError>;
+    /// Settle a pending call and add it to its day's totals.
+    fn settle(&self, id: i64, ticket: &Ticket, s: Settled) -> Durable;
+
+    /// Record a fired alert; `true` if this is its first record (each rule
+    /// fires once a day, whichever gateway saw it first).
+    fn alert(&self, fired: Fired) -> StoreFuture<'_, bool>;
+    /// Record how an alert's delivery ended (in the background).
+    fn alert_delivered(
+        &self,
+        fired: &Fired,
+        attempts: u32,
+        delivered: bool,
+    ) -> Result<(), StoreError>;
+    /// Keep a captured call (in the background).
+    fn capture(&self, capture: crate::capture::Capture) -> Result<(), StoreError>;
+    /// Record a call forwarded unmetered (in the background).
+    fn forwarded(&self, forwarded: Forwarded) -> Result<(), StoreError>;
+    /// Delete `org`'s captured calls that started before `before_ms`.
+    fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize>;
+
+    /// The totals of `day`, every org and group.
+    fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>>;
+    /// Daily totals of days `from..=to`, oldest first.
+    fn daily_range(&self, from: Day, to: Day) -> StoreFuture<'_, Vec<DailyTotal>>;
+    /// The alerts fired on `day`, oldest first.
+    fn alerts(&self, day: Day) -> StoreFuture<'_, Vec<Fired>>;
+    /// (attempts, delivered) of an alert, if it was recorded.
+    fn alert_delivery<'a>(
+        &'a self,
+        day: Day,
+        org: &'a str,
+        group: &'a str,
+        rule: &'a str,
+    ) -> StoreFuture<'a, Option<(u32, bool)>>;
+    /// The latest `limit` calls, newest first (metadata only).
+    fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>>;
+    /// The latest forwarded calls, newest first.
+    fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>>;
+    /// Usage between `start_ms` and `end_ms`, one row per bucket and group:
+    /// the bucket is `(started_ms - start_ms) / width_ms`; `group_by` names
+    /// columns among project_id, api_key_id, model, lane and sharing.
+    fn usage_rows<'a>(
+        &'a self,
+        start_ms: i64,
+        end_ms: i64,
+        width_ms: i64,
+        group_by: &'a [&'a str],
+    ) -> StoreFuture<'a, Vec<UsageRow>>;
+    /// Calls in a state (`pending`, `settled`, `interrupted`).
+    fn count_requests<'a>(&'a self, state: &'a str) -> StoreFuture<'a, u64>;
+    /// Captured calls kept for `org`.
+    fn count_captures<'a>(&'a self, org: &'a str) -> StoreFuture<'a, u64>;
+    /// A receiver that changes whenever the ledger does (the dashboard's
+    /// cue to refresh).
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// The names behind a [`PoolKey`]'s indexes: the configuration's orgs and
+/// the catalog's groups, in order.
+#[derive(Clone, Debug, Default)]
+pub struct PoolNames {
+    pub orgs: Vec<Arc<str>>,
+    pub groups: Vec<Arc<str>>,
+}
+
+impl PoolNames {
+    pub fn of(config: &crate::config::Config) -> Self {
+        PoolNames {
+            orgs: config.orgs.iter().map(|o| o.name.clone()).collect(),
+            groups: config
+                .catalog
+                .groups
+                .iter()
+                .map(|g| g.name.clone())
+                .collect(),
+        }
+    }
+
+    /// The pool of org `org`, group `group` and `day`, by name.
+    pub fn key(&self, org: &str, group: &str, day: Day) -> Option<PoolKey> {
+        Some(PoolKey {
+            org: self.orgs.iter().position(|o| &**o == org)?,
+            group: self.groups.iter().position(|g| &**g == group)?,
+            day,
+        })
+    }
+}
+
+/// A settled call's record on its way to the ledger: resolves when it is
+/// durable (at once when it already is).
+pub struct Durable(Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>);
+
+impl Durable {
+    /// A record that is durable already (or that failed to be written).
+    pub fn done(result: Result<(), StoreError>) -> Self {
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not record a settled call");
+        }
+        Durable(None)
+    }
+
+    /// A record that will be once `receiver` hears so.
+    pub fn pending(receiver: tokio::sync::oneshot::Receiver<Result<(), StoreError>>) -> Self {
+        Durable(Some(receiver))
+    }
+
+    /// Wait until the record is durable (or could not be written: logged).
+    pub async fn wait(self) {
+        if let Some(receiver) = self.0 {
+            match receiver.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "could not record a settled call"),
+                Err(_) => tracing::error!("the store stopped before a settled call was recorded"),
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("store: {0}")]

@@ -28,6 +28,20 @@ pub struct KeyTable {
     by_hash: crate::FastMap<[u8; 32], Caller>,
 }
 
+/// A fresh client key: not guessable, shown once.
+pub fn new_key(prefix: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(std::process::id().to_le_bytes());
+    hasher.update(format!("{:?}", std::time::SystemTime::now()).as_bytes());
+    hasher.update(format!("{:p}", &hasher).as_bytes());
+    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
+        hasher.update(bytes);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
+    format!("{prefix}{hex}")
+}
+
 fn hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }

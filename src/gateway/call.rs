@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::Gateway;
 use crate::catalog::Prices;
 use crate::meter::{Ticket, Usage};
-use crate::store::Settled;
+use crate::store::{Durable, Settled};
 use crate::tokens::Encoding;
 
 /// How a call ended, as far as the gateway could see.
@@ -106,6 +106,10 @@ impl Call {
         self.upstream_started = Some(Instant::now());
     }
 
+    pub fn labels(&self) -> &Labels {
+        &self.labels
+    }
+
     /// The encoding the call's text is counted in.
     pub fn encoding(&self) -> Encoding {
         self.encoding
@@ -153,16 +157,7 @@ impl Call {
                 true,
             ),
         };
-        let settlement = match self.gateway.ledger.lock() {
-            Ok(mut ledger) => ledger.settle(&self.ticket, &usage),
-            Err(_) => {
-                tracing::error!("meter lock poisoned; call recorded as billed");
-                crate::meter::Settlement {
-                    free: false,
-                    over_reservation: None,
-                }
-            }
-        };
+        let settlement = self.gateway.store.settle_meter(&self.ticket, &usage);
         if let Some(over) = settlement.over_reservation {
             tracing::warn!(
                 row = self.row,
@@ -282,7 +277,7 @@ impl Call {
                 body: compressed,
                 ..capture
             };
-            if let Err(e) = gateway.store.capture_nowait(capture) {
+            if let Err(e) = gateway.store.capture(capture) {
                 tracing::error!(error = %e, row, "could not store a captured call");
             }
         };
@@ -292,18 +287,16 @@ impl Call {
         }
     }
 
-    /// Settle and write the record (durable when this returns: non-streaming
-    /// calls answer the client only once their record is).
-    pub fn settle_and_store(mut self, outcome: Outcome) {
-        self.settle_in_place(outcome);
+    /// Settle and write the record; durable once the answer is awaited
+    /// (a call answers its client only once its record is).
+    pub fn settle_and_store(mut self, outcome: Outcome) -> Durable {
+        self.settle_in_place(outcome)
     }
 
     /// The same, for a call still borrowed (a stream's tap, a drop).
-    pub fn settle_in_place(&mut self, outcome: Outcome) {
+    pub fn settle_in_place(&mut self, outcome: Outcome) -> Durable {
         let (row, record) = self.settle(outcome);
-        if let Err(e) = self.gateway.store.settle(row, record) {
-            tracing::error!(error = %e, row, "could not record a settled call");
-        }
+        self.gateway.store.settle(row, &self.ticket, record)
     }
 }
 
@@ -313,7 +306,8 @@ impl Drop for Call {
             // The client hung up (or the task was cancelled) before an answer:
             // the prompt was sent, so it is counted; the upstream call is
             // cancelled with the future that owned it.
-            self.settle_in_place(Outcome::default());
+            // Nobody waits for this one: the store writes it all the same.
+            drop(self.settle_in_place(Outcome::default()));
         }
     }
 }

@@ -60,7 +60,7 @@ fn digest(text: &str) -> [u8; 32] {
 impl Sessions {
     /// A new session id (shown once, in the cookie).
     fn create(&self, now_ms: i64) -> String {
-        let id = crate::cli::new_key("");
+        let id = super::auth::new_key("");
         if let Ok(mut map) = self.active.lock() {
             map.retain(|_, expires| *expires > now_ms);
             if map.len() >= MAX_SESSIONS {
@@ -93,8 +93,9 @@ impl Sessions {
 #[derive(Default)]
 pub struct Cache(Mutex<Option<(u64, i64, Arc<str>)>>);
 
-/// The live part, from the cache when nothing has changed since.
-fn live(gateway: &Gateway) -> Arc<str> {
+/// The live part, from the cache when nothing has changed since; else read
+/// from the ledger and rendered on the blocking pool.
+async fn live(gateway: &Arc<Gateway>) -> Arc<str> {
     let commits = *gateway.store.commits().borrow();
     let second = gateway.clock.now_ms().div_euclid(1000);
     if let Ok(cache) = gateway.dashboard_cache.0.lock() {
@@ -104,7 +105,12 @@ fn live(gateway: &Gateway) -> Arc<str> {
             }
         }
     }
-    let html: Arc<str> = render_live(gateway).into();
+    let data = render::live_data(gateway).await;
+    let g = gateway.clone();
+    let html: Arc<str> = tokio::task::spawn_blocking(move || render_live(&g, &data))
+        .await
+        .unwrap_or_else(|_| "<p class=\"error\">The dashboard could not be rendered.</p>".into())
+        .into();
     if let Ok(mut cache) = gateway.dashboard_cache.0.lock() {
         *cache = Some((commits, second, html.clone()));
     }
@@ -217,10 +223,7 @@ async fn page(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Respon
         let closed = gateway.config.server.admin_token.is_none();
         return page_response(StatusCode::OK, login_page(None, closed));
     }
-    let g = gateway.clone();
-    let live = tokio::task::spawn_blocking(move || live(&g))
-        .await
-        .unwrap_or_else(|_| "<p class=\"error\">The dashboard could not be rendered.</p>".into());
+    let live = live(&gateway).await;
     let body = format!(
         "<header><h1>tokenwarden</h1><span id=\"live-status\" class=\"status\">static</span>\
 <form method=\"post\" action=\"/dashboard/logout\"><button type=\"submit\">Sign out</button></form></header>\
@@ -386,8 +389,7 @@ async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
             if !gateway.sessions.valid(&session, gateway.clock.now_ms()) {
                 return None;
             }
-            let g = gateway.clone();
-            let html = tokio::task::spawn_blocking(move || live(&g)).await.ok()?;
+            let html = live(&gateway).await;
             Some((
                 Ok(bytes::Bytes::from(update_frame(&html))),
                 (gateway, commits, session, false),

@@ -52,6 +52,13 @@ pub enum ApiError {
     /// 504: upstream took longer than the configured timeout.
     #[error("The upstream did not answer in time.")]
     GatewayTimeout,
+    /// 503: the ledger could not admit or record the call, so it was not
+    /// sent upstream (no free token is handed out that the ledger cannot
+    /// account for).
+    #[error(
+        "The gateway's ledger is unavailable, so the call was not sent. Please retry shortly."
+    )]
+    StoreUnavailable,
     /// 500: the gateway's own fault (the store failed, ...); details are logged, not returned.
     #[error("The server had an error while processing your request.")]
     Internal,
@@ -87,15 +94,17 @@ impl ApiError {
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
     fn kind(&self) -> &'static str {
         match self {
             ApiError::FreeTokensExhausted { .. } => "insufficient_quota",
-            ApiError::BadGateway(_) | ApiError::GatewayTimeout | ApiError::Internal => {
-                "server_error"
-            }
+            ApiError::BadGateway(_)
+            | ApiError::GatewayTimeout
+            | ApiError::Internal
+            | ApiError::StoreUnavailable => "server_error",
             _ => "invalid_request_error",
         }
     }
@@ -117,7 +126,10 @@ impl ApiError {
             ApiError::RequestTimeout => Some("request_timeout"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::FreeTokensExhausted { .. } => Some("free_tokens_exhausted"),
-            ApiError::BadGateway(_) | ApiError::GatewayTimeout | ApiError::Internal => None,
+            ApiError::BadGateway(_)
+            | ApiError::GatewayTimeout
+            | ApiError::Internal
+            | ApiError::StoreUnavailable => None,
         }
     }
 
@@ -152,6 +164,11 @@ impl From<RequestError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status_code(), axum::Json(self.body())).into_response();
+        if let ApiError::StoreUnavailable = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         if let ApiError::FreeTokensExhausted {
             retry_after,
             limit,

@@ -18,7 +18,6 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
 use super::Gateway;
-use crate::meter::PoolKey;
 
 /// Upper bounds of the latency histograms' buckets, in microseconds.
 const BUCKETS_US: [u64; 16] = [
@@ -327,36 +326,10 @@ pub fn render(gateway: &Gateway) -> String {
     }
 
     // Gauges of today's pools, read from the meter now.
-    let day = gateway.today();
-    let pools: Vec<(usize, usize, crate::meter::PoolState)> = match gateway.ledger.lock() {
-        Ok(ledger) => config
-            .orgs
-            .iter()
-            .enumerate()
-            .flat_map(|(o, org)| {
-                config
-                    .catalog
-                    .groups
-                    .iter()
-                    .enumerate()
-                    .map(move |(g, group)| (o, g, org, group))
-            })
-            .map(|(o, g, org, group)| {
-                let cap = if gateway.org_gets_free_tokens(o) {
-                    group.daily_tokens_for_tier(org.tier)
-                } else {
-                    0
-                };
-                let key = PoolKey {
-                    org: o,
-                    group: g,
-                    day,
-                };
-                (o, g, ledger.state(key, cap))
-            })
-            .collect(),
-        Err(_) => Vec::new(),
-    };
+    let pools: Vec<(usize, usize, crate::meter::PoolState)> = (0..config.orgs.len())
+        .flat_map(|o| (0..config.catalog.groups.len()).map(move |g| (o, g)))
+        .map(|(o, g)| (o, g, gateway.pool_state(o, g)))
+        .collect();
     for (name, help, pick) in [
         (
             "tokenwarden_free_tokens_limit",

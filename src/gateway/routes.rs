@@ -13,22 +13,21 @@ use http_body_util::{BodyExt, Limited};
 use serde_json::{json, Value};
 
 use super::auth::Caller;
-use super::call::{Call, Labels, Outcome};
+use super::call::{Call, Outcome};
 use super::error::ApiError;
 use super::stream::Tap;
 use super::{upstream, Gateway};
-use crate::catalog::ModelRef;
-use crate::day::Day;
-use crate::meter::{self, Decision, Downgrade, PoolKey};
-use crate::store::Admitted;
-use crate::tokens::request::{count_request, Endpoint};
+use crate::meter::PoolKey;
+use crate::tokens::request::Endpoint;
 
+mod admit;
 mod forward;
 mod privacy;
 mod read;
 
+use admit::{admit, Admission};
 pub use forward::passthrough;
-use read::{read_answer, read_request, Read, INLINE_READ_BYTES};
+use read::{read_answer, read_request, INLINE_READ_BYTES};
 
 pub async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
@@ -153,10 +152,7 @@ pub(super) fn org_project<'a>(
 
 /// The free-token headers of a call's group: limit, remaining, seconds to reset.
 fn free_token_headers(gateway: &Gateway, headers: &mut HeaderMap, pool: Option<PoolKey>, cap: u64) {
-    let remaining = match (pool, gateway.ledger.lock()) {
-        (Some(pool), Ok(ledger)) => ledger.state(pool, cap).left(),
-        _ => 0,
-    };
+    let remaining = pool.map_or(0, |pool| gateway.store.pool_state(pool, cap).left());
     // Constants: a name made from a string at run time is validated each time.
     const LIMIT: HeaderName = HeaderName::from_static("x-free-tokens-limit");
     const REMAINING: HeaderName = HeaderName::from_static("x-free-tokens-remaining");
@@ -225,6 +221,7 @@ fn with_usage_asked(body: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(out))
 }
 
+/// A metered call's road: read, admit, forward, answer (tap or settle).
 async fn metered(
     gateway: Arc<Gateway>,
     caller: Caller,
@@ -238,189 +235,43 @@ async fn metered(
         .get("x-tokenwarden-private")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    let Read {
-        mut value,
-        mut caller,
-        redacted,
-        mut counted,
-    } = read_request(&gateway, caller, private, endpoint, bytes.clone()).await?;
-    let catalog = &gateway.config.catalog;
-    let model = catalog
-        .lookup(&counted.model)
-        .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
-    let (org, project) = org_project(&gateway, &caller).ok_or(ApiError::Internal)?;
+    let read = read_request(&gateway, caller, private, endpoint, bytes.clone()).await?;
+    let upstream_name = org_project(&gateway, &read.caller)
+        .ok_or(ApiError::Internal)?
+        .1
+        .upstream
+        .clone();
+    let admission = admit(&gateway, endpoint, read, bytes, arrived).await?;
+    let (admission, response) =
+        forward(&gateway, admission, &upstream_name, endpoint, &headers).await?;
+    answer(&gateway, admission, response, endpoint).await
+}
 
-    let now_ms = gateway.clock.now_ms();
-    let day = Day::from_unix(now_ms.div_euclid(1000));
-    let running =
-        catalog.program_starts <= day && catalog.program_ends.is_none_or(|ends| day <= ends);
-    let eligible = org.eligible && project.shares && running;
-    let pool_of = |m: &ModelRef<'_>| {
-        m.group_index().filter(|_| eligible).map(|group| PoolKey {
-            org: caller.org,
-            group,
-            day,
-        })
-    };
-    let cap_of = |m: &ModelRef<'_>| m.group().map_or(0, |g| g.daily_tokens_for_tier(org.tier));
-    // Only a project whose policy is downgrade needs the target's side.
-    let target = model
-        .model
-        .downgrade
-        .as_deref()
-        .filter(|_| project.on_exhausted == crate::config::Policy::Downgrade)
-        .and_then(|name| catalog.lookup(name).ok().map(|t| (name, t)));
-    let downgrade = target.and_then(|(name, t)| {
-        let prompt = if t.model.encoding == model.model.encoding {
-            counted.prompt.tokens
-        } else {
-            let mut body = value.clone();
-            body["model"] = json!(name);
-            count_request(catalog, Some(endpoint), &body, None)
-                .ok()?
-                .prompt
-                .tokens
-        };
-        Some(Downgrade {
-            pool: pool_of(&t)?,
-            cap: cap_of(&t),
-            prompt,
-            output_cap: counted.output_cap.min(t.model.max_output),
-        })
-    });
-    let request = meter::Request {
-        pool: pool_of(&model),
-        cap: cap_of(&model),
-        prompt: counted.prompt.tokens,
-        output_cap: counted.output_cap,
-        policy: project.on_exhausted,
-        fallback: project.downgrade_fallback,
-        downgrade,
-    };
-    let decision = gateway
-        .ledger
-        .lock()
-        .map_err(|_| ApiError::Internal)?
-        .admit(&request);
-
-    let stream = value
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let model_name: Arc<str> = std::mem::take(&mut counted.model).into();
-    let mut admitted = Admitted {
-        started_ms: now_ms,
-        day,
-        org: org.name.clone(),
-        project: project.name.clone(),
-        key_id: std::mem::take(&mut caller.key_id),
-        endpoint: endpoint.path(),
-        requested_model: model_name.clone(),
-        served_model: model_name,
-        group: model.group().map(|g| g.name.clone()),
-        decision: "free",
-        reserved: 0,
-        free_lane: false,
-        streamed: stream,
-        shared: org.shared(caller.project),
-    };
-    let mut modified = redacted;
-    let (ticket, served, header_pool, header_cap) = match decision {
-        Decision::Refused { pool, cap, left } => {
-            let retry_after = gateway.seconds_to_reset();
-            let group = catalog.groups.get(pool.group).map_or("?", |g| &*g.name);
-            if let Err(e) = gateway.store.refuse(admitted, 429) {
-                tracing::error!(error = %e, "could not record a refused call");
-            }
-            return Err(ApiError::FreeTokensExhausted {
-                message: format!(
-                    "Free tokens exhausted: this call needs up to {} tokens of the {group} group, and {left} of today's {cap} are left for org {}. The allowance resets at 00:00 UTC, in {retry_after} seconds.",
-                    request.prompt.saturating_add(request.output_cap),
-                    org.name
-                ),
-                retry_after,
-                limit: cap,
-                remaining: left,
-            });
-        }
-        Decision::Free(ticket) => (ticket, model, request.pool, request.cap),
-        Decision::Billed(ticket) => {
-            admitted.decision = "billed";
-            (ticket, model, request.pool, request.cap)
-        }
-        Decision::Clamped { ticket, output_cap } => {
-            admitted.decision = "clamped";
-            set_output_cap(endpoint, &mut value, output_cap);
-            modified = true;
-            (ticket, model, request.pool, request.cap)
-        }
-        Decision::Downgraded(ticket) => {
-            let (name, t) = target.ok_or(ApiError::Internal)?;
-            admitted.decision = "downgraded";
-            admitted.served_model = name.into();
-            if admitted.group.is_some() {
-                if let Some(group) = t.group() {
-                    admitted.group = Some(group.name.clone());
-                }
-            }
-            value["model"] = json!(name);
-            modified = true;
-            (ticket, t, ticket.pool, ticket.cap)
-        }
-    };
-    admitted.reserved = ticket.reserved;
-    admitted.free_lane = ticket.reserved > 0;
-
-    let (body, client_wants_usage) =
-        match body_to_send(endpoint, stream, &mut value, modified, bytes) {
-            Ok(sent) => sent,
-            Err(e) => {
-                // Nothing was written yet: give the reservation back.
-                if let Ok(mut ledger) = gateway.ledger.lock() {
-                    ledger.settle(&ticket, &meter::Usage::default());
-                }
-                return Err(e);
-            }
-        };
-
-    let row = match gateway.store.admit(admitted) {
-        Ok(row) => row,
-        Err(e) => {
-            tracing::error!(error = %e, "could not record an admitted call");
-            if let Ok(mut ledger) = gateway.ledger.lock() {
-                ledger.settle(&ticket, &meter::Usage::default());
-            }
-            return Err(ApiError::Internal);
-        }
-    };
-    let mut call = Call::new(
-        gateway.clone(),
-        Labels {
-            org: caller.org,
-            project: caller.project,
-            model: served.model.name.clone(),
-            group: served.group_index(),
-            arrived,
-            started_ms: now_ms,
-        },
-        row,
-        ticket,
-        served.prices(),
-        counted.prompt.tokens,
-        served.model.encoding,
-    );
-    if org.captures(caller.project) {
-        call.capture(endpoint, body.clone());
-    }
+/// Send an admitted call upstream; a failure settles it.
+async fn forward(
+    gateway: &Arc<Gateway>,
+    admission: Admission,
+    upstream_name: &str,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+) -> Result<(Admission, upstream::Answer), ApiError> {
+    let Admission {
+        mut call,
+        body,
+        client_wants_usage,
+        pool,
+        cap,
+    } = admission;
+    let org = call.labels().org;
     let path = endpoint.path().trim_start_matches("/v1");
     call.sending();
-    let mut response = match upstream::send(
-        &gateway,
-        &project.upstream,
-        caller.org,
+    let response = match upstream::send(
+        gateway,
+        upstream_name,
+        org,
         Method::POST,
         path,
-        &headers,
+        headers,
         body,
     )
     .await
@@ -431,24 +282,53 @@ async fn metered(
                 failed: true,
                 status: e.status_code().as_u16(),
                 ..Outcome::default()
-            });
+            })
+            .wait()
+            .await;
             return Err(e);
         }
     };
     let status = response.status();
     if matches!(status.as_u16(), 401 | 403) {
         // The client's key was good; the gateway's own credentials were not.
-        tracing::error!(upstream = %project.upstream, status = status.as_u16(), "the upstream refused the gateway's credentials");
+        tracing::error!(upstream = %upstream_name, status = status.as_u16(), "the upstream refused the gateway's credentials");
         call.settle_and_store(Outcome {
             failed: true,
             status: 502,
             ..Outcome::default()
-        });
+        })
+        .wait()
+        .await;
         return Err(ApiError::BadGateway(format!(
-            "The upstream '{}' refused the gateway's credentials.",
-            project.upstream
+            "The upstream '{upstream_name}' refused the gateway's credentials."
         )));
     }
+    let admission = Admission {
+        call,
+        body: Bytes::new(),
+        client_wants_usage,
+        pool,
+        cap,
+    };
+    Ok((admission, response))
+}
+
+/// Answer the client: a stream through the tap (which settles when it
+/// ends), or a whole answer settled (durably) before it is sent.
+async fn answer(
+    gateway: &Arc<Gateway>,
+    admission: Admission,
+    mut response: upstream::Answer,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let Admission {
+        mut call,
+        client_wants_usage,
+        pool,
+        cap,
+        ..
+    } = admission;
+    let status = response.status();
     let is_stream = response
         .headers()
         .get(axum::http::header::CONTENT_TYPE)
@@ -457,15 +337,15 @@ async fn metered(
     let mut out_headers = response.take_headers();
 
     if status.is_success() && is_stream {
-        free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
+        free_token_headers(gateway, &mut out_headers, pool, cap);
         let tap = Tap::new(call, response, endpoint, client_wants_usage);
         let mut out = Response::new(Body::from_stream(tap));
         *out.headers_mut() = out_headers;
         return Ok(out);
     }
 
-    let answered = answer_whole(&gateway, &mut call, response, endpoint).await;
-    free_token_headers(&gateway, &mut out_headers, header_pool, header_cap);
+    let answered = answer_whole(gateway, &mut call, response, endpoint).await;
+    free_token_headers(gateway, &mut out_headers, pool, cap);
     let (status, upstream_body) = answered?;
     let mut out = Response::new(Body::from(upstream_body));
     *out.status_mut() = status;
@@ -535,7 +415,9 @@ async fn answer_whole(
             call.settle_in_place(Outcome {
                 status: error.status_code().as_u16(),
                 ..Outcome::default()
-            });
+            })
+            .wait()
+            .await;
             return Err(error);
         }
     };
@@ -567,7 +449,7 @@ async fn answer_whole(
                 ..Outcome::default()
             })
     };
-    call.settle_in_place(outcome);
+    call.settle_in_place(outcome).wait().await;
     let status = StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     Ok((status, upstream_body))
 }

@@ -194,6 +194,9 @@ pub struct Tap {
     capture: bool,
     /// A Responses stream's final response object (when captured).
     completed: Option<Value>,
+    /// Once the stream has ended: its settled record on its way to the
+    /// ledger, and the last bytes, which the client gets once it is durable.
+    closing: Option<(futures_util::future::BoxFuture<'static, ()>, Option<Bytes>)>,
 }
 
 impl Tap {
@@ -220,6 +223,7 @@ impl Tap {
             seen: Vec::new(),
             seen_bytes: 0,
             ended: false,
+            closing: None,
         }
     }
 
@@ -344,9 +348,14 @@ impl Tap {
 
     /// Settle with what the stream showed: its usage, or an estimate.
     /// `complete`: the stream ended as it should (only then is it captured).
-    fn finish(&mut self, status: u16, complete: bool) {
+    /// Resolves when the record is durable.
+    fn finish(
+        &mut self,
+        status: u16,
+        complete: bool,
+    ) -> futures_util::future::BoxFuture<'static, ()> {
         let Some(mut call) = self.call.take() else {
-            return;
+            return Box::pin(std::future::ready(()));
         };
         let capture = self.capture && complete;
         let seen = if capture {
@@ -384,7 +393,7 @@ impl Tap {
                 let kept = call.encoding().count(&outcome.output_text);
                 outcome.output_tokens = Some(kept.saturating_add(overflow.div_ceil(4)));
             }
-            call.settle_in_place(outcome);
+            call.settle_in_place(outcome)
         };
         // Without usage the streamed text is counted, and a captured
         // stream's events are assembled: a long one on the blocking pool,
@@ -392,9 +401,14 @@ impl Tap {
         // text is seconds of counting).
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) if heavy => {
-                drop(runtime.spawn_blocking(settle));
+                let settling = runtime.spawn_blocking(settle);
+                Box::pin(async move {
+                    if let Ok(durable) = settling.await {
+                        durable.wait().await;
+                    }
+                })
             }
-            _ => settle(),
+            _ => Box::pin(settle().wait()),
         }
     }
 }
@@ -453,7 +467,8 @@ impl Tap {
     fn cut(&mut self, why: &'static str) -> std::io::Error {
         self.ended = true;
         self.buffer = BytesMut::new();
-        self.finish(200, false);
+        // The client sees a cut stream, not an answer: nothing waits.
+        drop(self.finish(200, false));
         std::io::Error::other(why)
     }
 }
@@ -463,6 +478,13 @@ impl Stream for Tap {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some((durable, _)) = &mut this.closing {
+            if durable.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let last = this.closing.take().and_then(|(_, last)| last);
+            return Poll::Ready(last.map(Ok));
+        }
         if this.ended {
             return Poll::Ready(None);
         }
@@ -515,13 +537,13 @@ impl Stream for Tap {
                     if !rest.is_empty() {
                         let rest = rest.freeze();
                         let pass = this.inspect(&rest);
-                        this.finish(200, true);
-                        if pass {
-                            return Poll::Ready(Some(Ok(rest)));
-                        }
+                        let durable = this.finish(200, true);
+                        this.closing = Some((durable, pass.then_some(rest)));
+                    } else {
+                        this.closing = Some((this.finish(200, true), None));
                     }
-                    this.finish(200, true);
-                    return Poll::Ready(None);
+                    // The end goes out once the call's record is durable.
+                    return self.poll_next(cx);
                 }
             }
         }
@@ -530,8 +552,9 @@ impl Stream for Tap {
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        // The client hung up mid-stream: what it was sent is counted.
-        self.finish(0, false);
+        // The client hung up mid-stream: what it was sent is counted (and
+        // written; nobody waits for it).
+        drop(self.finish(0, false));
     }
 }
 

@@ -160,7 +160,7 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
 }
 
 /// The page's buckets, each with the rows that fall in it, as `result(row)` objects.
-fn page(
+async fn page(
     gateway: &Gateway,
     q: &Query,
     result: impl Fn(&UsageRow) -> Value,
@@ -178,6 +178,7 @@ fn page(
             q.width * 1000,
             &q.group_by,
         )
+        .await
         .map_err(|e| {
             tracing::error!(error = %e, "usage query failed");
             ApiError::Internal
@@ -231,7 +232,8 @@ pub async fn completions(
             "lane": r.lane,
             "sharing": r.sharing,
         })
-    })?;
+    })
+    .await?;
     Ok(Json(body))
 }
 
@@ -259,7 +261,8 @@ pub async fn costs(
             "project_id": r.project_id,
             "org": r.org,
         })
-    })?;
+    })
+    .await?;
     Ok(Json(body))
 }
 

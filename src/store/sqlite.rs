@@ -18,6 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
 
+mod api;
 mod journal;
 mod write;
 
@@ -234,6 +235,8 @@ pub struct SqliteStore {
     shared: Arc<Shared>,
     /// The read connection (WAL lets it read while the writer writes).
     conn: Arc<Mutex<Connection>>,
+    /// The meter of the gateway that owns the ledger ([`api`]).
+    meter: Arc<Mutex<crate::meter::Ledger>>,
 }
 
 struct Shared {
@@ -404,6 +407,7 @@ impl SqliteStore {
             return Ok(SqliteStore {
                 shared,
                 conn: Arc::new(Mutex::new(writer)),
+                meter: Arc::default(),
             });
         }
         let owner = journal::lock(path)
@@ -449,6 +453,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             shared,
             conn: Arc::new(Mutex::new(reader)),
+            meter: Arc::default(),
         })
     }
 

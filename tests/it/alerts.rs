@@ -116,6 +116,7 @@ async fn each_rule_fires_once_a_day_and_failed_posts_are_retried() {
     let store = &h.gateway.store;
     let first = store
         .alert_delivery(day, "acme", "flagship", "free_used_50")
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(first, Some((3, true)));
     assert_eq!(receiver.posts.load(Ordering::SeqCst), 5);
@@ -141,7 +142,7 @@ async fn each_rule_fires_once_a_day_and_failed_posts_are_retried() {
     assert_eq!(fifty["alert"]["day"], day.to_string());
 
     // A restart remembers what fired today: nothing fires again.
-    let again = h.restart();
+    let again = h.restart().await;
     assert_eq!(again.alerts.today(day).len(), 3);
     let flagship = again
         .config
@@ -150,13 +151,16 @@ async fn each_rule_fires_once_a_day_and_failed_posts_are_retried() {
         .iter()
         .position(|g| &*g.name == "flagship");
     again.check_alerts(0, flagship, 1_000_000_000);
-    assert_eq!(store.alerts(day).map(|a| a.len()).unwrap_or(0), 3);
+    assert_eq!(store.alerts(day).await.map(|a| a.len()).unwrap_or(0), 3);
 
     // The next day starts afresh.
     h.clock.set(h.clock.now_ms() + 86_400_000);
     call(&h, 600).await;
     wait_for(&receiver, 4).await;
-    assert_eq!(store.alerts(h.today()).map(|a| a.len()).unwrap_or(0), 1);
+    assert_eq!(
+        store.alerts(h.today()).await.map(|a| a.len()).unwrap_or(0),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,6 +197,7 @@ async fn a_receiver_that_never_answers_does_not_hold_up_requests() {
             .gateway
             .store
             .alert_delivery(day, "acme", "flagship", rule)
+            .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             delivery,

@@ -138,12 +138,12 @@ async fn shared_calls_round_trip_into_the_fine_tuning_format_and_private_ones_le
     h.settled().await;
     // Captures are written in the background: wait for the four.
     for _ in 0..200 {
-        if h.gateway.store.count_captures("plat").unwrap_or(0) >= 4 {
+        if h.gateway.store.count_captures("plat").await.unwrap_or(0) >= 4 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(h.gateway.store.count_captures("plat").unwrap_or(0), 4);
+    assert_eq!(h.gateway.store.count_captures("plat").await.unwrap_or(0), 4);
     let files = ledger_bytes(&h.dir);
     assert!(!files.is_empty());
     assert!(
@@ -273,20 +273,20 @@ async fn captures_past_their_retention_are_purged_without_being_asked() {
     )
     .await;
     for _ in 0..200 {
-        if h.gateway.store.count_captures("plat").unwrap_or(0) == 1 {
+        if h.gateway.store.count_captures("plat").await.unwrap_or(0) == 1 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    assert_eq!(h.gateway.store.count_captures("plat").unwrap_or(0), 1);
+    assert_eq!(h.gateway.store.count_captures("plat").await.unwrap_or(0), 1);
     // Six days on, still within the org's 7 days: a restart keeps it.
     h.clock.set(h.clock.now_ms() + 6 * 86_400_000);
-    drop(h.restart());
-    assert_eq!(h.gateway.store.count_captures("plat").unwrap_or(0), 1);
+    drop(h.restart().await);
+    assert_eq!(h.gateway.store.count_captures("plat").await.unwrap_or(0), 1);
     // Eight days on: the purge that runs when the gateway starts removes it.
     h.clock.set(h.clock.now_ms() + 2 * 86_400_000);
-    drop(h.restart());
-    assert_eq!(h.gateway.store.count_captures("plat").unwrap_or(0), 0);
+    drop(h.restart().await);
+    assert_eq!(h.gateway.store.count_captures("plat").await.unwrap_or(0), 0);
 }
 
 /// Fill `org` with `n` captured calls straight into the ledger.

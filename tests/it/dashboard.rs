@@ -175,9 +175,13 @@ async fn the_page_in_chromium_matches_the_ledger_and_updates_live() {
 
     let served = phase("served");
     let live = phase("live");
-    let mini = h.daily("acme", "mini").unwrap_or_else(|| panic!("no mini"));
+    let mini = h
+        .daily("acme", "mini")
+        .await
+        .unwrap_or_else(|| panic!("no mini"));
     let flagship = h
         .daily("acme", "flagship")
+        .await
         .unwrap_or_else(|| panic!("no flagship"));
     // The ledger now holds the live call too: the page showed it.
     assert_eq!(n(&live["after"]), mini.free_tokens, "{live}");
@@ -201,6 +205,7 @@ async fn the_page_in_chromium_matches_the_ledger_and_updates_live() {
         .gateway
         .store
         .alerts(h.today())
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(!alerts.is_empty(), "the flagship cap of 1000 was passed");
     assert_eq!(n(&served["alerts"]), alerts.len() as u64);

@@ -122,8 +122,8 @@ async fn a_call_is_metered_settled_and_reported_in_headers() {
     assert_eq!(header(&headers, "x-free-tokens-remaining"), 975);
     assert_eq!(header(&headers, "x-free-tokens-reset"), 12 * 3600);
     assert!(headers.contains_key("x-request-id"));
-    assert_eq!(h.free_used("acme", "flagship"), 25);
-    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    assert_eq!(h.free_used("acme", "flagship").await, 25);
+    let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert_eq!(
         (
             record.state.as_str(),
@@ -188,10 +188,10 @@ async fn streams_hide_the_usage_chunk_unless_asked_and_are_settled() {
     h.settled().await;
     // Each settled with the usage upstream reported, none estimated.
     let calls = options.len() as u64;
-    let records = h.gateway.store.recent(calls).unwrap_or_default();
+    let records = h.gateway.store.recent(calls).await.unwrap_or_default();
     assert_eq!(records.len() as u64, calls);
     assert!(records.iter().all(|r| !r.estimated), "{records:?}");
-    assert_eq!(h.free_used("acme", "flagship"), 25 * calls);
+    assert_eq!(h.free_used("acme", "flagship").await, 25 * calls);
 }
 
 #[tokio::test]
@@ -250,10 +250,11 @@ async fn responses_completions_and_embeddings_are_metered() {
     assert_eq!(body["usage"]["prompt_tokens"], 5);
 
     h.settled().await;
-    assert_eq!(h.free_used("acme", "flagship"), 2 * (input + 5));
+    assert_eq!(h.free_used("acme", "flagship").await, 2 * (input + 5));
     // gpt-3.5-turbo and embeddings are outside the program: billed, at list price.
     let outside = h
         .daily("acme", "")
+        .await
         .unwrap_or_else(|| panic!("no billed totals"));
     assert_eq!(outside.free_tokens, 0);
     assert!(outside.billed_tokens > 5 && outside.cost_pico > 0);
@@ -336,7 +337,7 @@ async fn the_router_alone_meters_calls_the_same_way() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(header(r.headers(), "x-free-tokens-remaining"), 975);
-    assert_eq!(h.free_used("acme", "flagship"), 25);
+    assert_eq!(h.free_used("acme", "flagship").await, 25);
     for base in [h.base.clone(), format!("http://{addr}/v1")] {
         let url = format!("{base}/chat/completions");
         let r = h
@@ -399,6 +400,7 @@ async fn the_whole_request_rule() {
     send(&h, BILL, &chat("gpt-4o", 3), 3).await;
     let totals = h
         .daily("acme", "flagship")
+        .await
         .unwrap_or_else(|| panic!("no totals"));
     assert_eq!((totals.free_tokens, totals.billed_tokens), (990, 489));
     // gpt-4o input $2.50 and output $10.00 per million: 9 * 2.5e6 + 480 * 10e6 pico-dollars.
@@ -415,7 +417,7 @@ async fn clamp_lowers_the_output_cap_to_fit() {
     // 22 left, 9 of prompt: the output was clamped to 13.
     assert_eq!(body["usage"]["completion_tokens"], 13, "{body}");
     assert_eq!(body["choices"][0]["finish_reason"], "length");
-    assert_eq!(h.free_used("acme", "flagship"), 1_000);
+    assert_eq!(h.free_used("acme", "flagship").await, 1_000);
     let (status, _, body) = send(&h, CLAMP, &chat("gpt-4o", 480), 480).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
@@ -432,9 +434,9 @@ async fn downgrade_sends_the_call_to_the_mini_model() {
         body["model"], "gpt-4o-mini-2024-07-18",
         "the response names the model that served it"
     );
-    assert_eq!(h.free_used("acme", "mini"), 209);
-    assert_eq!(h.free_used("acme", "flagship"), 0);
-    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    assert_eq!(h.free_used("acme", "mini").await, 209);
+    assert_eq!(h.free_used("acme", "flagship").await, 0);
+    let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert_eq!(
         (record.decision.as_str(), record.served_model.as_str()),
         ("downgraded", "gpt-4o-mini-2024-07-18")
@@ -450,9 +452,13 @@ async fn private_projects_outside_models_and_tiers() {
     h.settled().await;
     let flagship = h
         .daily("acme", "flagship")
+        .await
         .unwrap_or_else(|| panic!("no totals"));
     assert_eq!((flagship.free_tokens, flagship.billed_tokens), (0, 14));
-    let outside = h.daily("acme", "").unwrap_or_else(|| panic!("no totals"));
+    let outside = h
+        .daily("acme", "")
+        .await
+        .unwrap_or_else(|| panic!("no totals"));
     assert_eq!((outside.free_tokens, outside.billed_tokens), (0, 14));
     // Tier 2 gets the smaller cap of the mini group.
     let (_, headers, _) = send(&h, SMALL, &chat("gpt-4o-mini", 5), 5).await;
@@ -470,7 +476,7 @@ async fn no_free_tokens_after_the_program_ends() {
         status, 200,
         "with no free tokens at all the call is billed, not blocked"
     );
-    assert_eq!(h.free_used("acme", "flagship"), 0);
+    assert_eq!(h.free_used("acme", "flagship").await, 0);
 }
 
 #[tokio::test]
@@ -532,7 +538,7 @@ async fn bad_input_is_a_clear_4xx_and_records_nothing() {
         assert_eq!(e["param"].as_str(), param, "{error}");
     }
     assert_eq!(
-        h.gateway.store.recent(10).unwrap_or_default().len(),
+        h.gateway.store.recent(10).await.unwrap_or_default().len(),
         0,
         "bad input was recorded"
     );
@@ -560,7 +566,7 @@ async fn upstream_faults_release_or_settle_the_reservation() {
     let r = r.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status().as_u16(), 429);
     assert!(r.headers().contains_key("retry-after"));
-    assert_eq!(h.free_used("acme", "flagship"), 0);
+    assert_eq!(h.free_used("acme", "flagship").await, 0);
 
     // Usage missing from a whole answer: estimated from its text.
     let r = h
@@ -570,7 +576,7 @@ async fn upstream_faults_release_or_settle_the_reservation() {
         .send()
         .await;
     assert_eq!(r.map(|r| r.status().as_u16()).unwrap_or(0), 200);
-    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert_eq!(
         (record.input, record.output, record.estimated),
         (9, 16, true)
@@ -593,18 +599,13 @@ async fn upstream_faults_release_or_settle_the_reservation() {
         "the client's stream must be cut too"
     );
     h.settled().await;
-    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert_eq!(
         (record.input, record.output, record.estimated),
         (9, 3, true)
     );
 
-    let state = h
-        .gateway
-        .ledger
-        .lock()
-        .map(|l| l.state(pool(&h), 10_000))
-        .unwrap_or_else(|_| panic!("lock"));
+    let state = h.gateway.store.pool_state(pool(&h), 10_000);
     assert_eq!(state.reserved, 0);
     assert_eq!(state.used, 25 + 12);
 }
@@ -639,12 +640,7 @@ async fn an_upstream_that_stalls_times_out_with_504() {
         .await;
     let r = r.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status().as_u16(), 504);
-    let state = h
-        .gateway
-        .ledger
-        .lock()
-        .map(|l| l.state(pool(&h), 10_000))
-        .unwrap_or_else(|_| panic!("lock"));
+    let state = h.gateway.store.pool_state(pool(&h), 10_000);
     assert_eq!((state.reserved, state.used), (0, 0));
 }
 
@@ -693,7 +689,7 @@ async fn a_race_of_250_streams_never_passes_the_cap() {
         served.total_tokens
     );
     assert_eq!(ok + refused, 250);
-    assert_eq!(h.free_used("acme", "flagship"), served.total_tokens);
+    assert_eq!(h.free_used("acme", "flagship").await, served.total_tokens);
     assert_eq!(served.prompt_tokens, 9 * ok);
     let _ = UPSTREAM_KEY;
 }
@@ -723,19 +719,14 @@ async fn a_client_that_hangs_up_cancels_upstream_and_is_settled() {
     }
     drop(stream);
     h.settled().await;
-    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert!(record.estimated, "{record:?}");
     assert_eq!(record.status, 0, "the client got no complete answer");
     assert!(record.input == 9 && record.output < 16, "{record:?}");
     // The upstream call was cancelled: the simulator never finished it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(h.served().completed, 0);
-    let state = h
-        .gateway
-        .ledger
-        .lock()
-        .map(|l| l.state(pool(&h), 10_000))
-        .unwrap_or_else(|_| panic!("lock"));
+    let state = h.gateway.store.pool_state(pool(&h), 10_000);
     assert_eq!((state.reserved, state.used), (0, 9 + record.output));
 }
 
@@ -744,7 +735,7 @@ async fn a_restart_remembers_todays_usage() {
     let h = start("restart", &config(1_000, "")).await;
     send(&h, BLOCK, &chat("gpt-4o", 480), 480).await;
     send(&h, BLOCK, &chat("gpt-4o-mini", 16), 16).await;
-    let again = h.restart();
+    let again = h.restart().await;
     let (flagship, mini) = (group_index(&h, "flagship"), group_index(&h, "mini"));
     let state = |group, cap| {
         let key = tokenwarden::meter::PoolKey {
@@ -752,11 +743,7 @@ async fn a_restart_remembers_todays_usage() {
             group,
             day: h.today(),
         };
-        again
-            .ledger
-            .lock()
-            .map(|l| l.state(key, cap))
-            .unwrap_or_else(|_| panic!("lock"))
+        again.store.pool_state(key, cap)
     };
     assert_eq!(state(flagship, 1_000).used, 489);
     assert_eq!(state(mini, 10_000_000).used, 25);
@@ -775,6 +762,7 @@ async fn enterprise_and_zero_data_retention_orgs_get_no_free_tokens() {
         assert_eq!((status, header(&headers, "x-free-tokens-limit")), (200, 0));
         let totals = h
             .daily(org, "flagship")
+            .await
             .unwrap_or_else(|| panic!("no totals for {org}"));
         assert_eq!((totals.free_tokens, totals.billed_tokens), (0, 14));
     }

@@ -214,7 +214,13 @@ keys = ["{VAULT}"]
             "{message}"
         );
         assert_eq!(h.served().requests, 0);
-        assert!(h.gateway.store.recent(5).unwrap_or_default().is_empty());
+        assert!(h
+            .gateway
+            .store
+            .recent(5)
+            .await
+            .unwrap_or_default()
+            .is_empty());
         // Clean text passes.
         assert_eq!(send(&h, BLOCK, "nothing to hide", false).await.0, 200);
         // No reroute_to: a private call cannot be honoured.
@@ -250,7 +256,7 @@ keys = ["{VAULT}"]
         );
         assert_ne!(expected, original);
         assert_eq!(body["usage"]["prompt_tokens"], expected);
-        let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+        let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
         assert_eq!(
             (record.project.as_str(), record.free),
             ("shared-redact", true)
@@ -271,7 +277,7 @@ keys = ["{VAULT}"]
             200
         );
         assert_eq!(send(&h, REROUTE, "nothing to hide", false).await.0, 200);
-        let records = h.gateway.store.recent(3).unwrap_or_default();
+        let records = h.gateway.store.recent(3).await.unwrap_or_default();
         let projects: Vec<(&str, bool)> = records
             .iter()
             .rev()

@@ -11,7 +11,7 @@ use tokenwarden::config::Config;
 use tokenwarden::day::Day;
 use tokenwarden::gateway::{self, Gateway, ManualClock};
 use tokenwarden::simulator::{self, KeyStats, SimConfig, Simulator};
-use tokenwarden::store::SqliteStore;
+use tokenwarden::store::{SqliteStore, Store};
 use tokio::sync::oneshot;
 
 /// The key the gateway uses upstream (the simulator's stats are kept under it).
@@ -124,6 +124,11 @@ pub fn serve_process(command: &mut std::process::Command) -> (std::process::Chil
     )
 }
 
+/// The ledger of a test in `dir`.
+pub fn open_store(dir: &std::path::Path) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}")))
+}
+
 /// The configuration of a test: `{upstream}` is replaced by the simulator's
 /// URL; orgs, projects and program settings are the test's.
 pub async fn start(label: &str, config: &str) -> Harness {
@@ -162,9 +167,11 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
     );
     let config =
         Config::from_toml(&text, &upstream_env()).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let store = SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
+    let store = open_store(&dir);
     let clock = Arc::new(ManualClock::new(NOON_MS));
-    let gw = Gateway::new(config, store, clock.clone()).unwrap_or_else(|e| panic!("{e}"));
+    let gw = Gateway::new(config, store, clock.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let (addr, gw_stop) = spawn(gateway::app(gw.clone())).await;
     Harness {
         base: format!("http://{addr}/v1"),
@@ -184,12 +191,12 @@ fn upstream_env() -> HashMap<String, String> {
 
 impl Harness {
     /// A second gateway on the same ledger, as after a restart.
-    pub fn restart(&self) -> Arc<Gateway> {
+    pub async fn restart(&self) -> Arc<Gateway> {
         let config =
             Config::from_toml(&self.config_text, &upstream_env()).unwrap_or_else(|e| panic!("{e}"));
-        let store =
-            SqliteStore::open(&self.dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
-        Gateway::new(config, store, self.clock.clone()).unwrap_or_else(|e| panic!("{e}"))
+        Gateway::new(config, open_store(&self.dir), self.clock.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {
@@ -212,15 +219,16 @@ impl Harness {
     }
 
     /// Free tokens used today by `org` in `group`, per the store.
-    pub fn free_used(&self, org: &str, group: &str) -> u64 {
-        self.daily(org, group).map_or(0, |t| t.free_tokens)
+    pub async fn free_used(&self, org: &str, group: &str) -> u64 {
+        self.daily(org, group).await.map_or(0, |t| t.free_tokens)
     }
 
-    pub fn daily(&self, org: &str, group: &str) -> Option<tokenwarden::store::DailyTotal> {
+    pub async fn daily(&self, org: &str, group: &str) -> Option<tokenwarden::store::DailyTotal> {
         let totals = self
             .gateway
             .store
             .daily(self.today())
+            .await
             .unwrap_or_else(|e| panic!("{e}"));
         totals
             .into_iter()
@@ -230,7 +238,14 @@ impl Harness {
     /// Wait until background settlements (streams) have reached the store.
     pub async fn settled(&self) {
         for _ in 0..200 {
-            if self.gateway.store.count_requests("pending").unwrap_or(1) == 0 {
+            if self
+                .gateway
+                .store
+                .count_requests("pending")
+                .await
+                .unwrap_or(1)
+                == 0
+            {
                 return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -76,7 +76,13 @@ async fn a_long_model_name_is_a_400_that_echoes_little_and_records_nothing() {
     assert_eq!(status, 404, "{body}");
     assert!(body.len() < 600, "{body}");
     assert_eq!(h.served().requests, 0);
-    assert!(h.gateway.store.recent(10).unwrap_or_default().is_empty());
+    assert!(h
+        .gateway
+        .store
+        .recent(10)
+        .await
+        .unwrap_or_default()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -194,8 +200,9 @@ async fn gateway_before(
     );
     let config = Config::from_toml(&text, &std::collections::HashMap::new())
         .unwrap_or_else(|e| panic!("{e}"));
-    let store = SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
+    let store = crate::harness::open_store(&dir);
     let gateway = Gateway::new(config, store, Arc::new(ManualClock::new(NOON_MS)))
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
     let (addr, stop) = spawn(gateway::app(gateway.clone())).await;
     std::mem::forget(stop);
@@ -249,7 +256,11 @@ async fn absurd_usage_settles_with_the_estimate_and_the_ledger_stays_integers() 
             "{usage}: {}",
             r.text().await.unwrap_or_default()
         );
-        let record = &gateway.store.recent(1).unwrap_or_else(|e| panic!("{e}"))[0];
+        let record = &gateway
+            .store
+            .recent(1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))[0];
         // The estimate: the counted prompt and the answer's text.
         assert!(record.estimated, "{usage}: {record:?}");
         assert_eq!((record.input, record.output), (9, 2), "{usage}: {record:?}");
@@ -267,11 +278,16 @@ async fn absurd_usage_settles_with_the_estimate_and_the_ledger_stays_integers() 
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(r.status().as_u16(), 200);
-    let record = &gateway.store.recent(1).unwrap_or_else(|e| panic!("{e}"))[0];
+    let record = &gateway
+        .store
+        .recent(1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))[0];
     assert!(!record.estimated && record.output == 3, "{record:?}");
     let totals = gateway
         .store
         .daily(gateway.today())
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(
         totals.iter().map(|t| t.free_tokens).sum::<u64>(),
@@ -397,6 +413,6 @@ async fn a_copied_ledger_holds_no_key() {
         }
     }
     assert!(files >= 2, "the ledger and its journal");
-    let record = &h.gateway.store.recent(1).unwrap_or_default()[0];
+    let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert_eq!(record.key_id.len(), 12);
 }

@@ -115,6 +115,7 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
         .gateway
         .store
         .recent_forwarded(10)
+        .await
         .unwrap_or_else(|e| panic!("{e}"))
         .is_empty());
 }
@@ -145,11 +146,18 @@ async fn an_allowed_path_is_forwarded_with_the_upstream_key_and_recorded() {
     assert_eq!(status, 404);
     assert_eq!(h.served().requests, 1);
     // The metered ledger has no row; the forwarded calls' ledger has one.
-    assert!(h.gateway.store.recent(10).unwrap_or_default().is_empty());
+    assert!(h
+        .gateway
+        .store
+        .recent(10)
+        .await
+        .unwrap_or_default()
+        .is_empty());
     let forwarded = h
         .gateway
         .store
         .recent_forwarded(10)
+        .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(forwarded.len(), 1, "{forwarded:?}");
     let row = &forwarded[0];
@@ -195,7 +203,13 @@ async fn another_spelling_of_a_route_is_served_as_it_or_refused_never_forwarded(
         }
     }
     assert_eq!(h.served().requests, 0, "nothing reached the upstream");
-    assert!(h.gateway.store.recent(10).unwrap_or_default().is_empty());
+    assert!(h
+        .gateway
+        .store
+        .recent(10)
+        .await
+        .unwrap_or_default()
+        .is_empty());
     // The plain spelling is served as the metered route.
     let (status, body) = raw(&h, "POST", "/v1/chat/completions", PLAIN, &chat).await;
     assert_eq!(status, 200, "{body}");

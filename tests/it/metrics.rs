@@ -133,7 +133,12 @@ async fn metrics_pass_promtool_and_match_the_ledger() {
 
     let s = samples(&text);
     let day = h.today();
-    let totals = h.gateway.store.daily(day).unwrap_or_else(|e| panic!("{e}"));
+    let totals = h
+        .gateway
+        .store
+        .daily(day)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let acme = |f: fn(&tokenwarden::store::DailyTotal) -> u64| -> f64 {
         totals
             .iter()
@@ -160,7 +165,7 @@ async fn metrics_pass_promtool_and_match_the_ledger() {
         "{cost}"
     );
     // Input, cached and output add up to the ledger's records.
-    let records = h.gateway.store.recent(100).unwrap_or_default();
+    let records = h.gateway.store.recent(100).await.unwrap_or_default();
     let output: u64 = records.iter().map(|r| r.output).sum();
     assert_eq!(
         sum(&s, "tokenwarden_tokens_total", &["kind=\"output\""]),
@@ -179,6 +184,7 @@ async fn metrics_pass_promtool_and_match_the_ledger() {
     }
     let flagship = h
         .daily("acme", "flagship")
+        .await
         .unwrap_or_else(|| panic!("no flagship"));
     let g = ["org=\"acme\"", "group=\"flagship\""];
     assert_eq!(

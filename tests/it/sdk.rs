@@ -43,7 +43,7 @@ async fn run_sdk(label: &str, program: PathBuf, script: PathBuf) {
     assert!(stdout.contains(" ok"), "{stdout}");
     // Every call the SDK made was settled in the ledger.
     h.settled().await;
-    let records = h.gateway.store.recent(100).unwrap_or_default();
+    let records = h.gateway.store.recent(100).await.unwrap_or_default();
     assert!(records.len() >= 8, "only {} calls recorded", records.len());
     assert!(records.iter().all(|r| r.state == "settled"));
 }

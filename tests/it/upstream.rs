@@ -256,7 +256,12 @@ async fn a_whole_answer_past_max_answer_bytes_is_a_502_and_is_settled() {
     assert!(body["error"]["message"].is_string(), "{body}");
     assert!(body["error"]["type"].is_string(), "{body}");
     h.settled().await;
-    let recent = h.gateway.store.recent(1).unwrap_or_else(|e| panic!("{e}"));
+    let recent = h
+        .gateway
+        .store
+        .recent(1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(recent[0].state, "settled");
     assert_eq!(recent[0].status, 502);
 
@@ -313,7 +318,12 @@ async fn an_event_past_the_bound_ends_the_stream_as_cut() {
         "the gateway stopped reading near 16 MiB, upstream wrote {sent}"
     );
     h.settled().await;
-    let recent = h.gateway.store.recent(1).unwrap_or_else(|e| panic!("{e}"));
+    let recent = h
+        .gateway
+        .store
+        .recent(1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(recent[0].state, "settled");
     assert!(
         recent[0].estimated,

@@ -104,7 +104,7 @@ async fn hourly_buckets_grouped_by_project_and_model_match_the_ledger() {
         .all(|(i, b)| i == 12 || i == 13 || b["results"].as_array().is_some_and(Vec::is_empty)));
 
     // The totals agree with the ledger's records.
-    let records = h.gateway.store.recent(10).unwrap_or_default();
+    let records = h.gateway.store.recent(10).await.unwrap_or_default();
     let ledger: u64 = records.iter().map(|r| r.input + r.output).sum();
     let api: u64 = buckets
         .iter()

@@ -226,32 +226,73 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
     svg
 }
 
+/// What the live part shows from the ledger, read before it is rendered.
+pub struct LiveData {
+    by_project: Vec<UsageRow>,
+    by_key: Vec<UsageRow>,
+    by_model: Vec<UsageRow>,
+    by_sharing: Vec<UsageRow>,
+    daily: Vec<DailyTotal>,
+    history: Vec<DailyTotal>,
+    recent: Vec<Record>,
+    /// Captured calls kept, per org (0 for an org that does not capture).
+    captured: Vec<u64>,
+    forwarded: Vec<crate::store::Forwarded>,
+}
+
+/// Read what the live part shows (a part that cannot be read shows empty).
+pub async fn live_data(gateway: &Gateway) -> LiveData {
+    let today = gateway.today();
+    let start_ms = today.start_unix() * 1000;
+    let end_ms = start_ms + 86_400_000;
+    let store = &gateway.store;
+    let usage = |group_by: &'static [&'static str]| async move {
+        store
+            .usage_rows(start_ms, end_ms, 86_400_000, group_by)
+            .await
+            .unwrap_or_default()
+    };
+    let mut captured = Vec::with_capacity(gateway.config.orgs.len());
+    for org in &gateway.config.orgs {
+        captured.push(if org.capture {
+            store.count_captures(&org.name).await.unwrap_or(0)
+        } else {
+            0
+        });
+    }
+    LiveData {
+        by_project: usage(&["project_id", "lane"]).await,
+        by_key: usage(&["api_key_id", "lane"]).await,
+        by_model: usage(&["model", "lane"]).await,
+        by_sharing: usage(&["sharing"]).await,
+        daily: store.daily(today).await.unwrap_or_default(),
+        history: store
+            .daily_range(Day(today.0 - 29), today)
+            .await
+            .unwrap_or_default(),
+        recent: store.recent(20).await.unwrap_or_default(),
+        captured,
+        forwarded: store.recent_forwarded(20).await.unwrap_or_default(),
+    }
+}
+
 /// The page's live part: everything the server-sent events replace.
-pub fn render_live(gateway: &Gateway) -> String {
+pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
     let config = &gateway.config;
     let now_ms = gateway.clock.now_ms();
     let today = gateway.today();
     let reset = gateway.seconds_to_reset();
-    let start_ms = today.start_unix() * 1000;
-    let end_ms = start_ms + 86_400_000;
-    let store = &gateway.store;
-    let by_project = store
-        .usage_rows(start_ms, end_ms, 86_400_000, &["project_id", "lane"])
-        .unwrap_or_default();
-    let by_key = store
-        .usage_rows(start_ms, end_ms, 86_400_000, &["api_key_id", "lane"])
-        .unwrap_or_default();
-    let by_model = store
-        .usage_rows(start_ms, end_ms, 86_400_000, &["model", "lane"])
-        .unwrap_or_default();
-    let by_sharing = store
-        .usage_rows(start_ms, end_ms, 86_400_000, &["sharing"])
-        .unwrap_or_default();
-    let daily = store.daily(today).unwrap_or_default();
-    let history = store
-        .daily_range(Day(today.0 - 29), today)
-        .unwrap_or_default();
-    let recent: Vec<Record> = store.recent(20).unwrap_or_default();
+    let LiveData {
+        by_project,
+        by_key,
+        by_model,
+        by_sharing,
+        daily,
+        history,
+        recent,
+        captured,
+        forwarded: forwarded_rows,
+    } = data;
     let alerts = gateway.alerts.today(today);
 
     let mut out = String::with_capacity(32 * 1024);
@@ -287,8 +328,8 @@ pub fn render_live(gateway: &Gateway) -> String {
             }
         );
         // Shared against private tokens today, as each call was recorded.
-        let projects = lines(&by_project, name, |r| r.project_id.clone());
-        let sharing = lines(&by_sharing, name, |r| r.sharing.clone());
+        let projects = lines(by_project, name, |r| r.project_id.clone());
+        let sharing = lines(by_sharing, name, |r| r.sharing.clone());
         let tokens_of = |kind: &str| {
             sharing
                 .get(kind)
@@ -302,7 +343,7 @@ pub fn render_live(gateway: &Gateway) -> String {
             number("private-tokens", name, "", private)
         );
         if org.capture {
-            let kept = store.count_captures(name).unwrap_or(0);
+            let kept = captured.get(o).copied().unwrap_or(0);
             let _ = write!(
                 out,
                 "<p class=\"meta\">Captured calls kept: {} (retention {} days; <code>tokenwarden export --org {}</code>)</p>",
@@ -366,13 +407,13 @@ pub fn render_live(gateway: &Gateway) -> String {
             &mut out,
             "Today by key",
             "Key id",
-            &lines(&by_key, name, |r| r.api_key_id.clone()),
+            &lines(by_key, name, |r| r.api_key_id.clone()),
         );
         table(
             &mut out,
             "Today by model",
             "Model",
-            &lines(&by_model, name, |r| r.model.clone()),
+            &lines(by_model, name, |r| r.model.clone()),
         );
         let findings = gateway.metrics.findings_by_kind(o);
         if !findings.is_empty() {
@@ -388,7 +429,7 @@ pub fn render_live(gateway: &Gateway) -> String {
             out,
             "<figure><figcaption>Last 30 days: <span class=\"key c-free\">free tokens</span> \
 <span class=\"key c-billed\">billed tokens</span> <span class=\"key c-cost\">cost</span></figcaption>{}</figure></section>",
-            chart(&history, name, today)
+            chart(history, name, today)
         );
     }
 
@@ -426,7 +467,7 @@ pub fn render_live(gateway: &Gateway) -> String {
     if recent.is_empty() {
         out.push_str("<tr><td colspan=\"13\" class=\"empty\">No calls yet.</td></tr>");
     }
-    for r in &recent {
+    for r in recent {
         let model = if r.served_model == r.requested_model {
             esc(&r.served_model)
         } else {
@@ -458,15 +499,14 @@ pub fn render_live(gateway: &Gateway) -> String {
         );
     }
     out.push_str("</tbody></table></div></section>");
-    forwarded(&mut out, gateway);
+    forwarded(&mut out, gateway, forwarded_rows);
     out
 }
 
 /// The latest calls that projects' `forward` rules let past the meter:
 /// what the operator opened, and who used it (shown once any project
 /// forwards or such a call is in the ledger).
-fn forwarded(out: &mut String, gateway: &Gateway) {
-    let rows = gateway.store.recent_forwarded(20).unwrap_or_default();
+fn forwarded(out: &mut String, gateway: &Gateway, rows: &[crate::store::Forwarded]) {
     let any_rule = gateway
         .config
         .orgs
@@ -485,7 +525,7 @@ fn forwarded(out: &mut String, gateway: &Gateway) {
     if rows.is_empty() {
         out.push_str("<tr><td colspan=\"8\" class=\"empty\">None yet.</td></tr>");
     }
-    for f in &rows {
+    for f in rows {
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>/v1{}</td><td>{}</td><td>{} ms</td></tr>",

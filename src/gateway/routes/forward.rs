@@ -81,7 +81,7 @@ pub async fn passthrough(
         status: response.status().as_u16(),
         latency_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
     };
-    if let Err(e) = gateway.store.forward_nowait(forwarded) {
+    if let Err(e) = gateway.store.forwarded(forwarded) {
         tracing::error!(error = %e, "could not record a forwarded call");
     }
     response

@@ -1,0 +1,147 @@
+//! The [`Store`] interface on SQLite: one gateway owns the ledger, so the
+//! meter is the process's own ([`Ledger`] behind a lock), loaded from the
+//! day's totals at start; every other method is the store's own.
+
+use super::SqliteStore;
+use crate::alerts::Fired;
+use crate::day::Day;
+use crate::meter::{Decision, Ledger, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
+use crate::store::{
+    Admitted, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store, StoreError,
+    StoreFuture, UsageRow,
+};
+
+/// The meter's lock, poisoned or not: the ledger holds only counters, each
+/// update of which completes before anything can panic.
+fn meter(store: &SqliteStore) -> std::sync::MutexGuard<'_, Ledger> {
+    store
+        .meter
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A future that is ready at once.
+fn ready<'a, T: Send + 'a>(result: Result<T, StoreError>) -> StoreFuture<'a, T> {
+    Box::pin(std::future::ready(result))
+}
+
+impl Store for SqliteStore {
+    fn start<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, usize> {
+        ready((|| {
+            let recovered = self.recover()?;
+            let totals = SqliteStore::daily(self, today)?;
+            let mut ledger = meter(self);
+            for total in totals {
+                if let Some(key) = pools.key(&total.org, &total.group, today) {
+                    ledger.restore(key, total.free_tokens);
+                }
+            }
+            Ok(recovered)
+        })())
+    }
+
+    fn reserve<'a>(&'a self, request: &'a Request) -> StoreFuture<'a, Decision> {
+        ready(Ok(meter(self).admit(request)))
+    }
+
+    fn settle_meter(&self, ticket: &Ticket, usage: &Usage) -> Settlement {
+        meter(self).settle(ticket, usage)
+    }
+
+    fn pool_state(&self, key: PoolKey, cap: u64) -> PoolState {
+        meter(self).state(key, cap)
+    }
+
+    fn admit(&self, a: Admitted) -> Result<i64, StoreError> {
+        SqliteStore::admit(self, a)
+    }
+
+    fn refuse(&self, a: Admitted, status: u16) -> Result<(), StoreError> {
+        SqliteStore::refuse(self, a, status)
+    }
+
+    fn settle(&self, id: i64, _ticket: &Ticket, s: Settled) -> Durable {
+        // The journal's append is what makes it durable: done on return.
+        Durable::done(SqliteStore::settle(self, id, s))
+    }
+
+    fn alert(&self, fired: Fired) -> StoreFuture<'_, bool> {
+        // One gateway per ledger: its own engine already fires each rule once.
+        ready(self.alert_nowait(fired).map(|()| true))
+    }
+
+    fn alert_delivered(
+        &self,
+        fired: &Fired,
+        attempts: u32,
+        delivered: bool,
+    ) -> Result<(), StoreError> {
+        self.alert_delivered_nowait(fired, attempts, delivered)
+    }
+
+    fn capture(&self, capture: crate::capture::Capture) -> Result<(), StoreError> {
+        self.capture_nowait(capture)
+    }
+
+    fn forwarded(&self, forwarded: Forwarded) -> Result<(), StoreError> {
+        self.forward_nowait(forwarded)
+    }
+
+    fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize> {
+        ready(SqliteStore::purge_captures(self, org, before_ms))
+    }
+
+    fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>> {
+        ready(SqliteStore::daily(self, day))
+    }
+
+    fn daily_range(&self, from: Day, to: Day) -> StoreFuture<'_, Vec<DailyTotal>> {
+        ready(SqliteStore::daily_range(self, from, to))
+    }
+
+    fn alerts(&self, day: Day) -> StoreFuture<'_, Vec<Fired>> {
+        ready(SqliteStore::alerts(self, day))
+    }
+
+    fn alert_delivery<'a>(
+        &'a self,
+        day: Day,
+        org: &'a str,
+        group: &'a str,
+        rule: &'a str,
+    ) -> StoreFuture<'a, Option<(u32, bool)>> {
+        ready(SqliteStore::alert_delivery(self, day, org, group, rule))
+    }
+
+    fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>> {
+        ready(SqliteStore::recent(self, limit))
+    }
+
+    fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>> {
+        ready(SqliteStore::recent_forwarded(self, limit))
+    }
+
+    fn usage_rows<'a>(
+        &'a self,
+        start_ms: i64,
+        end_ms: i64,
+        width_ms: i64,
+        group_by: &'a [&'a str],
+    ) -> StoreFuture<'a, Vec<UsageRow>> {
+        ready(SqliteStore::usage_rows(
+            self, start_ms, end_ms, width_ms, group_by,
+        ))
+    }
+
+    fn count_requests<'a>(&'a self, state: &'a str) -> StoreFuture<'a, u64> {
+        ready(SqliteStore::count_requests(self, state))
+    }
+
+    fn count_captures<'a>(&'a self, org: &'a str) -> StoreFuture<'a, u64> {
+        ready(SqliteStore::count_captures(self, org))
+    }
+
+    fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
+        SqliteStore::commits(self)
+    }
+}
