@@ -11,7 +11,6 @@ use crate::config::{Config, ConfigError, Env, ProcessEnv};
 use crate::gateway::auth::new_key;
 use crate::gateway::{self, Gateway, SystemClock};
 use crate::simulator::{self, SimConfig, Simulator};
-use crate::store::SqliteStore;
 
 /// The configuration `serve` runs with when given no file: one org, one
 /// project and one new key in front of `base_url`.
@@ -52,18 +51,10 @@ async fn shutdown_signal() {
 
 /// Open the store, build the gateway and serve until a signal.
 pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
-    let crate::config::StoreUrl::Sqlite(path) = &config.store;
-    let store = SqliteStore::open(path)?;
-    if !store.owns() {
-        anyhow::bail!(
-            "the ledger {} is in use by another tokenwarden process (one gateway per ledger; it holds {}-calls.lock)",
-            path.display(),
-            path.display()
-        );
-    }
+    let store = crate::store::open(&config.store, true).await?;
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
-    let gateway = Gateway::new(config, Arc::new(store), Arc::new(SystemClock)).await?;
+    let gateway = Gateway::new(config, store, Arc::new(SystemClock)).await?;
     announce(addr);
     let header_timeout = gateway.config.server.header_read_timeout;
     gateway::serve_with_timeout(
@@ -185,11 +176,15 @@ pub struct SharingRow {
 }
 
 /// Today's shared and private tokens per org, from the store.
-pub fn sharing_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec<SharingRow>> {
-    let crate::config::StoreUrl::Sqlite(path) = &config.store;
-    let store = SqliteStore::open(path)?;
+pub async fn sharing_rows(
+    config: &Config,
+    store: &dyn crate::store::Store,
+    today: crate::day::Day,
+) -> anyhow::Result<Vec<SharingRow>> {
     let start = today.start_unix() * 1000;
-    let rows = store.usage_rows(start, start + 86_400_000, 86_400_000, &["sharing"])?;
+    let rows = store
+        .usage_rows(start, start + 86_400_000, 86_400_000, &["sharing"])
+        .await?;
     Ok(config
         .orgs
         .iter()
@@ -212,10 +207,12 @@ pub fn sharing_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<V
 }
 
 /// Today's usage per org and group, from the store.
-pub fn usage_rows(config: &Config, today: crate::day::Day) -> anyhow::Result<Vec<UsageRow>> {
-    let crate::config::StoreUrl::Sqlite(path) = &config.store;
-    let store = SqliteStore::open(path)?;
-    let totals = store.daily(today)?;
+pub async fn usage_rows(
+    config: &Config,
+    store: &dyn crate::store::Store,
+    today: crate::day::Day,
+) -> anyhow::Result<Vec<UsageRow>> {
+    let totals = store.daily(today).await?;
     let mut rows = Vec::new();
     for org in &config.orgs {
         let groups = config
@@ -319,13 +316,12 @@ pub fn export(
     out: impl std::io::Write,
     mut progress: impl std::io::Write,
 ) -> anyhow::Result<ExportSummary> {
-    let crate::config::StoreUrl::Sqlite(path) = &config.store;
-    let total = crate::store::count_captures(path, filter)?;
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
     let mut summary = ExportSummary::default();
     let started = std::time::Instant::now();
     let mut last_report = started;
-    crate::store::for_each_capture(path, filter, |row| {
+    let total = std::cell::Cell::new(0);
+    let mut write = |row: crate::store::CapturedRow| {
         summary.rows += 1;
         let pair = crate::capture::decompress(&row.body)?;
         let line = match format {
@@ -355,10 +351,32 @@ pub fn export(
         }
         if last_report.elapsed() >= std::time::Duration::from_secs(1) {
             last_report = std::time::Instant::now();
-            let _ = writeln!(progress, "export: {} of {total} calls", summary.rows);
+            let _ = writeln!(
+                progress,
+                "export: {} of {} calls",
+                summary.rows,
+                total.get()
+            );
         }
         Ok(())
-    })?;
+    };
+    match &config.store {
+        crate::config::StoreUrl::Sqlite(path) => {
+            total.set(crate::store::count_captures(path, filter)?);
+            crate::store::for_each_capture(path, filter, &mut write)?;
+        }
+        crate::config::StoreUrl::Postgres(pg) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let store = crate::store::PgStore::open_reader(pg).await?;
+                total.set(store.count_export(filter).await?);
+                store.for_each_export(filter, &mut write).await?;
+                anyhow::Ok(())
+            })?;
+        }
+    }
     std::io::Write::flush(&mut out)?;
     let peak = peak_rss_bytes().map_or_else(String::new, |b| {
         format!(", peak memory {:.1} MB", b as f64 / 1e6)

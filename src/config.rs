@@ -171,6 +171,19 @@ pub struct Server {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StoreUrl {
     Sqlite(PathBuf),
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL ledger: `postgres://USER:PASSWORD@HOST:PORT/DB`, with
+/// `sslmode` (`disable`, `prefer`, `require`) in its query, and roots
+/// trusted besides the platform's (`[store] ca_file`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PostgresUrl {
+    /// The whole URL: it holds the password.
+    pub url: Secret,
+    /// `USER@HOST:PORT/DB`, for logs and messages.
+    pub shown: String,
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 #[derive(Debug)]

@@ -272,14 +272,14 @@ impl Gateway {
             billed_cost_pico: billed,
         };
         for fired in self.alerts.evaluate(rules, &view) {
-            let record = self.store.alert(fired.clone());
-            match futures_util::FutureExt::now_or_never(record) {
+            let mut record = self.store.alert(fired.clone());
+            match futures_util::FutureExt::now_or_never(&mut record) {
                 Some(first) => self.announce(org, fired, first),
                 // A store across the network: announced once it answers.
                 None => {
                     let gateway = self.clone();
                     tokio::spawn(async move {
-                        let first = gateway.store.alert(fired.clone()).await;
+                        let first = record.await;
                         gateway.announce(org, fired, first);
                     });
                 }

@@ -187,8 +187,12 @@ fn usage(path: &std::path::Path, json: bool) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
     let today = tokenwarden::day::Day::from_unix(i64::try_from(now)?);
-    let rows = tokenwarden::cli::usage_rows(&config, today)?;
-    let sharing = tokenwarden::cli::sharing_rows(&config, today)?;
+    let (rows, sharing) = read_runtime()?.block_on(async {
+        let store = tokenwarden::store::open(&config.store, false).await?;
+        let rows = tokenwarden::cli::usage_rows(&config, &*store, today).await?;
+        let sharing = tokenwarden::cli::sharing_rows(&config, &*store, today).await?;
+        anyhow::Ok((rows, sharing))
+    })?;
     if json {
         println!(
             "{}",
@@ -309,7 +313,24 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     for warning in config.forward_warnings() {
         println!("warning: {warning}");
     }
+    if let tokenwarden::config::StoreUrl::Postgres(pg) = &config.store {
+        let version = read_runtime()?
+            .block_on(tokenwarden::store::PgStore::schema_version(pg))
+            .with_context(|| format!("connecting to {}", pg.shown))?;
+        println!(
+            "store: {} at schema version {version} (this tokenwarden writes {})",
+            pg.shown,
+            tokenwarden::store::postgres::schema::latest()
+        );
+    }
     Ok(())
+}
+
+/// A small runtime for a command that reads the ledger (no log set-up).
+fn read_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn read_stdin() -> anyhow::Result<Vec<u8>> {

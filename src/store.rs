@@ -12,8 +12,10 @@ use crate::day::Day;
 use crate::meter::{Decision, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use std::sync::Arc;
 
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::{count_captures, for_each_capture, CapturedRow, ExportFilter, SqliteStore};
 
 /// What a store's asynchronous method returns.
@@ -46,12 +48,13 @@ pub trait Store: Send + Sync {
     fn admit(&self, a: Admitted) -> Result<i64, StoreError>;
     /// Record a refused call (no tokens, nothing reserved).
     fn refuse(&self, a: Admitted, status: u16) -> Result<(), StoreError>;
-    /// Settle a pending call and add it to its day's totals.
-    fn settle(&self, id: i64, ticket: &Ticket, s: Settled) -> Durable;
+    /// Settle org `org`'s pending call `id` and add it to its day's totals.
+    fn settle(&self, id: i64, org: &Arc<str>, ticket: &Ticket, s: Settled) -> Durable;
 
     /// Record a fired alert; `true` if this is its first record (each rule
     /// fires once a day, whichever gateway saw it first).
-    fn alert(&self, fired: Fired) -> StoreFuture<'_, bool>;
+    /// (The answer borrows nothing: it may be awaited on a task of its own.)
+    fn alert(&self, fired: Fired) -> StoreFuture<'static, bool>;
     /// Record how an alert's delivery ended (in the background).
     fn alert_delivered(
         &self,
@@ -103,6 +106,30 @@ pub trait Store: Send + Sync {
     fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// Open the ledger at `url`: to serve from it (`serving`: SQLite's must
+/// not be another process's; a PostgreSQL replica registers itself), or only
+/// to read it (the commands).
+pub async fn open(
+    url: &crate::config::StoreUrl,
+    serving: bool,
+) -> Result<Arc<dyn Store>, StoreError> {
+    match url {
+        crate::config::StoreUrl::Sqlite(path) => {
+            let store = SqliteStore::open(path)?;
+            if serving && !store.owns() {
+                return Err(StoreError(format!(
+                    "the ledger {} is in use by another tokenwarden process (one gateway per SQLite ledger; it holds {}-calls.lock; several replicas need a postgres:// store)",
+                    path.display(),
+                    path.display()
+                )));
+            }
+            Ok(Arc::new(store))
+        }
+        crate::config::StoreUrl::Postgres(pg) if serving => Ok(Arc::new(PgStore::open(pg).await?)),
+        crate::config::StoreUrl::Postgres(pg) => Ok(Arc::new(PgStore::open_reader(pg).await?)),
+    }
+}
+
 /// The names behind a [`PoolKey`]'s indexes: the configuration's orgs and
 /// the catalog's groups, in order.
 #[derive(Clone, Debug, Default)]
@@ -136,7 +163,12 @@ impl PoolNames {
 
 /// A settled call's record on its way to the ledger: resolves when it is
 /// durable (at once when it already is).
-pub struct Durable(Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>);
+pub struct Durable(
+    Option<(
+        tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+        std::time::Duration,
+    )>,
+);
 
 impl Durable {
     /// A record that is durable already (or that failed to be written).
@@ -147,21 +179,34 @@ impl Durable {
         Durable(None)
     }
 
-    /// A record that will be once `receiver` hears so.
-    pub fn pending(receiver: tokio::sync::oneshot::Receiver<Result<(), StoreError>>) -> Self {
-        Durable(Some(receiver))
+    /// A record that will be once `receiver` hears so; waited for at most
+    /// `patience` (past it, the record is still written when it can be).
+    pub fn pending(
+        receiver: tokio::sync::oneshot::Receiver<Result<(), StoreError>>,
+        patience: std::time::Duration,
+    ) -> Self {
+        Durable(Some((receiver, patience)))
     }
 
     /// Wait until the record is durable (or could not be written: logged).
     pub async fn wait(self) {
-        if let Some(receiver) = self.0 {
-            match receiver.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "could not record a settled call"),
-                Err(_) => tracing::error!("the store stopped before a settled call was recorded"),
-            }
+        let Some((receiver, patience)) = self.0 else {
+            return;
+        };
+        match tokio::time::timeout(patience, receiver).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "could not record a settled call"),
+            Ok(Err(_)) => tracing::error!("the store stopped before a settled call was recorded"),
+            Err(_) => tracing::warn!("a settled call's record is still queued (the store is unreachable); answered without waiting longer"),
         }
     }
+}
+
+/// Now, as Unix ms (for the store's own bookkeeping: heartbeats, migrations).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[derive(Debug, thiserror::Error)]

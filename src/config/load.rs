@@ -67,6 +67,7 @@ struct RawServer {
 #[serde(deny_unknown_fields)]
 struct RawStore {
     url: Option<Text>,
+    ca_file: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -317,16 +318,7 @@ impl Config {
             Some(v) => l.expand("store.url", v)?,
             None => DEFAULT_STORE.to_owned(),
         };
-        let store = match store_text.strip_prefix("sqlite://") {
-            Some(path) if !path.is_empty() => StoreUrl::Sqlite(PathBuf::from(path)),
-            _ => {
-                return Err(l.error(
-                    "store.url",
-                    raw.store.url.as_ref().map(Spanned::span),
-                    format!("{store_text:?} is not a store URL (sqlite://PATH)"),
-                ))
-            }
-        };
+        let store = Self::store(&raw.store, store_text, l)?;
 
         let mut upstreams = BTreeMap::new();
         for (name, u) in &raw.upstreams {
@@ -615,6 +607,53 @@ impl Config {
 
     /// Alert rules at `path` (`alerts`, or an org's `orgs[i].alerts`); a key
     /// left out takes `base`'s value (the global rules), else the default.
+    /// `[store]`: `sqlite://PATH` or a PostgreSQL URL (never echoed: it
+    /// holds a password).
+    fn store(raw: &RawStore, text: String, l: &Loader<'_>) -> Result<StoreUrl, ConfigError> {
+        let span = raw.url.as_ref().map(Spanned::span);
+        if let Some(path) = text.strip_prefix("sqlite://") {
+            if raw.ca_file.is_some() {
+                return Err(l.error(
+                    "store.ca_file",
+                    raw.ca_file.as_ref().map(Spanned::span),
+                    "is for a postgres:// store",
+                ));
+            }
+            if !path.is_empty() {
+                return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+            }
+        }
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err(l.error(
+                "store.url",
+                span,
+                "is not a store URL (sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB)",
+            ));
+        }
+        let parsed: tokio_postgres::Config = text.parse().map_err(|e| {
+            l.error(
+                "store.url",
+                span,
+                format!(
+                    "is not a PostgreSQL URL: {}",
+                    crate::store::postgres::redacted(&e)
+                ),
+            )
+        })?;
+        let extra_roots = match &raw.ca_file {
+            None => Vec::new(),
+            Some(v) => {
+                let file = l.expand("store.ca_file", v)?;
+                extra_roots(&file).map_err(|e| l.error("store.ca_file", Some(v.span()), e))?
+            }
+        };
+        Ok(StoreUrl::Postgres(crate::config::PostgresUrl {
+            url: Secret::new(text),
+            shown: crate::store::postgres::shown(&parsed),
+            extra_roots,
+        }))
+    }
+
     fn alerts(
         raw: &RawAlerts,
         base: Option<&Alerts>,

@@ -296,7 +296,15 @@ impl Call {
     /// The same, for a call still borrowed (a stream's tap, a drop).
     pub fn settle_in_place(&mut self, outcome: Outcome) -> Durable {
         let (row, record) = self.settle(outcome);
-        self.gateway.store.settle(row, &self.ticket, record)
+        match self.gateway.config.orgs.get(self.labels.org) {
+            Some(org) => self
+                .gateway
+                .store
+                .settle(row, &org.name, &self.ticket, record),
+            None => Durable::done(Err(crate::store::StoreError::from_message(
+                "a call of no configured org".into(),
+            ))),
+        }
     }
 }
 

@@ -26,8 +26,8 @@ fn orgs() -> String {
 fn cli_config(h: &Harness) -> std::path::PathBuf {
     let path = h.dir.join("export.toml");
     let text = format!(
-        "[store]\nurl = \"sqlite://{}\"\n\n[upstreams.main]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n{}",
-        h.dir.join("ledger.db").display(),
+        "[store]\nurl = \"{}\"\n\n[upstreams.main]\nbase_url = \"http://127.0.0.1:9/v1\"\n\n{}",
+        crate::harness::store_url(&h.dir),
         orgs()
     );
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
@@ -59,13 +59,10 @@ async fn post(h: &Harness, path: &str, key: &str, body: Value) -> String {
 
 /// Every byte of the ledger's files (the database and its WAL).
 fn ledger_bytes(dir: &Path) -> Vec<u8> {
-    let mut all = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if entry.file_name().to_string_lossy().starts_with("ledger.db") {
-            all.extend(std::fs::read(entry.path()).unwrap_or_default());
-        }
-    }
-    all
+    crate::harness::ledger_copy(dir)
+        .into_iter()
+        .flat_map(|(_, bytes)| bytes)
+        .collect()
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
@@ -289,9 +286,8 @@ async fn captures_past_their_retention_are_purged_without_being_asked() {
     assert_eq!(h.gateway.store.count_captures("plat").await.unwrap_or(0), 0);
 }
 
-/// Fill `org` with `n` captured calls straight into the ledger.
-fn fill(db: &Path, org: &str, n: u64) {
-    let conn = rusqlite::Connection::open(db).unwrap_or_else(|e| panic!("{e}"));
+/// Fill `org` with `n` captured calls straight into the ledger in `dir`.
+async fn fill(dir: &Path, org: &str, n: u64) {
     let pair = json!({
         "request": {"model": "gpt-4o-mini", "messages": [
             {"role": "system", "content": "You are a helpful assistant for a travel company."},
@@ -300,6 +296,24 @@ fn fill(db: &Path, org: &str, n: u64) {
             "content": "You need a valid passport and an eTA; check the airline's rules too."}, "finish_reason": "stop"}]},
     });
     let body = tokenwarden::capture::compress(&pair).unwrap_or_default();
+    if crate::pg::selected() {
+        let url = crate::harness::store_url(dir);
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(connection);
+        client
+            .execute(
+                "INSERT INTO captures (org, id, started_ms, project, model, endpoint, streamed, input_tokens, output_tokens, body)
+                 SELECT $1, i, 1795521600000 + i, 'tenant', 'gpt-4o-mini', '/v1/chat/completions', false, 40, 20, $3
+                 FROM generate_series(1, $2::BIGINT) i",
+                &[&org, &(n as i64), &body],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        return;
+    }
+    let conn = rusqlite::Connection::open(dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}"));
     conn.execute(
         "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
          INSERT INTO captures (started_ms, org, project, model, endpoint, streamed, input_tokens, output_tokens, body)
@@ -321,9 +335,8 @@ fn peak_mb(stderr: &str) -> f64 {
 #[tokio::test]
 async fn export_memory_does_not_grow_with_the_rows() {
     let h = start("capture-memory", &orgs()).await;
-    let db = h.dir.join("ledger.db");
-    fill(&db, "small", 5_000);
-    fill(&db, "large", 100_000);
+    fill(&h.dir, "small", 5_000).await;
+    fill(&h.dir, "large", 100_000).await;
     let config = cli_config(&h);
     let config = config.to_string_lossy().into_owned();
     let run = |org: &str| {
@@ -341,6 +354,7 @@ async fn export_memory_does_not_grow_with_the_rows() {
     assert!(large.contains("100000 calls written"), "{large}");
     let (small_mb, large_mb) = (peak_mb(&small), peak_mb(&large));
     eprintln!("export peak memory: 5,000 rows {small_mb} MB, 100,000 rows {large_mb} MB");
-    // 20 times the rows, a few MB more at most (SQLite's page cache fills up).
+    // 20 times the rows, a few MB more at most (SQLite's page cache fills up;
+    // PostgreSQL's rows come through a bounded buffer).
     assert!(large_mb < small_mb + 8.0, "{small_mb} MB -> {large_mb} MB");
 }

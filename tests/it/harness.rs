@@ -124,9 +124,51 @@ pub fn serve_process(command: &mut std::process::Command) -> (std::process::Chil
     )
 }
 
-/// The ledger of a test in `dir`.
-pub fn open_store(dir: &std::path::Path) -> Arc<dyn Store> {
+/// The ledger of a test in `dir`: a SQLite file there, or (with
+/// `TOKENWARDEN_TEST_STORE=postgres`) a database of its own on the tests'
+/// PostgreSQL server, as a new replica.
+pub async fn open_store(dir: &std::path::Path) -> Arc<dyn Store> {
+    if crate::pg::selected() {
+        let url = crate::pg::server().database(dir);
+        let store = tokenwarden::config::StoreUrl::Postgres(tokenwarden::config::PostgresUrl {
+            shown: url.clone(),
+            url: tokenwarden::config::Secret::new(url),
+            extra_roots: Vec::new(),
+        });
+        return tokenwarden::store::open(&store, true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
     Arc::new(SqliteStore::open(&dir.join("ledger.db")).unwrap_or_else(|e| panic!("{e}")))
+}
+
+/// The `[store]` URL of the ledger in `dir`, for a command's configuration.
+pub fn store_url(dir: &std::path::Path) -> String {
+    if crate::pg::selected() {
+        crate::pg::server().database(dir)
+    } else {
+        format!("sqlite://{}", dir.join("ledger.db").display())
+    }
+}
+
+/// What a copy of the ledger in `dir` holds, part by part: SQLite's files
+/// (the database, its WAL, the call journal), or PostgreSQL's dump.
+pub fn ledger_copy(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    if crate::pg::selected() {
+        return vec![("pg_dump".to_owned(), crate::pg::server().dump(dir))];
+    }
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ledger.db"))
+        .map(|e| {
+            (
+                e.path().display().to_string(),
+                std::fs::read(e.path()).unwrap_or_default(),
+            )
+        })
+        .collect()
 }
 
 /// The configuration of a test: `{upstream}` is replaced by the simulator's
@@ -167,7 +209,7 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
     );
     let config =
         Config::from_toml(&text, &upstream_env()).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let store = open_store(&dir);
+    let store = open_store(&dir).await;
     let clock = Arc::new(ManualClock::new(NOON_MS));
     let gw = Gateway::new(config, store, clock.clone())
         .await
@@ -194,7 +236,7 @@ impl Harness {
     pub async fn restart(&self) -> Arc<Gateway> {
         let config =
             Config::from_toml(&self.config_text, &upstream_env()).unwrap_or_else(|e| panic!("{e}"));
-        Gateway::new(config, open_store(&self.dir), self.clock.clone())
+        Gateway::new(config, open_store(&self.dir).await, self.clock.clone())
             .await
             .unwrap_or_else(|e| panic!("{e}"))
     }

@@ -200,7 +200,7 @@ async fn gateway_before(
     );
     let config = Config::from_toml(&text, &std::collections::HashMap::new())
         .unwrap_or_else(|e| panic!("{e}"));
-    let store = crate::harness::open_store(&dir);
+    let store = crate::harness::open_store(&dir).await;
     let gateway = Gateway::new(config, store, Arc::new(ManualClock::new(NOON_MS)))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -293,15 +293,34 @@ async fn absurd_usage_settles_with_the_estimate_and_the_ledger_stays_integers() 
         totals.iter().map(|t| t.free_tokens).sum::<u64>(),
         7 * 11 + 12
     );
-    let integers: i64 = rusqlite::Connection::open(dir.join("ledger.db"))
-        .and_then(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM requests WHERE typeof(input_tokens) != 'integer' OR typeof(cost_pico) != 'integer'",
-                [],
-                |r| r.get(0),
+    // Every count and amount is a non-negative integer: SQLite's values are
+    // checked for their type, PostgreSQL's columns are BIGINT (an overflow
+    // would have been an error), so for their sign.
+    let integers: i64 = if crate::pg::selected() {
+        let (client, connection) =
+            tokio_postgres::connect(&crate::harness::store_url(&dir), tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(connection);
+        client
+            .query_one(
+                "SELECT COUNT(*) FROM requests WHERE input_tokens < 0 OR cost_pico < 0",
+                &[],
             )
-        })
-        .unwrap_or_else(|e| panic!("{e}"));
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .get(0)
+    } else {
+        rusqlite::Connection::open(dir.join("ledger.db"))
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM requests WHERE typeof(input_tokens) != 'integer' OR typeof(cost_pico) != 'integer'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
     assert_eq!(integers, 0);
 }
 
@@ -399,20 +418,23 @@ async fn a_copied_ledger_holds_no_key() {
         assert_eq!(status, 200, "{body}");
     }
     h.settled().await;
-    let mut files = 0;
-    for entry in std::fs::read_dir(&h.dir).unwrap_or_else(|e| panic!("{e}")) {
-        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
-        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
-        files += 1;
+    let parts = crate::harness::ledger_copy(&h.dir);
+    for (part, bytes) in &parts {
         for secret in [KEY, UPSTREAM_KEY, "Bearer"] {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                "{secret} in {}",
-                path.display()
+                "{secret} in {part}"
             );
         }
     }
-    assert!(files >= 2, "the ledger and its journal");
+    // SQLite: the database and its journal at least; PostgreSQL: its dump.
+    let expected = if crate::pg::selected() { 1 } else { 2 };
+    assert!(
+        parts.len() >= expected,
+        "{:?}",
+        parts.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
+    assert!(parts.iter().any(|(_, bytes)| !bytes.is_empty()));
     let record = &h.gateway.store.recent(1).await.unwrap_or_default()[0];
     assert_eq!(record.key_id.len(), 12);
 }

@@ -13,6 +13,7 @@ mod hostile;
 mod https;
 mod isolation;
 mod metrics;
+mod pg;
 mod properties;
 mod reference;
 mod requests;

@@ -60,12 +60,12 @@ impl Store for SqliteStore {
         SqliteStore::refuse(self, a, status)
     }
 
-    fn settle(&self, id: i64, _ticket: &Ticket, s: Settled) -> Durable {
+    fn settle(&self, id: i64, _org: &std::sync::Arc<str>, _ticket: &Ticket, s: Settled) -> Durable {
         // The journal's append is what makes it durable: done on return.
         Durable::done(SqliteStore::settle(self, id, s))
     }
 
-    fn alert(&self, fired: Fired) -> StoreFuture<'_, bool> {
+    fn alert(&self, fired: Fired) -> StoreFuture<'static, bool> {
         // One gateway per ledger: its own engine already fires each rule once.
         ready(self.alert_nowait(fired).map(|()| true))
     }
