@@ -28,7 +28,13 @@ pub fn selected() -> bool {
 /// The server, started on first use.
 pub fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
-    SERVER.get_or_init(start)
+    SERVER.get_or_init(|| start("shared"))
+}
+
+/// A server of a test's own (one that stops and starts it).
+#[allow(dead_code)]
+pub fn own_server(label: &str) -> Server {
+    start(label)
 }
 
 /// The directory of PostgreSQL's programs: `TOKENWARDEN_PG_BIN`, or the
@@ -192,10 +198,10 @@ impl Server {
     }
 }
 
-fn start() -> Server {
+fn start(label: &str) -> Server {
     let bin = bin_dir();
     let user = unprivileged();
-    let dir = std::env::temp_dir().join(format!("tokenwarden-pg-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("tokenwarden-pg-{}-{label}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
     if let Some((uid, gid)) = user {
