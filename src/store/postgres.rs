@@ -235,6 +235,21 @@ impl PgStore {
         &self.inner.replica
     }
 
+    /// Whether new calls may be admitted: not while PostgreSQL is away
+    /// (the writer's last batch failed), nor once another replica took this
+    /// one for dead (its calls would be nobody's to recover: restart it).
+    fn usable(&self) -> Result<(), StoreError> {
+        if self.inner.failing.load(Ordering::Relaxed) {
+            return Err(StoreError::from_message("PostgreSQL is unreachable".into()));
+        }
+        if self.inner.declared_dead.load(Ordering::Relaxed) {
+            return Err(StoreError::from_message(
+                "this replica was taken for dead by the others; restart it".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn id(&self) -> i64 {
         self.inner.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -246,7 +261,15 @@ impl PgStore {
             .map_err(|_| StoreError::from_message("the PostgreSQL writer has stopped".into()))
     }
 
+    /// A connection to read with, once what this replica queued before is
+    /// committed (it reads its own writes, as SQLite's reads do).
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        let (done, committed) = oneshot::channel();
+        if self.send(Job::Sync(done)).is_ok() {
+            // Waited for only while PostgreSQL answers: a read of a store
+            // that is away fails on its own below.
+            let _ = tokio::time::timeout(Duration::from_secs(5), committed).await;
+        }
         self.inner.pool.get().await.map_err(pool_error)
     }
 
@@ -257,7 +280,7 @@ impl PgStore {
         let Some(names) = self.inner.names.get() else {
             return Err(StoreError::from_message("the store was not started".into()));
         };
-        let client = self.client().await?;
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
         let statement = client
             .prepare_cached(
                 "WITH g AS (
@@ -340,7 +363,7 @@ impl PgStore {
                 })?;
             }
         }
-        let client = self.client().await?;
+        let client = self.inner.pool.get().await.map_err(pool_error)?;
         let alive = client
             .execute(
                 "UPDATE replicas SET seen_ms = $2 WHERE id = $1",
@@ -348,7 +371,7 @@ impl PgStore {
             )
             .await?;
         if alive == 0 && !self.inner.declared_dead.swap(true, Ordering::Relaxed) {
-            tracing::error!(replica = %self.inner.replica, "another replica took this one for dead and counted its leases; this one leases no more free tokens until restarted");
+            tracing::error!(replica = %self.inner.replica, "another replica took this one for dead (no heartbeat for {}s) and counted its leases; it refuses new calls until restarted", STALE.as_secs());
             self.inner.leases.forget();
         }
         drop(client);
@@ -427,15 +450,11 @@ impl Store for PgStore {
 
     fn reserve<'a>(&'a self, request: &'a Request) -> StoreFuture<'a, Decision> {
         Box::pin(async move {
-            if self.inner.failing.load(Ordering::Relaxed) {
-                return Err(StoreError::from_message("PostgreSQL is unreachable".into()));
-            }
+            self.usable()?;
             match self.inner.leases.try_admit(request) {
                 Ok(decision) => Ok(decision),
                 Err(wants) => {
-                    if !self.inner.declared_dead.load(Ordering::Relaxed) {
-                        self.lease(&wants).await?;
-                    }
+                    self.lease(&wants).await?;
                     Ok(self.inner.leases.admit(request))
                 }
             }
@@ -451,9 +470,7 @@ impl Store for PgStore {
     }
 
     fn admit(&self, a: Admitted) -> Result<i64, StoreError> {
-        if self.inner.failing.load(Ordering::Relaxed) {
-            return Err(StoreError::from_message("PostgreSQL is unreachable".into()));
-        }
+        self.usable()?;
         let id = self.id();
         self.send(Job::Admit(id, a))?;
         Ok(id)

@@ -32,6 +32,8 @@ pub(super) struct Held {
     pub(super) used_everywhere: u64,
     /// Tokens leased to all replicas, as last heard.
     pub(super) leased_everywhere: u64,
+    /// Free tokens calls settled here used (out of `lease`).
+    pub(super) consumed: u64,
     /// Free tokens settled here whose records PostgreSQL has not yet
     /// confirmed (so not yet in `used_everywhere`).
     pub(super) unflushed: u64,
@@ -208,6 +210,7 @@ impl Leases {
             cap: want.cap,
             used_everywhere: 0,
             leased_everywhere: 0,
+            consumed: 0,
             unflushed: 0,
             scarce: false,
             last_call: Instant::now(),
@@ -234,6 +237,7 @@ impl Leases {
             usage,
         );
         if let (Some(h), true) = (held, settlement.free) {
+            h.consumed = h.consumed.saturating_add(usage.total());
             h.unflushed = h.unflushed.saturating_add(usage.total());
         }
         settlement
@@ -256,11 +260,12 @@ impl Leases {
                 reserved: 0,
             };
         };
-        let local = state.ledger.state(key, h.lease);
         let unleased = cap
             .saturating_sub(h.used_everywhere)
             .saturating_sub(h.leased_everywhere);
-        let left = local.left().saturating_add(unleased).min(cap);
+        let left = spare(&state.ledger, key, h)
+            .saturating_add(unleased)
+            .min(cap);
         let used = h.used_everywhere.saturating_add(h.unflushed).min(cap);
         PoolState {
             cap,
@@ -283,6 +288,7 @@ impl Leases {
             cap: 0,
             used_everywhere: 0,
             leased_everywhere: 0,
+            consumed: 0,
             unflushed: 0,
             scarce: false,
             last_call: Instant::now(),
@@ -306,8 +312,7 @@ impl Leases {
         };
         let mut out = Vec::new();
         for (key, h) in held.iter_mut() {
-            let local = ledger.state(*key, h.lease);
-            let spare = local.left();
+            let spare = spare(ledger, *key, h);
             let idle = h.last_call.elapsed() >= IDLE;
             if spare > 0 && (h.scarce || idle || key.day < today) {
                 h.lease -= spare;
@@ -315,7 +320,7 @@ impl Leases {
             }
         }
         // A past day's pool with nothing in flight is done with.
-        held.retain(|key, h| key.day >= today || ledger.state(*key, h.lease).reserved > 0);
+        held.retain(|key, _| key.day >= today || ledger.state(*key, 0).reserved > 0);
         out
     }
 
@@ -327,6 +332,15 @@ impl Leases {
             h.lease = 0;
         }
     }
+}
+
+/// What a pool's lease still has for new calls here: neither used by
+/// settled calls nor reserved by calls in flight (kept apart from the
+/// [`Ledger`]'s own count, which it forgets when the day moves on).
+fn spare(ledger: &Ledger, key: PoolKey, h: &Held) -> u64 {
+    h.lease
+        .saturating_sub(h.consumed)
+        .saturating_sub(ledger.state(key, 0).reserved)
 }
 
 #[cfg(test)]

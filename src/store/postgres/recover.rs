@@ -11,43 +11,38 @@
 use crate::store::StoreError;
 
 /// Recover every dead replica but `me`; returns how many calls settled as
-/// interrupted.
+/// interrupted. A stale replica's row goes first (so that, should it still
+/// run, its next heartbeat finds it gone and it stops admitting calls);
+/// then whatever a replica without a row left, org by org: its leases and
+/// pending calls (a sweep cut short is finished by the next one).
 pub(super) async fn sweep(pool: &deadpool_postgres::Pool, me: &str) -> Result<usize, StoreError> {
     let mut client = pool.get().await.map_err(super::pool_error)?;
     let stale_before = crate::store::now_ms() - super::STALE.as_millis() as i64;
-    let dead: Vec<String> = client
+    for row in client
         .query(
-            "SELECT id FROM replicas WHERE seen_ms < $1 AND id <> $2",
+            "DELETE FROM replicas WHERE seen_ms < $1 AND id <> $2 RETURNING id",
             &[&stale_before, &me],
         )
         .await?
+    {
+        let replica: String = row.get(0);
+        tracing::warn!(%replica, "a replica stopped beating; recovering its calls and leases");
+    }
+    let orphans: Vec<(String, String)> = client
+        .query(
+            "SELECT DISTINCT replica, org FROM leases WHERE replica NOT IN (SELECT id FROM replicas)
+             UNION
+             SELECT DISTINCT replica, org FROM requests
+             WHERE state = 'pending' AND replica NOT IN (SELECT id FROM replicas)",
+            &[],
+        )
+        .await?
         .iter()
-        .map(|r| r.get(0))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
     let mut interrupted = 0;
-    for replica in dead {
-        let orgs: Vec<String> = client
-            .query(
-                "SELECT DISTINCT org FROM leases WHERE replica = $1
-                 UNION SELECT DISTINCT org FROM requests WHERE replica = $1 AND state = 'pending'",
-                &[&replica],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        for org in orgs {
-            interrupted += recover_org(&mut client, &replica, &org).await?;
-        }
-        let gone = client
-            .execute(
-                "DELETE FROM replicas WHERE id = $1 AND seen_ms < $2",
-                &[&replica, &stale_before],
-            )
-            .await?;
-        if gone > 0 {
-            tracing::warn!(%replica, "recovered a replica that stopped beating");
-        }
+    for (replica, org) in orphans {
+        interrupted += recover_org(&mut client, &replica, &org).await?;
     }
     Ok(interrupted)
 }

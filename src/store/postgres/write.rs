@@ -39,6 +39,9 @@ pub(super) enum Job {
     AlertDelivered(Fired, u32, bool),
     Capture(i64, crate::capture::Capture),
     Forward(i64, Forwarded),
+    /// Answered once everything queued before it is committed (a read
+    /// that must see this replica's own writes).
+    Sync(oneshot::Sender<()>),
 }
 
 impl Job {
@@ -49,6 +52,7 @@ impl Job {
             Job::Alert(f, _) | Job::AlertDelivered(f, _, _) => &f.org,
             Job::Capture(_, c) => &c.org,
             Job::Forward(_, f) => &f.org,
+            Job::Sync(_) => "",
         }
     }
 }
@@ -105,6 +109,27 @@ pub(super) async fn run(mut queue: mpsc::UnboundedReceiver<Job>, cx: Context) {
 /// batch is emptied only when every org's transaction committed (an org's
 /// jobs that committed are not written twice: they leave the batch).
 async fn write_batch(cx: &Context, batch: &mut Vec<Job>) -> Result<(), StoreError> {
+    let (syncs, jobs): (Vec<Job>, Vec<Job>) = std::mem::take(batch)
+        .into_iter()
+        .partition(|j| matches!(j, Job::Sync(_)));
+    *batch = jobs;
+    if !batch.is_empty() {
+        let written = write_orgs(cx, batch).await;
+        if let Err(e) = written {
+            batch.extend(syncs);
+            return Err(e);
+        }
+    }
+    for sync in syncs {
+        if let Job::Sync(done) = sync {
+            let _ = done.send(());
+        }
+    }
+    Ok(())
+}
+
+/// The org-by-org part of [`write_batch`].
+async fn write_orgs(cx: &Context, batch: &mut Vec<Job>) -> Result<(), StoreError> {
     let client = cx.pool.get().await.map_err(super::pool_error)?;
     while !batch.is_empty() {
         let org = batch[0].org().to_owned();
@@ -457,6 +482,7 @@ async fn write_org(
                         Ok(Answer::None)
                     })
                 }
+                Job::Sync(_) => Box::pin(async { Ok(Answer::None) }),
                 Job::Forward(id, f) => {
                     let forward = forward.clone();
                     Box::pin(async move {
