@@ -524,6 +524,35 @@ models = ["o1-pro"]
     }
 
     #[test]
+    fn a_postgres_url_is_a_secret() {
+        let url = "postgres://tw:pa55-word-123@db.internal:6432/ledger?sslmode=require";
+        let c = load(&GOOD.replace("sqlite:///tmp/x.db", url)).unwrap_or_else(|e| panic!("{e}"));
+        let StoreUrl::Postgres(pg) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(pg.shown, "tw@db.internal:6432/ledger");
+        assert_eq!(pg.url.expose(), url);
+        assert!(!format!("{c:?}").contains("pa55-word-123"));
+        // A URL the driver cannot read: named, never echoed.
+        let bad = "postgres://tw:pa55-word-123@db.internal:6432/ledger?sslmode=sometimes";
+        let e = load(&GOOD.replace("sqlite:///tmp/x.db", bad))
+            .err()
+            .unwrap_or_default();
+        assert!(
+            e.contains("store.url") && !e.contains("pa55-word-123"),
+            "{e}"
+        );
+        // ca_file belongs to PostgreSQL.
+        let e = load(&GOOD.replace(
+            "url = \"sqlite:///tmp/x.db\"",
+            "url = \"sqlite:///tmp/x.db\"\nca_file = \"/x.pem\"",
+        ))
+        .err()
+        .unwrap_or_default();
+        assert!(e.contains("store.ca_file"), "{e}");
+    }
+
+    #[test]
     fn secrets_never_appear_in_errors() {
         let text = GOOD.replace("tw-acme-private-000000001", "${ACME_KEY}");
         let e = load(&text).err().unwrap_or_default();

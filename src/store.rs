@@ -5,7 +5,9 @@
 //! call journal) before the caller goes on. A crash in between leaves a
 //! pending row, which the next start settles as `interrupted` with its
 //! reservation counted (an upper bound), so a `kill -9` loses no call and
-//! never hands out free tokens twice. SQLite is the embedded default.
+//! never hands out free tokens twice. SQLite is the embedded default (one
+//! gateway per ledger); on PostgreSQL any number of replicas share one
+//! ledger and one allowance ([`postgres`], docs/scaling.md).
 
 use crate::alerts::Fired;
 use crate::day::Day;

@@ -138,6 +138,25 @@ async fn pool_row(url: &str) -> (i64, i64, i64) {
     (row.get(0), row.get(1), row.get(2))
 }
 
+/// Replicas registered beyond the two alive, and rows left by replicas no
+/// longer registered: 0 once a dead replica is recovered.
+async fn orphans(url: &str) -> i64 {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT (SELECT COUNT(*) FROM replicas) - 2
+                  + (SELECT COUNT(*) FROM leases WHERE replica NOT IN (SELECT id FROM replicas))
+                  + (SELECT COUNT(*) FROM requests WHERE state = 'pending' AND replica NOT IN (SELECT id FROM replicas))",
+            &[],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    row.get(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_and_300_streams_never_pass_the_cap() {
     const CAP: u64 = 30_000;
@@ -212,16 +231,28 @@ async fn three_replicas_and_300_streams_never_pass_the_cap() {
     );
 }
 
+/// A process killed (`kill -9`) when dropped, so that a failing test
+/// leaves none behind.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `tokenwarden serve` as a process on `config`.
-fn serve(config: &std::path::Path) -> (std::process::Child, String) {
-    serve_process(
+fn serve(config: &std::path::Path) -> (Process, String) {
+    let (child, base) = serve_process(
         Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
             .args(["serve", "--config"])
             .arg(config)
             .env("UPSTREAM_KEY", UPSTREAM_KEY)
             .env("TOKENWARDEN_LOG", "warn")
             .stderr(Stdio::null()),
-    )
+    );
+    (Process(child), base)
 }
 
 /// Calls from `workers` clients spread over `roots` until `stop`; each
@@ -263,7 +294,8 @@ async fn wait_for(counter: &AtomicU64, n: u64) {
     while counter.load(Ordering::Relaxed) < n {
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "too few calls answered in 60 s"
+            "{} calls answered in 60 s, not {n}",
+            counter.load(Ordering::Relaxed)
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -285,8 +317,8 @@ async fn kill_9_of_a_replica_loses_no_answered_call_and_hands_out_nothing_twice(
     let url = pg::server().database(&dir);
     let config = dir.join("tokenwarden.toml");
     std::fs::write(&config, config_text(sim_addr, &url, CAP)).unwrap_or_else(|e| panic!("{e}"));
-    let (mut doomed, doomed_root) = serve(&config);
-    let (mut other, other_root) = serve(&config);
+    let (doomed, doomed_root) = serve(&config);
+    let (_other, other_root) = serve(&config);
     let roots = [doomed_root, other_root];
     let roots: Vec<String> = roots
         .iter()
@@ -297,10 +329,9 @@ async fn kill_9_of_a_replica_loses_no_answered_call_and_hands_out_nothing_twice(
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let workers = load(&roots, 16, &answered, &stop);
     wait_for(&answered, 40).await;
-    doomed.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
-    let _ = doomed.wait();
+    drop(doomed);
     // The other replica goes on; the doomed one comes back.
-    let (mut again, _) = serve(&config);
+    let (_again, _) = serve(&config);
     wait_for(&answered, 80).await;
     stop.store(true, Ordering::Relaxed);
     let mut whole = 0;
@@ -308,7 +339,16 @@ async fn kill_9_of_a_replica_loses_no_answered_call_and_hands_out_nothing_twice(
         whole += w.await.unwrap_or(0);
     }
 
-    // Within STALE and a sweep, the dead replica's calls are settled.
+    // Within STALE and a sweep, the dead replica is recovered: its row
+    // gone, its pending calls settled, its leases forfeited.
+    let started = Instant::now();
+    while orphans(&url).await > 0 {
+        assert!(
+            started.elapsed() < tokenwarden::store::postgres::STALE + Duration::from_secs(20),
+            "the dead replica was not recovered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let reader = tokenwarden::store::open(
         &Config::from_toml(&config_text(sim_addr, &url, CAP), &env())
             .unwrap_or_else(|e| panic!("{e}"))
@@ -343,11 +383,11 @@ async fn kill_9_of_a_replica_loses_no_answered_call_and_hands_out_nothing_twice(
         u64::try_from(free + forfeited + leased).unwrap_or(u64::MAX) <= CAP,
         "{free} used + {forfeited} forfeited + {leased} leased"
     );
+    assert!(
+        forfeited > 0 || interrupted > 0,
+        "nothing of the dead replica's was counted"
+    );
     eprintln!("replica crash: {whole} answered, {settled} settled, {interrupted} interrupted; {free} free, {forfeited} forfeited of {CAP}");
-    let _ = other.kill();
-    let _ = again.kill();
-    let _ = other.wait();
-    let _ = again.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

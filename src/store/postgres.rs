@@ -106,10 +106,15 @@ struct Inner {
     /// high 32 bits, a count in the low ones.
     next_id: AtomicI64,
     commits: watch::Receiver<u64>,
+    /// Changes on each of this replica's commits and every heartbeat (other
+    /// replicas' calls change the ledger too): the dashboard's cue.
+    committed: Arc<watch::Sender<u64>>,
     /// The writer's last batch failed: PostgreSQL is away.
     failing: Arc<AtomicBool>,
     /// Set when another replica took this one for dead.
     declared_dead: AtomicBool,
+    /// Held while a lease is asked for.
+    leasing: tokio::sync::Mutex<()>,
     shown: String,
 }
 
@@ -140,6 +145,7 @@ impl PgStore {
         let leases = Arc::new(Leases::default());
         let (queue, jobs) = mpsc::unbounded_channel();
         let (committed, commits) = watch::channel(0u64);
+        let committed = Arc::new(committed);
         let failing = Arc::new(AtomicBool::new(false));
         tokio::spawn(write::run(
             jobs,
@@ -147,7 +153,7 @@ impl PgStore {
                 pool: pool.clone(),
                 replica: replica.clone(),
                 leases: leases.clone(),
-                committed,
+                committed: committed.clone(),
                 failing: failing.clone(),
             },
         ));
@@ -160,8 +166,10 @@ impl PgStore {
                 queue,
                 next_id: AtomicI64::new((number & 0x7fff_ffff) << 32),
                 commits,
+                committed,
                 failing,
                 declared_dead: AtomicBool::new(false),
+                leasing: tokio::sync::Mutex::new(()),
                 shown: url.shown.clone(),
             }),
         };
@@ -184,7 +192,7 @@ impl PgStore {
         drop(client);
         // No writer: the queue's receiver is dropped, so a write is an error.
         let (queue, _) = mpsc::unbounded_channel();
-        let (_, commits) = watch::channel(0u64);
+        let (committed, commits) = watch::channel(0u64);
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
@@ -194,8 +202,10 @@ impl PgStore {
                 queue,
                 next_id: AtomicI64::new(0),
                 commits,
+                committed: Arc::new(committed),
                 failing: Arc::default(),
                 declared_dead: AtomicBool::new(false),
+                leasing: tokio::sync::Mutex::new(()),
                 shown: url.shown.clone(),
             }),
         })
@@ -376,6 +386,7 @@ impl PgStore {
         }
         drop(client);
         recover::sweep(&self.inner.pool, &self.inner.replica).await?;
+        self.inner.committed.send_modify(|n| *n += 1);
         Ok(())
     }
 }
@@ -451,6 +462,12 @@ impl Store for PgStore {
     fn reserve<'a>(&'a self, request: &'a Request) -> StoreFuture<'a, Decision> {
         Box::pin(async move {
             self.usable()?;
+            if let Ok(decision) = self.inner.leases.try_admit(request) {
+                return Ok(decision);
+            }
+            // One lease request at a time: calls that arrive together wait
+            // for the first one's grant rather than each lease a chunk.
+            let _turn = self.inner.leasing.lock().await;
             match self.inner.leases.try_admit(request) {
                 Ok(decision) => Ok(decision),
                 Err(wants) => {

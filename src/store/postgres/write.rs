@@ -63,7 +63,7 @@ pub(super) struct Context {
     pub(super) replica: Arc<str>,
     pub(super) leases: Arc<Leases>,
     /// Counts commits: the dashboard's cue.
-    pub(super) committed: watch::Sender<u64>,
+    pub(super) committed: Arc<watch::Sender<u64>>,
     /// Whether the last batch failed (new calls are refused meanwhile).
     pub(super) failing: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -71,18 +71,99 @@ pub(super) struct Context {
 /// The most jobs one batch takes.
 const BATCH: usize = 1024;
 
+/// How long a call's pending row waits in memory before it is written: a
+/// call that settles sooner (most whole answers) is written once, settled,
+/// in one statement. A replica that dies leaves no row for a call younger
+/// than this; its reservation is within the lease the others forfeit.
+pub(super) const DEFER_PENDING: Duration = Duration::from_secs(1);
+
+/// Pending rows held back ([`DEFER_PENDING`]), oldest first.
+#[derive(Default)]
+struct Deferred {
+    order: std::collections::VecDeque<(tokio::time::Instant, i64)>,
+    rows: crate::FastMap<i64, Admitted>,
+}
+
+impl Deferred {
+    /// Take `job` in: an admission is held back; a settlement brings its
+    /// admission back with it (written together, once).
+    fn take(&mut self, job: Job, batch: &mut Vec<Job>) {
+        match job {
+            Job::Admit(id, a) => {
+                self.order.push_back((tokio::time::Instant::now(), id));
+                self.rows.insert(id, a);
+            }
+            Job::Settle { id, .. } => {
+                if let Some(a) = self.rows.remove(&id) {
+                    batch.push(Job::Admit(id, a));
+                }
+                batch.push(job);
+            }
+            other => batch.push(other),
+        }
+    }
+
+    /// Move the admissions held for [`DEFER_PENDING`] into `batch`.
+    fn due(&mut self, batch: &mut Vec<Job>) {
+        let now = tokio::time::Instant::now();
+        while let Some(&(since, id)) = self.order.front() {
+            if now.duration_since(since) < DEFER_PENDING {
+                break;
+            }
+            self.order.pop_front();
+            if let Some(a) = self.rows.remove(&id) {
+                batch.push(Job::Admit(id, a));
+            }
+        }
+    }
+
+    /// Move every admission held back into `batch` (the writer is closing).
+    fn due_all(&mut self, batch: &mut Vec<Job>) {
+        for (_, id) in self.order.drain(..) {
+            if let Some(a) = self.rows.remove(&id) {
+                batch.push(Job::Admit(id, a));
+            }
+        }
+    }
+
+    /// When the oldest admission held back is due.
+    fn next(&self) -> Option<tokio::time::Instant> {
+        self.order.front().map(|&(since, _)| since + DEFER_PENDING)
+    }
+}
+
 /// Run the writer until every sender is gone and the queue is empty.
 pub(super) async fn run(mut queue: mpsc::UnboundedReceiver<Job>, cx: Context) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut deferred = Deferred::default();
+    let mut received = Vec::with_capacity(BATCH);
     loop {
-        if batch.is_empty() && queue.recv_many(&mut batch, BATCH).await == 0 {
-            return;
+        if batch.is_empty() {
+            let wait = queue.recv_many(&mut received, BATCH);
+            let n = match deferred.next() {
+                Some(due) => tokio::time::timeout_at(due, wait).await.unwrap_or(1),
+                None => wait.await,
+            };
+            if n == 0 {
+                // Every sender is gone: what is held back is written now.
+                deferred.due_all(&mut batch);
+                if batch.is_empty() {
+                    return;
+                }
+            }
         }
-        while batch.len() < BATCH {
+        while received.len() < BATCH {
             match queue.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => received.push(job),
                 Err(_) => break,
             }
+        }
+        for job in received.drain(..) {
+            deferred.take(job, &mut batch);
+        }
+        deferred.due(&mut batch);
+        if batch.is_empty() {
+            continue;
         }
         let mut pause = Duration::from_millis(50);
         loop {
@@ -138,7 +219,23 @@ async fn write_orgs(cx: &Context, batch: &mut Vec<Job>) -> Result<(), StoreError
             .partition(|j| j.org() == org);
         *batch = rest;
         match write_org(&client, cx, &mine).await {
-            Ok(answers) => {
+            Ok(mut answers) => {
+                // A call written once, settled: its insert told the pool's totals.
+                let inserted: crate::FastMap<i64, (u64, u64)> = mine
+                    .iter()
+                    .zip(&answers)
+                    .filter_map(|(job, answer)| match (job, answer) {
+                        (Job::Admit(id, _), Answer::Pool(Some(totals))) => Some((*id, *totals)),
+                        _ => None,
+                    })
+                    .collect();
+                for (job, answer) in mine.iter().zip(answers.iter_mut()) {
+                    if let (Job::Settle { id, .. }, Answer::Pool(None)) = (job, &answer) {
+                        if let Some(totals) = inserted.get(id) {
+                            *answer = Answer::Pool(Some(*totals));
+                        }
+                    }
+                }
                 for (job, answer) in mine.into_iter().zip(answers) {
                     finish(job, answer, &cx.leases);
                 }
