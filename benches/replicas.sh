@@ -60,7 +60,10 @@ as_pg "$pg_bin/initdb" -D "$dir/pg" -U postgres -A trust -E UTF8 --locale=C >/de
 as_pg "$pg_bin/pg_ctl" -D "$dir/pg" -l "$dir/pg/log" -w \
   -o "-p $PG -k $dir/pg -c listen_addresses=127.0.0.1 -c max_connections=200" start >/dev/null
 psql() { "$pg_bin/psql" -h 127.0.0.1 -p "$PG" -U postgres -qAt "$@"; }
-for db in single pair; do psql -c "CREATE DATABASE $db"; done
+for db in single quick pair; do psql -c "CREATE DATABASE $db"; done
+# The same server, one database with asynchronous commits (PostgreSQL's
+# own setting: a commit returns before its WAL is flushed to disk).
+psql -c "ALTER DATABASE quick SET synchronous_commit = off"
 
 KEY_JSON=tw-bench-json-000000000001
 KEY_SSE=tw-bench-sse-0000000000001
@@ -94,9 +97,10 @@ TOML
   eval "pid_$1=$!"
   for _ in $(seq 100); do grep -q listening "$dir/$1.out" 2>/dev/null && break; sleep 0.1; done
 }
-P_SQLITE=$(free_port); P_PG=$(free_port); P_A=$(free_port); P_B=$(free_port)
+P_SQLITE=$(free_port); P_PG=$(free_port); P_QUICK=$(free_port); P_A=$(free_port); P_B=$(free_port)
 gateway sqlite "$P_SQLITE" "sqlite://$dir/ledger.db"
 gateway pg "$P_PG" "postgres://postgres@127.0.0.1:$PG/single?sslmode=disable"
+gateway quick "$P_QUICK" "postgres://postgres@127.0.0.1:$PG/quick?sslmode=disable"
 gateway a "$P_A" "postgres://postgres@127.0.0.1:$PG/pair?sslmode=disable"
 gateway b "$P_B" "postgres://postgres@127.0.0.1:$PG/pair?sslmode=disable"
 
@@ -171,6 +175,7 @@ for kind in json sse; do
   [ "$kind" = sse ] && body=$repo/benches/fixtures/request-stream.json && key=$KEY_SSE
   row "SQLite, one gateway ($kind)" - "$P_SQLITE:$pid_sqlite"
   row "PostgreSQL, one replica ($kind)" single "$P_PG:$pid_pg"
+  row "PostgreSQL, one replica, synchronous_commit off ($kind)" quick "$P_QUICK:$pid_quick"
   row "PostgreSQL, two replicas ($kind)" pair "$P_A:$pid_a" "$P_B:$pid_b"
 done
 # Direct to the upstream, for the latency floor.

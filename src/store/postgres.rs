@@ -5,8 +5,9 @@
 //!   PostgreSQL in chunks ([`lease`]); the leases together never pass a
 //!   pool's cap.
 //! - **Records** go through one writer task per replica ([`write`]): a
-//!   call's pending row is queued when it is admitted, its settlement when
-//!   it ends; an answer waits for its settlement's commit.
+//!   call's pending row is written if it has not settled within a second
+//!   (most calls are written once, settled), its settlement when it ends;
+//!   an answer waits for its settlement's commit.
 //! - **Replicas** register at start and keep a heartbeat. One whose
 //!   heartbeat stops (killed, cut off) is recovered by any other, or by its
 //!   own restart, within [`STALE`] and a sweep: its pending calls settle as

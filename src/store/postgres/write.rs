@@ -605,6 +605,24 @@ async fn write_org(
             };
         statements.push(statement);
     }
+    // A lone statement (one call's row, most batches one call at a time) is
+    // a transaction of its own: no BEGIN and COMMIT to send and wait for.
+    let lone = jobs
+        .iter()
+        .filter(|j| match j {
+            Job::Settle { id, .. } => !settled_here.contains_key(id),
+            Job::Sync(_) => false,
+            _ => true,
+        })
+        .count()
+        == 1;
+    if lone {
+        return futures_util::future::join_all(statements)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(Failure::from);
+    }
     let commit = client.batch_execute("COMMIT");
     let (began, answers, committed) =
         futures_util::future::join3(begin, futures_util::future::join_all(statements), commit)
