@@ -452,3 +452,72 @@ async fn postgres_stopped_and_restarted_under_load_loses_no_answered_call() {
     eprintln!("postgres restart: {whole} answered, {settled_rows} settled");
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_fire_each_alert_once() {
+    let posts: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let receiver = axum::Router::new()
+        .route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State(posts): axum::extract::State<
+                    Arc<std::sync::Mutex<Vec<String>>>,
+                >,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    if let Ok(mut posts) = posts.lock() {
+                        posts.push(body["alert"]["rule"].as_str().unwrap_or("?").to_owned());
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                },
+            ),
+        )
+        .with_state(posts.clone());
+    let (hook, _hook_stop) = spawn(receiver).await;
+    let sim = Simulator::new(
+        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+        SimConfig {
+            token_delay: Duration::from_millis(1),
+            output_tokens: 200,
+            ..SimConfig::default()
+        },
+    );
+    let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let url = pg::server().database(&temp_dir("replicas-alerts"));
+    let text = format!(
+        "{}\n[alerts]\nwebhook_url = \"http://{hook}/hook\"\nused_percent = [50]\nprojected_exhaustion = false\n",
+        config_text(sim_addr, &url, 10_000)
+    );
+    let clock = Arc::new(ManualClock::new(NOON_MS));
+    let replicas = [
+        replica(&text, clock.clone()).await,
+        replica(&text, clock).await,
+    ];
+    let client = harness::http_client();
+    // 40 calls of 209 tokens, 8 at a time over both replicas: past half the
+    // cap at both, at about the same time.
+    for round in 0..5 {
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let (client, root) = (client.clone(), replicas[(round + i) % 2].root.clone());
+                tokio::spawn(async move { stream_call(&client, &root, 200).await })
+            })
+            .collect();
+        for call in calls {
+            assert_eq!(call.await.unwrap_or_else(|e| panic!("{e}")), (200, true));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let fired = posts.lock().map(|p| p.clone()).unwrap_or_default();
+    assert_eq!(
+        fired,
+        ["free_used_50"],
+        "each replica saw the pool past 50%; one posts it"
+    );
+    let recorded = replicas[1]
+        .gateway
+        .store
+        .alerts(replicas[1].gateway.today())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+}
