@@ -1,6 +1,7 @@
 //! The [`Store`] interface on SQLite: one gateway owns the ledger, so the
 //! meter is the process's own ([`Ledger`] behind a lock), loaded from the
-//! day's totals at start; every other method is the store's own.
+//! day's totals at start; every other method is the store's own, reads and
+//! purges on the blocking pool.
 
 use super::SqliteStore;
 use crate::alerts::Fired;
@@ -23,6 +24,24 @@ fn meter(store: &SqliteStore) -> std::sync::MutexGuard<'_, Ledger> {
 /// A future that is ready at once.
 fn ready<'a, T: Send + 'a>(result: Result<T, StoreError>) -> StoreFuture<'a, T> {
     Box::pin(std::future::ready(result))
+}
+
+/// A read (or a purge) on the blocking pool: it waits for the writer's
+/// queue and then for SQLite, which must not hold an async worker (the
+/// dashboard's reads scan the day's calls). Inline outside a runtime.
+fn off_worker<'a, T: Send + 'static>(
+    store: &SqliteStore,
+    read: impl FnOnce(&SqliteStore) -> Result<T, StoreError> + Send + 'static,
+) -> StoreFuture<'a, T> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return ready(read(store));
+    };
+    let store = store.clone();
+    let task = runtime.spawn_blocking(move || read(&store));
+    Box::pin(async move {
+        task.await
+            .map_err(|e| StoreError::from_message(format!("a ledger read failed: {e}")))?
+    })
 }
 
 impl Store for SqliteStore {
@@ -88,19 +107,22 @@ impl Store for SqliteStore {
     }
 
     fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize> {
-        ready(SqliteStore::purge_captures(self, org, before_ms))
+        let org = org.to_owned();
+        off_worker(self, move |s| {
+            SqliteStore::purge_captures(s, &org, before_ms)
+        })
     }
 
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>> {
-        ready(SqliteStore::daily(self, day))
+        off_worker(self, move |s| SqliteStore::daily(s, day))
     }
 
     fn daily_range(&self, from: Day, to: Day) -> StoreFuture<'_, Vec<DailyTotal>> {
-        ready(SqliteStore::daily_range(self, from, to))
+        off_worker(self, move |s| SqliteStore::daily_range(s, from, to))
     }
 
     fn alerts(&self, day: Day) -> StoreFuture<'_, Vec<Fired>> {
-        ready(SqliteStore::alerts(self, day))
+        off_worker(self, move |s| SqliteStore::alerts(s, day))
     }
 
     fn alert_delivery<'a>(
@@ -110,15 +132,18 @@ impl Store for SqliteStore {
         group: &'a str,
         rule: &'a str,
     ) -> StoreFuture<'a, Option<(u32, bool)>> {
-        ready(SqliteStore::alert_delivery(self, day, org, group, rule))
+        let (org, group, rule) = (org.to_owned(), group.to_owned(), rule.to_owned());
+        off_worker(self, move |s| {
+            SqliteStore::alert_delivery(s, day, &org, &group, &rule)
+        })
     }
 
     fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>> {
-        ready(SqliteStore::recent(self, limit))
+        off_worker(self, move |s| SqliteStore::recent(s, limit))
     }
 
     fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>> {
-        ready(SqliteStore::recent_forwarded(self, limit))
+        off_worker(self, move |s| SqliteStore::recent_forwarded(s, limit))
     }
 
     fn usage_rows<'a>(
@@ -128,17 +153,21 @@ impl Store for SqliteStore {
         width_ms: i64,
         group_by: &'a [&'a str],
     ) -> StoreFuture<'a, Vec<UsageRow>> {
-        ready(SqliteStore::usage_rows(
-            self, start_ms, end_ms, width_ms, group_by,
-        ))
+        let group_by: Vec<String> = group_by.iter().map(|g| (*g).to_owned()).collect();
+        off_worker(self, move |s| {
+            let group_by: Vec<&str> = group_by.iter().map(String::as_str).collect();
+            SqliteStore::usage_rows(s, start_ms, end_ms, width_ms, &group_by)
+        })
     }
 
     fn count_requests<'a>(&'a self, state: &'a str) -> StoreFuture<'a, u64> {
-        ready(SqliteStore::count_requests(self, state))
+        let state = state.to_owned();
+        off_worker(self, move |s| SqliteStore::count_requests(s, &state))
     }
 
     fn count_captures<'a>(&'a self, org: &'a str) -> StoreFuture<'a, u64> {
-        ready(SqliteStore::count_captures(self, org))
+        let org = org.to_owned();
+        off_worker(self, move |s| SqliteStore::count_captures(s, &org))
     }
 
     fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
