@@ -28,7 +28,9 @@
 //! [`config`] turns the TOML file into the orgs, projects, keys, upstreams
 //! and program settings all of this reads; [`simulator`] is the
 //! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
-//! them. Capture and export of shared data come next.
+//! them. [`capture`] keeps shared traffic for export. The [`store`] is
+//! SQLite for one gateway, or PostgreSQL for replicas that share one ledger
+//! and one allowance (each leasing free tokens in chunks, docs/scaling.md).
 
 /// A hash map for the paths every call takes: foldhash instead of std's
 /// SipHash (its keys are the config's and the catalog's names, key hashes

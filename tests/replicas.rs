@@ -521,3 +521,78 @@ async fn two_replicas_fire_each_alert_once() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(recorded.len(), 1, "{recorded:?}");
 }
+
+/// `check-config` connects and tells the schema version; `usage` and
+/// `export` read a PostgreSQL ledger as they read SQLite's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commands_read_a_postgres_ledger() {
+    let sim = Simulator::new(
+        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
+        SimConfig::default(),
+    );
+    let (sim_addr, _sim_stop) = spawn(simulator::router(sim)).await;
+    let dir = temp_dir("replicas-commands");
+    let url = pg::server().database(&dir);
+    let text = config_text(sim_addr, &url, 10_000);
+    let config = dir.join("tokenwarden.toml");
+    std::fs::write(&config, &text).unwrap_or_else(|e| panic!("{e}"));
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("UPSTREAM_KEY", UPSTREAM_KEY)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+    // Before any `serve`: no schema yet.
+    let (ok, _, stderr) = run(&["usage"]);
+    assert!(!ok && stderr.contains("schema version 0"), "{stderr}");
+    let (ok, stdout, stderr) = run(&["check-config"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("schema version 0"), "{stdout}");
+    // A replica migrates it and serves one call (the real clock: `usage`
+    // reads today).
+    let config_value = Config::from_toml(&text, &env()).unwrap_or_else(|e| panic!("{e}"));
+    let store = tokenwarden::store::open(&config_value.store, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gateway = Gateway::new(config_value, store, Arc::new(gateway::SystemClock))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (addr, _stop) = spawn(gateway::app(gateway.clone())).await;
+    let client = harness::http_client();
+    assert_eq!(
+        stream_call(&client, &format!("http://{addr}"), 16).await,
+        (200, true)
+    );
+    settled(&gateway).await;
+    let _ = gateway.store.recent(1).await;
+    let (ok, stdout, stderr) = run(&["check-config"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!(
+            "at schema version {v} (this tokenwarden writes {v})",
+            v = tokenwarden::store::postgres::schema::latest()
+        )) && !stdout.contains("postgres://"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run(&["usage", "--json"]);
+    assert!(ok, "{stderr}");
+    let usage: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let mini = usage["usage"]
+        .as_array()
+        .and_then(|rows| {
+            rows.iter()
+                .find(|r| r["org"] == "acme" && r["group"] == "mini")
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("{usage}"));
+    assert_eq!(mini["free_used"], 25, "{mini}");
+    let (ok, _, stderr) = run(&["export", "--org", "acme"]);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("0 calls written"), "{stderr}");
+}

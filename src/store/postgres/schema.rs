@@ -166,6 +166,13 @@ async fn apply(client: &mut Client) -> Result<i64, StoreError> {
 
 /// The schema version applied (0 for an empty database).
 pub async fn version(client: &Client) -> Result<i64, StoreError> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !exists {
+        return Ok(0);
+    }
     let row = client
         .query_one(
             "SELECT COALESCE(MAX(version), 0)::BIGINT FROM schema_migrations",

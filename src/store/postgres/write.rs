@@ -243,14 +243,17 @@ async fn write_orgs(cx: &Context, batch: &mut Vec<Job>) -> Result<(), StoreError
             // PostgreSQL answered, refusing something: each job alone, so
             // that one bad row cannot hold the others back.
             Err(Failure::Refused(_)) => {
-                for job in mine {
+                let mut left = mine.into_iter();
+                while let Some(job) = left.next() {
                     match write_org(&client, cx, std::slice::from_ref(&job)).await {
                         Ok(mut answers) => {
                             finish(job, answers.pop().unwrap_or(Answer::None), &cx.leases)
                         }
                         Err(Failure::Refused(e)) => refused(job, &e),
                         Err(Failure::Unreachable(e)) => {
-                            batch.insert(0, job);
+                            // This job and the ones after it wait for the next try.
+                            let back: Vec<Job> = std::iter::once(job).chain(left).collect();
+                            batch.splice(0..0, back);
                             return Err(e);
                         }
                     }
