@@ -26,8 +26,6 @@ use crate::FastMap;
 pub(super) struct Held {
     /// Granted and not given back (see the module's notes).
     pub(super) lease: u64,
-    /// The pool's cap.
-    pub(super) cap: u64,
     /// Free tokens used in the pool, all replicas, as last heard from PostgreSQL.
     pub(super) used_everywhere: u64,
     /// Tokens leased to all replicas, as last heard.
@@ -41,6 +39,20 @@ pub(super) struct Held {
     /// none is kept unused.
     pub(super) scarce: bool,
     pub(super) last_call: Instant,
+}
+
+impl Held {
+    fn new() -> Self {
+        Held {
+            lease: 0,
+            used_everywhere: 0,
+            leased_everywhere: 0,
+            consumed: 0,
+            unflushed: 0,
+            scarce: false,
+            last_call: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -205,18 +217,8 @@ impl Leases {
     /// Add a grant PostgreSQL made, with the pool's totals as it answered.
     pub(super) fn granted(&self, want: &Want, granted: u64, used: u64, leased: u64) {
         let mut state = self.state();
-        let h = state.held.entry(want.pool).or_insert(Held {
-            lease: 0,
-            cap: want.cap,
-            used_everywhere: 0,
-            leased_everywhere: 0,
-            consumed: 0,
-            unflushed: 0,
-            scarce: false,
-            last_call: Instant::now(),
-        });
+        let h = state.held.entry(want.pool).or_insert_with(Held::new);
         h.lease = h.lease.saturating_add(granted);
-        h.cap = want.cap;
         h.used_everywhere = used;
         h.leased_everywhere = leased;
         h.scarce = granted < want.tokens;
@@ -283,16 +285,7 @@ impl Leases {
     /// Record a pool's totals as PostgreSQL last reported them.
     pub(super) fn heard(&self, key: PoolKey, used: u64, leased: u64) {
         let mut state = self.state();
-        let h = state.held.entry(key).or_insert(Held {
-            lease: 0,
-            cap: 0,
-            used_everywhere: 0,
-            leased_everywhere: 0,
-            consumed: 0,
-            unflushed: 0,
-            scarce: false,
-            last_call: Instant::now(),
-        });
+        let h = state.held.entry(key).or_insert_with(Held::new);
         h.used_everywhere = used;
         h.leased_everywhere = leased;
     }
