@@ -59,11 +59,15 @@ pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> a
     let header_timeout = gateway.config.server.header_read_timeout;
     gateway::serve_with_timeout(
         listener,
-        gateway::app(gateway),
+        gateway::app(gateway.clone()),
         shutdown_signal(),
         header_timeout,
     )
     .await?;
+    // The last records (captures, alerts, forwarded calls) before the runtime stops.
+    if let Err(e) = gateway.store.flush().await {
+        tracing::error!(error = %e, "records still queued at shutdown were not written");
+    }
     Ok(())
 }
 

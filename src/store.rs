@@ -106,6 +106,8 @@ pub trait Store: Send + Sync {
     /// A receiver that changes whenever the ledger does (the dashboard's
     /// cue to refresh).
     fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Write everything queued (a gateway shutting down calls this last).
+    fn flush(&self) -> StoreFuture<'_, ()>;
 }
 
 /// Open the ledger at `url`: to serve from it (`serving`: SQLite's must

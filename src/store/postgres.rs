@@ -617,4 +617,19 @@ impl Store for PgStore {
     fn commits(&self) -> watch::Receiver<u64> {
         self.inner.commits.clone()
     }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let (done, committed) = oneshot::channel();
+            self.send(Job::Sync(done))?;
+            tokio::time::timeout(RECORD_WAIT, committed)
+                .await
+                .map_err(|_| {
+                    StoreError::from_message(
+                        "PostgreSQL did not take the last records in time".into(),
+                    )
+                })?
+                .map_err(|_| StoreError::from_message("the PostgreSQL writer has stopped".into()))
+        })
+    }
 }

@@ -173,4 +173,12 @@ impl Store for SqliteStore {
     fn commits(&self) -> tokio::sync::watch::Receiver<u64> {
         SqliteStore::commits(self)
     }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        // Queued writes are in the call journal or committed when the last
+        // handle on the ledger is dropped; wait for them here all the same.
+        off_worker(self, |s| {
+            SqliteStore::count_requests(s, "pending").map(drop)
+        })
+    }
 }
