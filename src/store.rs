@@ -108,6 +108,19 @@ pub trait Store: Send + Sync {
     fn commits(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Write everything queued (a gateway shutting down calls this last).
     fn flush(&self) -> StoreFuture<'_, ()>;
+    /// The pools of `day` as every replica sees them (PostgreSQL): free
+    /// tokens used, forfeited ones included, and reserved by calls in
+    /// flight at every replica (others' as of their last heartbeat);
+    /// `None` where the gateway's own meter is the whole truth (SQLite).
+    fn pools_everywhere<'a>(&'a self, day: Day) -> StoreFuture<'a, Option<Vec<PoolRow>>>;
+}
+
+/// A pool as every replica sees it: see [`Store::pools_everywhere`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolRow {
+    pub key: PoolKey,
+    pub used: u64,
+    pub reserved: u64,
 }
 
 /// Open the ledger at `url`: to serve from it (`serving`: SQLite's must

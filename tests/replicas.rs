@@ -225,10 +225,44 @@ async fn three_replicas_and_300_streams_never_pass_the_cap() {
     for r in &replicas[1..] {
         assert_eq!(usage(&client, &r.root).await, first);
     }
+    // So do their gauges, once every replica has reported (a heartbeat)
+    // that it has nothing in flight.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let first = gauges(&client, &replicas[0].root).await;
+    assert!(
+        first.contains(&format!(
+            "tokenwarden_free_tokens_used{{org=\"acme\",group=\"mini\"}} {}",
+            served.total_tokens
+        )) && first.contains(&format!(
+            "tokenwarden_free_tokens_left{{org=\"acme\",group=\"mini\"}} {}",
+            CAP - served.total_tokens
+        )),
+        "{first:?}"
+    );
+    for r in &replicas[1..] {
+        assert_eq!(gauges(&client, &r.root).await, first);
+    }
     eprintln!(
         "replica race: {ok} served, {refused} refused, {} of {CAP} free tokens used",
         served.total_tokens
     );
+}
+
+/// A replica's free-token gauges of the mini group.
+async fn gauges(client: &reqwest::Client, root: &str) -> Vec<String> {
+    let text = client
+        .get(format!("{root}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    text.lines()
+        .filter(|l| l.starts_with("tokenwarden_free_tokens_") && l.contains("group=\"mini\""))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A process killed (`kill -9`) when dropped, so that a failing test

@@ -224,7 +224,9 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 }
 
 /// The whole exposition.
-pub fn render(gateway: &Gateway) -> String {
+/// The text of `/metrics`; `everywhere`: the pools as every replica sees
+/// them (PostgreSQL), else the gateway's own meter is read.
+pub fn render(gateway: &Gateway, everywhere: Option<&[crate::store::PoolRow]>) -> String {
     let config = &gateway.config;
     let org_name = |o: usize| config.orgs.get(o).map_or("", |org| &*org.name);
     let project_name = |o: usize, p: usize| {
@@ -325,10 +327,25 @@ pub fn render(gateway: &Gateway) -> String {
         );
     }
 
-    // Gauges of today's pools, read from the meter now.
+    // Gauges of today's pools: where replicas share the ledger, its pool
+    // rows and every replica's reservations (the same whichever replica
+    // answers); else the meter, now.
     let pools: Vec<(usize, usize, crate::meter::PoolState)> = (0..config.orgs.len())
         .flat_map(|o| (0..config.catalog.groups.len()).map(move |g| (o, g)))
-        .map(|(o, g)| (o, g, gateway.pool_state(o, g)))
+        .map(|(o, g)| {
+            let own = gateway.pool_state(o, g);
+            let Some(rows) = everywhere else {
+                return (o, g, own);
+            };
+            let row = rows.iter().find(|r| r.key.org == o && r.key.group == g);
+            let used = row.map_or(0, |r| r.used).min(own.cap);
+            let state = crate::meter::PoolState {
+                cap: own.cap,
+                used,
+                reserved: row.map_or(0, |r| r.reserved).min(own.cap - used),
+            };
+            (o, g, state)
+        })
         .collect();
     for (name, help, pick) in [
         (
@@ -409,12 +426,19 @@ pub fn render(gateway: &Gateway) -> String {
 
 /// `GET /metrics`.
 pub async fn metrics(State(gateway): State<Arc<Gateway>>) -> Response {
+    let everywhere = match gateway.store.pools_everywhere(gateway.today()).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "the pools could not be read; /metrics shows this replica's view");
+            None
+        }
+    };
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        render(&gateway),
+        render(&gateway, everywhere.as_deref()),
     )
         .into_response()
 }

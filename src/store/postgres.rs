@@ -375,6 +375,33 @@ impl PgStore {
             }
         }
         let client = self.inner.pool.get().await.map_err(pool_error)?;
+        if let Some(names) = self.inner.names.get() {
+            let report = client
+                .prepare_cached(
+                    "UPDATE leases SET reserved = $5
+                     WHERE org = $1 AND day = $2 AND grp = $3 AND replica = $4 AND reserved <> $5",
+                )
+                .await?;
+            for (pool, reserved) in self.inner.leases.reservations() {
+                let (Some(org), Some(group)) =
+                    (names.orgs.get(pool.org), names.groups.get(pool.group))
+                else {
+                    continue;
+                };
+                client
+                    .execute(
+                        &report,
+                        &[
+                            &&**org,
+                            &(pool.day.0 as i32),
+                            &&**group,
+                            &&*self.inner.replica,
+                            &write_i64(reserved),
+                        ],
+                    )
+                    .await?;
+            }
+        }
         let alive = client
             .execute(
                 "UPDATE replicas SET seen_ms = $2 WHERE id = $1",
@@ -616,6 +643,42 @@ impl Store for PgStore {
 
     fn commits(&self) -> watch::Receiver<u64> {
         self.inner.commits.clone()
+    }
+
+    fn pools_everywhere<'a>(
+        &'a self,
+        day: Day,
+    ) -> StoreFuture<'a, Option<Vec<crate::store::PoolRow>>> {
+        Box::pin(async move {
+            let Some(names) = self.inner.names.get() else {
+                return Ok(None);
+            };
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT d.org, d.grp, d.free_tokens + d.forfeited,
+                            COALESCE((SELECT SUM(l.reserved) FROM leases l
+                                      WHERE l.org = d.org AND l.day = d.day AND l.grp = d.grp
+                                        AND l.replica <> $2), 0)::BIGINT
+                     FROM daily d WHERE d.day = $1",
+                    &[&(day.0 as i32), &&*self.inner.replica],
+                )
+                .await?;
+            Ok(Some(
+                rows.iter()
+                    .filter_map(|r| {
+                        let key = names.key(r.get(0), r.get(1), day)?;
+                        let elsewhere = u64::try_from(r.get::<_, i64>(3)).unwrap_or(0);
+                        Some(crate::store::PoolRow {
+                            key,
+                            used: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+                            reserved: elsewhere
+                                .saturating_add(self.inner.leases.reserved_here(key)),
+                        })
+                    })
+                    .collect(),
+            ))
+        })
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {

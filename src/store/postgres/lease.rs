@@ -317,6 +317,22 @@ impl Leases {
         out
     }
 
+    /// What this replica's calls in flight hold, per pool it leased from
+    /// (reported with each heartbeat, for gauges every replica agrees on).
+    pub(super) fn reservations(&self) -> Vec<(PoolKey, u64)> {
+        let state = self.state();
+        state
+            .held
+            .keys()
+            .map(|key| (*key, state.ledger.state(*key, 0).reserved))
+            .collect()
+    }
+
+    /// What this replica's calls in flight hold in `key` now.
+    pub(super) fn reserved_here(&self, key: PoolKey) -> u64 {
+        self.state().ledger.state(key, 0).reserved
+    }
+
     /// Forget every lease (this replica was declared dead: what it held
     /// was counted by the others).
     pub(super) fn forget(&self) {

@@ -66,6 +66,7 @@ const MIGRATIONS: &[&str] = &[
         grp TEXT NOT NULL,
         replica TEXT NOT NULL,
         held BIGINT NOT NULL,
+        reserved BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (org, day, grp, replica)
     );
     CREATE TABLE replicas (

@@ -174,6 +174,13 @@ impl Store for SqliteStore {
         SqliteStore::commits(self)
     }
 
+    fn pools_everywhere<'a>(
+        &'a self,
+        _day: Day,
+    ) -> StoreFuture<'a, Option<Vec<crate::store::PoolRow>>> {
+        ready(Ok(None))
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         // Queued writes are in the call journal or committed when the last
         // handle on the ledger is dropped; wait for them here all the same.
