@@ -221,9 +221,7 @@ impl Durable {
 
 /// Now, as Unix ms (for the store's own bookkeeping: heartbeats, migrations).
 pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    crate::gateway::Clock::now_ms(&crate::gateway::SystemClock)
 }
 
 #[derive(Debug, thiserror::Error)]

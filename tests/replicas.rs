@@ -44,6 +44,19 @@ fn env() -> HashMap<String, String> {
     HashMap::from([("UPSTREAM_KEY".to_owned(), UPSTREAM_KEY.to_owned())])
 }
 
+/// The simulated upstream on its own port: it, its address, its stop switch.
+async fn simulator_with(
+    config: SimConfig,
+) -> (
+    Arc<Simulator>,
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let sim = Simulator::new(Catalog::builtin().unwrap_or_else(|e| panic!("{e}")), config);
+    let (addr, stop) = spawn(simulator::router(sim.clone())).await;
+    (sim, addr, stop)
+}
+
 /// A replica in this process: a gateway on its own port.
 struct Replica {
     gateway: Arc<Gateway>,
@@ -123,11 +136,8 @@ async fn settled(gateway: &Gateway) {
 /// The day's free tokens counted against the cap (used and forfeited),
 /// and what is still leased, read from PostgreSQL.
 async fn pool_row(url: &str) -> (i64, i64, i64) {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let row = pg::connect(url)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(connection);
-    let row = client
         .query_one(
             "SELECT COALESCE(SUM(free_tokens), 0)::BIGINT, COALESCE(SUM(forfeited), 0)::BIGINT, COALESCE(SUM(leased), 0)::BIGINT
              FROM daily WHERE org = 'acme' AND grp = 'mini'",
@@ -141,11 +151,8 @@ async fn pool_row(url: &str) -> (i64, i64, i64) {
 /// Replicas registered beyond the two alive, and rows left by replicas no
 /// longer registered: 0 once a dead replica is recovered.
 async fn orphans(url: &str) -> i64 {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+    let row = pg::connect(url)
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    tokio::spawn(connection);
-    let row = client
         .query_one(
             "SELECT (SELECT COUNT(*) FROM replicas) - 2
                   + (SELECT COUNT(*) FROM leases WHERE replica NOT IN (SELECT id FROM replicas))
@@ -160,15 +167,12 @@ async fn orphans(url: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_and_300_streams_never_pass_the_cap() {
     const CAP: u64 = 30_000;
-    let sim = Simulator::new(
-        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
-        SimConfig {
-            token_delay: Duration::from_millis(1),
-            output_tokens: 200,
-            ..SimConfig::default()
-        },
-    );
-    let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let (sim, sim_addr, _sim_stop) = simulator_with(SimConfig {
+        token_delay: Duration::from_millis(1),
+        output_tokens: 200,
+        ..SimConfig::default()
+    })
+    .await;
     let url = pg::server().database(&temp_dir("replicas-race"));
     let text = config_text(sim_addr, &url, CAP);
     let clock = Arc::new(ManualClock::new(NOON_MS));
@@ -338,15 +342,12 @@ async fn wait_for(counter: &AtomicU64, n: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_replica_loses_no_answered_call_and_hands_out_nothing_twice() {
     const CAP: u64 = 4_000;
-    let sim = Simulator::new(
-        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
-        SimConfig {
-            ttft: Duration::from_millis(5),
-            token_delay: Duration::from_millis(2),
-            output_tokens: 16,
-        },
-    );
-    let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let (sim, sim_addr, _sim_stop) = simulator_with(SimConfig {
+        ttft: Duration::from_millis(5),
+        token_delay: Duration::from_millis(2),
+        output_tokens: 16,
+    })
+    .await;
     let dir = temp_dir("replicas-crash");
     let url = pg::server().database(&dir);
     let config = dir.join("tokenwarden.toml");
@@ -426,15 +427,12 @@ async fn kill_9_of_a_replica_loses_no_answered_call_and_hands_out_nothing_twice(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_and_restarted_under_load_loses_no_answered_call() {
-    let sim = Simulator::new(
-        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
-        SimConfig {
-            ttft: Duration::from_millis(5),
-            token_delay: Duration::from_millis(2),
-            output_tokens: 16,
-        },
-    );
-    let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let (_, sim_addr, _sim_stop) = simulator_with(SimConfig {
+        ttft: Duration::from_millis(5),
+        token_delay: Duration::from_millis(2),
+        output_tokens: 16,
+    })
+    .await;
     let server = pg::own_server("restart");
     let url = server.database(&temp_dir("replicas-pg-restart"));
     let text = config_text(sim_addr, &url, 10_000_000);
@@ -451,7 +449,9 @@ async fn postgres_stopped_and_restarted_under_load_loses_no_answered_call() {
     wait_for(&answered, 30).await;
     // Stopped (fast shutdown) under load, and back a second later.
     let server = tokio::task::spawn_blocking(move || {
-        server.restart(Duration::from_secs(1));
+        server.stop();
+        std::thread::sleep(Duration::from_secs(1));
+        server.start();
         server
     })
     .await
@@ -507,15 +507,12 @@ async fn two_replicas_fire_each_alert_once() {
         )
         .with_state(posts.clone());
     let (hook, _hook_stop) = spawn(receiver).await;
-    let sim = Simulator::new(
-        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
-        SimConfig {
-            token_delay: Duration::from_millis(1),
-            output_tokens: 200,
-            ..SimConfig::default()
-        },
-    );
-    let (sim_addr, _sim_stop) = spawn(simulator::router(sim.clone())).await;
+    let (_, sim_addr, _sim_stop) = simulator_with(SimConfig {
+        token_delay: Duration::from_millis(1),
+        output_tokens: 200,
+        ..SimConfig::default()
+    })
+    .await;
     let url = pg::server().database(&temp_dir("replicas-alerts"));
     let text = format!(
         "{}\n[alerts]\nwebhook_url = \"http://{hook}/hook\"\nused_percent = [50]\nprojected_exhaustion = false\n",
@@ -560,11 +557,7 @@ async fn two_replicas_fire_each_alert_once() {
 /// `export` read a PostgreSQL ledger as they read SQLite's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commands_read_a_postgres_ledger() {
-    let sim = Simulator::new(
-        Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
-        SimConfig::default(),
-    );
-    let (sim_addr, _sim_stop) = spawn(simulator::router(sim)).await;
+    let (_, sim_addr, _sim_stop) = simulator_with(SimConfig::default()).await;
     let dir = temp_dir("replicas-commands");
     let url = pg::server().database(&dir);
     let text = config_text(sim_addr, &url, 10_000);
@@ -629,4 +622,57 @@ async fn the_commands_read_a_postgres_ledger() {
     let (ok, _, stderr) = run(&["export", "--org", "acme"]);
     assert!(ok, "{stderr}");
     assert!(stderr.contains("0 calls written"), "{stderr}");
+}
+
+/// The documented behaviour while PostgreSQL is unreachable: a call that
+/// needs a lease cannot be admitted exactly, so it is refused with a 503
+/// and `Retry-After: 1`, and never reaches the upstream; once PostgreSQL
+/// is back, calls are admitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_needs_a_lease_while_postgres_is_away_is_a_503() {
+    let (sim, sim_addr, _sim_stop) = simulator_with(SimConfig::default()).await;
+    let server = pg::own_server("away");
+    let url = server.database(&temp_dir("replicas-pg-away"));
+    let clock = Arc::new(ManualClock::new(NOON_MS));
+    let r = replica(&config_text(sim_addr, &url, 10_000), clock.clone()).await;
+    let client = harness::http_client();
+    assert_eq!(stream_call(&client, &r.root, 16).await, (200, true));
+    let server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    // A new day: the replica holds no lease of it.
+    clock.set(NOON_MS + 86_400_000);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 16,
+                      "messages": [{"role": "user", "content": "Hello!"}]});
+    let refused = client
+        .post(format!("{}/v1/chat/completions", r.root))
+        .bearer_auth(KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(refused.status().as_u16(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let error: Value = refused.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(error["error"]["type"], "server_error", "{error}");
+    let served = sim.stats().get(UPSTREAM_KEY).copied().unwrap_or_default();
+    assert_eq!(served.requests, 1, "the refused call went upstream");
+    // Back: the next call leases and is served.
+    let server = tokio::task::spawn_blocking(move || {
+        server.start();
+        server
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stream_call(&client, &r.root, 16).await, (200, true));
+    drop(server);
 }

@@ -119,6 +119,33 @@ struct Inner {
     shown: String,
 }
 
+impl Inner {
+    fn new(
+        pool: deadpool_postgres::Pool,
+        replica: Arc<str>,
+        leases: Arc<Leases>,
+        queue: mpsc::UnboundedSender<Job>,
+        commits: watch::Receiver<u64>,
+        committed: watch::Sender<u64>,
+        url: &PostgresUrl,
+    ) -> Self {
+        Inner {
+            pool,
+            replica,
+            leases,
+            names: OnceLock::new(),
+            queue,
+            next_id: AtomicI64::new(0),
+            commits,
+            committed: Arc::new(committed),
+            failing: Arc::default(),
+            declared_dead: AtomicBool::new(false),
+            leasing: tokio::sync::Mutex::new(()),
+            shown: url.shown.clone(),
+        }
+    }
+}
+
 impl PgStore {
     /// Connect, migrate the schema (under an advisory lock), and register
     /// this replica.
@@ -146,35 +173,23 @@ impl PgStore {
         let leases = Arc::new(Leases::default());
         let (queue, jobs) = mpsc::unbounded_channel();
         let (committed, commits) = watch::channel(0u64);
-        let committed = Arc::new(committed);
-        let failing = Arc::new(AtomicBool::new(false));
+        let inner = Inner::new(pool, replica, leases, queue, commits, committed, url);
         tokio::spawn(write::run(
             jobs,
             write::Context {
-                pool: pool.clone(),
-                replica: replica.clone(),
-                leases: leases.clone(),
-                committed: committed.clone(),
-                failing: failing.clone(),
+                pool: inner.pool.clone(),
+                replica: inner.replica.clone(),
+                leases: inner.leases.clone(),
+                committed: inner.committed.clone(),
+                failing: inner.failing.clone(),
             },
         ));
-        let store = PgStore {
-            inner: Arc::new(Inner {
-                pool,
-                replica,
-                leases,
-                names: OnceLock::new(),
-                queue,
-                next_id: AtomicI64::new((number & 0x7fff_ffff) << 32),
-                commits,
-                committed,
-                failing,
-                declared_dead: AtomicBool::new(false),
-                leasing: tokio::sync::Mutex::new(()),
-                shown: url.shown.clone(),
-            }),
-        };
-        Ok(store)
+        inner
+            .next_id
+            .store((number & 0x7fff_ffff) << 32, Ordering::Relaxed);
+        Ok(PgStore {
+            inner: Arc::new(inner),
+        })
     }
 
     /// A store that only reads (the commands): no replica registered, no
@@ -195,20 +210,15 @@ impl PgStore {
         let (queue, _) = mpsc::unbounded_channel();
         let (committed, commits) = watch::channel(0u64);
         Ok(PgStore {
-            inner: Arc::new(Inner {
+            inner: Arc::new(Inner::new(
                 pool,
-                replica: "reader".into(),
-                leases: Arc::default(),
-                names: OnceLock::new(),
+                "reader".into(),
+                Arc::default(),
                 queue,
-                next_id: AtomicI64::new(0),
                 commits,
-                committed: Arc::new(committed),
-                failing: Arc::default(),
-                declared_dead: AtomicBool::new(false),
-                leasing: tokio::sync::Mutex::new(()),
-                shown: url.shown.clone(),
-            }),
+                committed,
+                url,
+            )),
         })
     }
 

@@ -298,11 +298,8 @@ async fn fill(dir: &Path, org: &str, n: u64) {
     let body = tokenwarden::capture::compress(&pair).unwrap_or_default();
     if crate::pg::selected() {
         let url = crate::harness::store_url(dir);
-        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        crate::pg::connect(&url)
             .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(connection);
-        client
             .execute(
                 "INSERT INTO captures (org, id, started_ms, project, model, endpoint, streamed, input_tokens, output_tokens, body)
                  SELECT $1, i, 1795521600000 + i, 'tenant', 'gpt-4o-mini', '/v1/chat/completions', false, 40, 20, $3

@@ -297,12 +297,8 @@ async fn absurd_usage_settles_with_the_estimate_and_the_ledger_stays_integers() 
     // checked for their type, PostgreSQL's columns are BIGINT (an overflow
     // would have been an error), so for their sign.
     let integers: i64 = if crate::pg::selected() {
-        let (client, connection) =
-            tokio_postgres::connect(&crate::harness::store_url(&dir), tokio_postgres::NoTls)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-        tokio::spawn(connection);
-        client
+        crate::pg::connect(&crate::harness::store_url(&dir))
+            .await
             .query_one(
                 "SELECT COUNT(*) FROM requests WHERE input_tokens < 0 OR cost_pico < 0",
                 &[],

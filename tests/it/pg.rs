@@ -20,6 +20,16 @@ pub struct Server {
     _watcher: Option<std::process::Child>,
 }
 
+/// A client of the database at `url` (a test's own look at the ledger).
+#[allow(dead_code)]
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(connection);
+    client
+}
+
 /// Whether the integration tests run on PostgreSQL.
 pub fn selected() -> bool {
     std::env::var("TOKENWARDEN_TEST_STORE").is_ok_and(|v| v == "postgres")
@@ -101,12 +111,10 @@ impl Server {
         format!("tw_{}", &name[name.len().saturating_sub(50)..])
     }
 
-    /// A database of its own for the ledger in `dir` (made on first use);
-    /// returns its URL.
-    pub fn database(&self, dir: &Path) -> String {
-        let name = Self::name(dir);
+    /// Run a client program (`createdb`, `pg_dump`) on `database`.
+    fn client_tool(&self, program: &str, database: &str) -> std::process::Output {
         let out = self
-            .command("createdb")
+            .command(program)
             .args([
                 "-h",
                 "127.0.0.1",
@@ -114,10 +122,18 @@ impl Server {
                 &self.port.to_string(),
                 "-U",
                 "postgres",
-                &name,
+                database,
             ])
             .output()
-            .unwrap_or_else(|e| panic!("createdb: {e}"));
+            .unwrap_or_else(|e| panic!("{program}: {e}"));
+        out
+    }
+
+    /// A database of its own for the ledger in `dir` (made on first use);
+    /// returns its URL.
+    pub fn database(&self, dir: &Path) -> String {
+        let name = Self::name(dir);
+        let out = self.client_tool("createdb", &name);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             out.status.success() || err.contains("already exists"),
@@ -128,19 +144,7 @@ impl Server {
 
     /// Everything the ledger in `dir` holds, as `pg_dump` writes it.
     pub fn dump(&self, dir: &Path) -> Vec<u8> {
-        let out = self
-            .command("pg_dump")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                &Self::name(dir),
-            ])
-            .output()
-            .unwrap_or_else(|e| panic!("pg_dump: {e}"));
+        let out = self.client_tool("pg_dump", &Self::name(dir));
         assert!(
             out.status.success(),
             "pg_dump: {}",
@@ -156,12 +160,14 @@ impl Server {
         )
     }
 
-    /// Stop the server (fast shutdown) and start it again on the same
-    /// port and data, `pause` apart (tests/replicas.rs).
+    /// Stop the server (fast shutdown) (tests/replicas.rs).
     #[allow(dead_code)]
-    pub fn restart(&self, pause: std::time::Duration) {
+    pub fn stop(&self) {
         self.ctl(&["stop", "-m", "fast", "-w"]);
-        std::thread::sleep(pause);
+    }
+
+    /// Start the server on its port and data.
+    pub fn start(&self) {
         self.ctl(&[
             "start",
             "-w",
@@ -240,16 +246,7 @@ fn start(label: &str) -> Server {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or_else(|e| panic!("{e}"));
-    server.ctl(&[
-        "start",
-        "-w",
-        "-t",
-        "30",
-        "-l",
-        &server.dir.join("log").display().to_string(),
-        "-o",
-        &server.options(),
-    ]);
+    server.start();
     // Stopped and removed once this test process has gone.
     let watcher = format!(
         "while [ -d /proc/{pid} ]; do sleep 0.5; done; \"$0\" -D \"$1\" stop -m immediate >/dev/null 2>&1; rm -rf \"$2\"",
