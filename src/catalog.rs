@@ -264,6 +264,13 @@ impl Catalog {
         !hits.is_empty()
     }
 
+    /// Whether a model name or a `*` pattern matches a model of the catalog.
+    pub fn matches_any(&self, pattern: &str) -> bool {
+        self.lookup(pattern).is_ok()
+            || self.exact.keys().any(|name| glob_match(pattern, name))
+            || self.models.iter().any(|m| glob_match(pattern, &m.name))
+    }
+
     pub fn group(&self, name: &str) -> Option<&Group> {
         self.groups.iter().find(|g| *g.name == *name)
     }

@@ -28,6 +28,48 @@ pub fn single_project_config(
     )
 }
 
+/// Each `SIGHUP`: read `file` again and run on it; a file `check-config`
+/// would refuse is refused with its message, and the running configuration
+/// stays.
+async fn reload_on_hangup(gateway: std::sync::Weak<Gateway>, file: Option<std::path::PathBuf>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::error!("SIGHUP cannot be listened for: reloads need a restart");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            let Some(gateway) = gateway.upgrade() else {
+                return;
+            };
+            let Some(file) = &file else {
+                tracing::warn!(
+                    "SIGHUP: this gateway runs without a configuration file; nothing to reload"
+                );
+                continue;
+            };
+            match reload(&gateway, file).await {
+                Ok(()) => tracing::info!(file = %file.display(), "configuration reloaded"),
+                Err(e) => tracing::error!(
+                    "SIGHUP: the configuration was not reloaded, the running one stays: {e}"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (gateway, file);
+}
+
+/// Load `file` as `check-config` does and run on it.
+async fn reload(gateway: &Gateway, file: &Path) -> anyhow::Result<()> {
+    let config = Config::load(file, &ProcessEnv)?;
+    for warning in config.forward_warnings() {
+        tracing::warn!("{warning}");
+    }
+    gateway.reload(config).await.map_err(anyhow::Error::msg)
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -49,21 +91,32 @@ async fn shutdown_signal() {
     }
 }
 
-/// Open the store, build the gateway and serve until a signal.
-pub async fn run_gateway(config: Config, announce: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+/// Open the store, build the gateway and serve until a signal; `SIGHUP`
+/// reloads the configuration from `file`.
+pub async fn run_gateway(
+    config: Config,
+    file: Option<&Path>,
+    announce: impl FnOnce(SocketAddr),
+) -> anyhow::Result<()> {
     let store = crate::store::open(&config.store, true).await?;
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
     let addr = listener.local_addr()?;
     let gateway = Gateway::new(config, store, Arc::new(SystemClock)).await?;
+    let reloads = tokio::spawn(reload_on_hangup(
+        Arc::downgrade(&gateway),
+        file.map(Path::to_path_buf),
+    ));
     announce(addr);
-    let header_timeout = gateway.config.server.header_read_timeout;
-    gateway::serve_with_timeout(
+    let header_timeout = gateway.live().config.server.header_read_timeout;
+    let served = gateway::serve_with_timeout(
         listener,
         gateway::app(gateway.clone()),
         shutdown_signal(),
         header_timeout,
     )
-    .await?;
+    .await;
+    reloads.abort();
+    served?;
     // The last records (captures, alerts, forwarded calls) before the runtime stops.
     if let Err(e) = gateway.store.flush().await {
         tracing::error!(error = %e, "records still queued at shutdown were not written");
@@ -99,7 +152,7 @@ pub async fn serve(
             &admin,
         );
         let config = Config::from_toml(&text, &env)?;
-        return run_gateway(config, |addr| {
+        return run_gateway(config, None, |addr| {
             println!("tokenwarden demo: the gateway in front of its simulated upstream (http://{sim_addr}/v1)");
             println!("  base URL: http://{addr}/v1");
             println!("  API key:  {key}");
@@ -110,15 +163,15 @@ pub async fn serve(
         .await;
     }
     let default_file = Path::new("tokenwarden.toml");
-    let config = match config_path {
-        Some(path) => Config::load(path, &env)?,
-        None if default_file.exists() => Config::load(default_file, &env)?,
+    let file = match config_path {
+        Some(path) => path,
+        None if default_file.exists() => default_file,
         None if env.var("OPENAI_API_KEY").is_some() => {
             let key = new_key("tw-");
             let admin = new_key("tw-admin-");
             let text = single_project_config("https://api.openai.com/v1", "${OPENAI_API_KEY}", &key, "tokenwarden.db", listen, &admin);
             let config = Config::from_toml(&text, &env)?;
-            return run_gateway(config, |addr| {
+            return run_gateway(config, None, |addr| {
                 println!("tokenwarden: in front of the OpenAI API, one org and project");
                 println!("  base URL: http://{addr}/v1");
                 println!("  API key:  {key}   (shown once; give it to your OpenAI SDK as its api_key)");
@@ -135,10 +188,11 @@ pub async fn serve(
             .into())
         }
     };
+    let config = Config::load(file, &env)?;
     for warning in config.forward_warnings() {
         tracing::warn!("{warning}");
     }
-    run_gateway(config, |addr| {
+    run_gateway(config, Some(file), |addr| {
         println!("tokenwarden: listening on http://{addr}/v1")
     })
     .await

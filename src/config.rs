@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::catalog::Catalog;
 
+mod align;
 mod load;
 
 /// Where `${VAR}` values come from.
@@ -150,7 +151,7 @@ pub struct Alerts {
 pub const DEFAULT_ALERT_PERCENTS: [u8; 4] = [50, 80, 95, 100];
 pub const DEFAULT_CAPTURE_RETENTION_DAYS: u32 = 30;
 
-#[derive(Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Server {
     pub listen: SocketAddr,
     /// Guards the admin routes; `None` leaves them closed to everyone.
@@ -214,6 +215,11 @@ pub struct Org {
     /// This org's alert rules: the global `[alerts]` with its overrides.
     pub alerts: Alerts,
     pub projects: Vec<Project>,
+    /// Admin keys bound to this org: they see and change only this org.
+    pub admin_keys: Vec<Secret>,
+    /// No longer configured: kept only so that its position keeps its name
+    /// (see [`Config::align_to`]); no key reaches it.
+    pub retired: bool,
 }
 
 impl Org {
@@ -247,6 +253,22 @@ pub struct Project {
     /// (`forward`); empty by default: nothing but the metered routes and
     /// `GET /v1/models` goes past the gateway.
     pub forward: Vec<crate::gateway::path::ForwardRule>,
+    /// The models this project's keys may call (names or `*` patterns);
+    /// empty: every model of the catalog.
+    pub models: Vec<String>,
+    /// No longer configured (see [`Org::retired`]).
+    pub retired: bool,
+}
+
+impl Project {
+    /// Whether this project may call `model` (a name as the client sent it).
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.is_empty()
+            || self
+                .models
+                .iter()
+                .any(|m| crate::catalog::glob_match(m, model))
+    }
 }
 
 impl Config {
@@ -550,6 +572,41 @@ models = ["o1-pro"]
         .err()
         .unwrap_or_default();
         assert!(e.contains("store.ca_file"), "{e}");
+    }
+
+    #[test]
+    fn model_lists_and_admin_keys_are_checked() {
+        let text = GOOD.replace(
+            "on_exhausted = \"block\"\n",
+            "on_exhausted = \"block\"\nmodels = [\"gpt-4o-mini\", \"gpt-4.1-*\"]\n",
+        );
+        let c = load(&text).unwrap_or_else(|e| panic!("{e}"));
+        let web = &c.orgs[0].projects[0];
+        assert!(web.allows("gpt-4o-mini") && web.allows("gpt-4.1-nano"));
+        assert!(!web.allows("gpt-4o") && c.orgs[0].projects[1].allows("gpt-4o"));
+        let e = load(&text.replace("gpt-4.1-*", "gpt-9*"))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("orgs[0].projects[0].models[1]"), "{e}");
+        let admins = |keys: &str| {
+            GOOD.replace(
+                "sharing = \"selected\"\n",
+                &format!("sharing = \"selected\"\nadmin_keys = [{keys}]\n"),
+            )
+        };
+        let c = load(&admins("\"tw-acme-admin-0000000001\"")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.orgs[0].admin_keys.len(), 1);
+        for (keys, says) in [
+            ("\"short\"", "at least 16"),
+            ("\"admin-token-0123456789\"", "another project or admin"),
+            ("\"tw-acme-private-000000001\"", "another project or admin"),
+        ] {
+            let e = load(&admins(keys)).err().unwrap_or_default();
+            assert!(
+                e.contains("orgs[0].admin_keys[0]") && e.contains(says),
+                "{keys}: {e}"
+            );
+        }
     }
 
     #[test]

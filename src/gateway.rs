@@ -10,11 +10,13 @@
 //!   `GET /v1/models`, and any other `/v1/*` path (a 404 unless the
 //!   project's `forward` rules allow it: then forwarded unmetered, and
 //!   recorded); only a path's plain spelling is routed ([`path`]);
-//! - admin token ([`auth::require_admin`]): `GET /v1/organization/usage/completions`
-//!   and `GET /v1/organization/costs` ([`usage`]), `GET /metrics` ([`metrics`];
-//!   public with `[server] public_metrics = true`);
-//! - dashboard session (a cookie set by signing in with the admin token):
-//!   `GET /dashboard` and its live events ([`dashboard`]).
+//! - admin credential ([`auth::require_admin`]: the platform's admin token,
+//!   every org, or an org admin key, its org only):
+//!   `GET /v1/organization/usage/completions` and `GET /v1/organization/costs`
+//!   ([`usage`]); `GET /metrics` ([`metrics`]) takes the platform's token only
+//!   (public with `[server] public_metrics = true`);
+//! - dashboard session (a cookie set by signing in with an admin credential,
+//!   scoped as it is): `GET /dashboard` and its live events ([`dashboard`]).
 //!
 //! A metered call walks: authenticate -> read the body (bounded) -> count it
 //! -> ask the meter -> write it as pending -> forward ([`upstream`]) -> tap
@@ -39,6 +41,7 @@ pub mod auth;
 pub mod call;
 pub mod dashboard;
 pub mod error;
+mod live;
 pub mod metrics;
 pub mod path;
 mod repoll;
@@ -47,6 +50,8 @@ mod scan;
 pub mod stream;
 pub mod upstream;
 pub mod usage;
+
+pub use live::Live;
 
 /// How often captured calls past their retention are purged.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
@@ -87,14 +92,14 @@ impl Clock for ManualClock {
 
 /// Everything a request needs, shared by all of them.
 pub struct Gateway {
-    pub config: Config,
-    /// Client key hashes -> (org, project).
-    pub keys: auth::KeyTable,
+    /// The running configuration ([`Gateway::live`]): replaced whole by a
+    /// reload, read by each call once.
+    live: arc_swap::ArcSwap<Live>,
+    /// Held while a new configuration is built and swapped in.
+    reloading: tokio::sync::Mutex<()>,
     /// The ledger, and the meter's free tokens used and reserved per org,
     /// group and day (SQLite or PostgreSQL: [`crate::store`]).
     pub store: Arc<dyn Store>,
-    /// One connection pool for every upstream.
-    pub client: upstream::Client,
     pub clock: Arc<dyn Clock>,
     pub metrics: metrics::Metrics,
     /// Which alerts fired today.
@@ -127,16 +132,12 @@ impl Gateway {
                 "settled calls left pending by a crash as interrupted"
             );
         }
-        let keys = auth::KeyTable::new(&config);
-        let client = upstream::client(&config)
-            .map_err(|e| StoreError::from_message(format!("http client: {e}")))?;
         // o200k_base serves every model of the program: load it now, not on
         // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
         // its first use, so a gateway that never sees one saves its memory.
         crate::tokens::Encoding::O200kBase.warm_up();
-        let webhooks = config.orgs.iter().any(|o| o.alerts.webhook.is_some());
-        let delivery = match (webhooks, tokio::runtime::Handle::try_current()) {
-            (true, Ok(_)) => {
+        let delivery = match tokio::runtime::Handle::try_current() {
+            Ok(_) => {
                 let store = store.clone();
                 let webhook = upstream::webhook_client(&config)
                     .map_err(|e| StoreError::from_message(format!("http client: {e}")))?;
@@ -149,18 +150,19 @@ impl Gateway {
                     }),
                 ))
             }
-            (true, Err(_)) => {
-                tracing::error!("no async runtime: alerts will not be posted to the webhook");
+            Err(_) => {
+                if config.orgs.iter().any(|o| o.alerts.webhook.is_some()) {
+                    tracing::error!("no async runtime: alerts will not be posted to the webhook");
+                }
                 None
             }
-            (false, _) => None,
         };
+        let live = Live::new(config).map_err(StoreError::from_message)?;
         let gateway = Arc::new(Gateway {
-            keys,
+            live: arc_swap::ArcSwap::from_pointee(live),
+            reloading: tokio::sync::Mutex::new(()),
             store,
-            client,
             clock,
-            config,
             metrics: metrics::Metrics::default(),
             alerts: crate::alerts::Engine::default(),
             delivery,
@@ -172,20 +174,19 @@ impl Gateway {
         });
         gateway.restore_alerts(today).await?;
         gateway.purge_captures().await;
-        if gateway.config.orgs.iter().any(|o| o.capture) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                // The retention purge runs by itself; the task ends with the gateway.
-                let weak = Arc::downgrade(&gateway);
-                runtime.spawn(async move {
-                    loop {
-                        tokio::time::sleep(PURGE_EVERY).await;
-                        let Some(gateway) = weak.upgrade() else {
-                            return;
-                        };
-                        gateway.purge_captures().await;
-                    }
-                });
-            }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // The retention purge runs by itself (for the orgs that capture
+            // at the time); the task ends with the gateway.
+            let weak = Arc::downgrade(&gateway);
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(PURGE_EVERY).await;
+                    let Some(gateway) = weak.upgrade() else {
+                        return;
+                    };
+                    gateway.purge_captures().await;
+                }
+            });
         }
         Ok(gateway)
     }
@@ -205,7 +206,8 @@ impl Gateway {
     pub async fn purge_captures(&self) -> usize {
         let now_ms = self.clock.now_ms();
         let mut purged = 0;
-        for org in &self.config.orgs {
+        let live = self.live();
+        for org in &live.config.orgs {
             // Orgs that stopped capturing are purged on the same schedule.
             let before = now_ms - i64::from(org.capture_retention_days) * 86_400_000;
             match self.store.purge_captures(&org.name, before).await {
@@ -224,25 +226,24 @@ impl Gateway {
 
     /// Whether org `org` gets free tokens today: eligible, sharing, and the
     /// program running.
-    pub fn org_gets_free_tokens(&self, org: usize) -> bool {
+    pub fn org_gets_free_tokens(&self, config: &Config, org: usize) -> bool {
         let day = self.today();
-        let catalog = &self.config.catalog;
+        let catalog = &config.catalog;
         let running =
             catalog.program_starts <= day && catalog.program_ends.is_none_or(|ends| day <= ends);
-        self.config.orgs.get(org).is_some_and(|o| {
+        config.orgs.get(org).is_some_and(|o| {
             o.eligible && o.sharing != crate::config::OrgSharing::Disabled && running
         })
     }
 
     /// Today's state of org `org`'s pool in group `group` (cap 0 when the org
     /// gets no free tokens).
-    pub fn pool_state(&self, org: usize, group: usize) -> crate::meter::PoolState {
+    pub fn pool_state(&self, config: &Config, org: usize, group: usize) -> crate::meter::PoolState {
         let day = self.today();
-        let cap = match (
-            self.config.orgs.get(org),
-            self.config.catalog.groups.get(group),
-        ) {
-            (Some(o), Some(g)) if self.org_gets_free_tokens(org) => g.daily_tokens_for_tier(o.tier),
+        let cap = match (config.orgs.get(org), config.catalog.groups.get(group)) {
+            (Some(o), Some(g)) if self.org_gets_free_tokens(config, org) => {
+                g.daily_tokens_for_tier(o.tier)
+            }
             _ => 0,
         };
         self.store.pool_state(PoolKey { org, group, day }, cap)
@@ -250,18 +251,24 @@ impl Gateway {
 
     /// After a call settled: add its billed cost and fire the alerts that
     /// now hold for its org and group. Never waits on delivery.
-    pub fn check_alerts(self: &Arc<Self>, org: usize, group: Option<usize>, cost_pico: u64) {
+    pub fn check_alerts(
+        self: &Arc<Self>,
+        config: &Config,
+        org: usize,
+        group: Option<usize>,
+        cost_pico: u64,
+    ) {
         let day = self.today();
-        let Some(org_config) = self.config.orgs.get(org) else {
+        let Some(org_config) = config.orgs.get(org) else {
             return;
         };
         let org_name = &*org_config.name;
         let rules = &org_config.alerts;
         let group_name = group
-            .and_then(|g| self.config.catalog.groups.get(g))
+            .and_then(|g| config.catalog.groups.get(g))
             .map_or("none", |g| &*g.name);
         let billed = self.alerts.add_billed(day, org_name, group_name, cost_pico);
-        let state = group.map(|g| self.pool_state(org, g));
+        let state = group.map(|g| self.pool_state(config, org, g));
         let view = crate::alerts::View {
             org: org_name,
             group: group_name,
@@ -301,6 +308,7 @@ impl Gateway {
         tracing::warn!(rule = %fired.rule, org = %fired.org, group = %fired.group, "{}", fired.text);
         self.metrics.alert(&fired.org, &fired.group, &fired.rule);
         let webhook = self
+            .live()
             .config
             .orgs
             .get(org)
@@ -388,11 +396,13 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     // Metrics name orgs and projects: the admin token guards them unless
     // `[server] public_metrics = true`.
     let mut metrics = Router::new().route("/metrics", get(metrics::metrics));
-    if !gateway.config.server.public_metrics {
-        metrics = metrics.layer(axum::middleware::from_fn_with_state(
-            gateway.clone(),
-            auth::require_admin,
-        ));
+    if !gateway.live().config.server.public_metrics {
+        metrics = metrics
+            .layer(axum::middleware::from_fn(auth::require_platform))
+            .layer(axum::middleware::from_fn_with_state(
+                gateway.clone(),
+                auth::require_admin,
+            ));
     }
     Router::new()
         .merge(v1)

@@ -171,6 +171,14 @@ impl Ledger {
         self.pools.entry(key).or_default().used = used;
     }
 
+    /// [`Ledger::restore`] a pool this meter has not seen yet.
+    pub fn restore_new(&mut self, key: PoolKey, used: u64) {
+        self.pools.entry(key).or_insert_with(|| Pool {
+            used,
+            ..Pool::default()
+        });
+    }
+
     pub fn state(&self, key: PoolKey, cap: u64) -> PoolState {
         let pool = self.pools.get(&key).copied().unwrap_or_default();
         PoolState {

@@ -38,6 +38,10 @@ pub trait Store: Send + Sync {
     /// needs for `today`. Called once, when a gateway starts; returns how
     /// many calls were settled as interrupted.
     fn start<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, usize>;
+    /// The orgs and groups behind pool indexes, after a new configuration
+    /// appended some (indexes never move: [`crate::config::Config::align_to`]);
+    /// a pool new here gets what the ledger says it used `today`.
+    fn name_pools<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, ()>;
 
     /// Decide a call and hold what it may use for free.
     fn reserve<'a>(&'a self, request: &'a Request) -> StoreFuture<'a, Decision>;
@@ -85,10 +89,23 @@ pub trait Store: Send + Sync {
         group: &'a str,
         rule: &'a str,
     ) -> StoreFuture<'a, Option<(u32, bool)>>;
-    /// The latest `limit` calls, newest first (metadata only).
-    fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>>;
-    /// The latest forwarded calls, newest first.
-    fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>>;
+    /// The latest `limit` calls (of `org` only, if given), newest first
+    /// (metadata only).
+    fn recent_for<'a>(&'a self, limit: u64, org: Option<&'a str>) -> StoreFuture<'a, Vec<Record>>;
+    /// The latest `limit` calls of every org, newest first.
+    fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>> {
+        self.recent_for(limit, None)
+    }
+    /// The latest forwarded calls (of `org` only, if given), newest first.
+    fn recent_forwarded_for<'a>(
+        &'a self,
+        limit: u64,
+        org: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<Forwarded>>;
+    /// The latest forwarded calls of every org, newest first.
+    fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>> {
+        self.recent_forwarded_for(limit, None)
+    }
     /// Usage between `start_ms` and `end_ms`, one row per bucket and group:
     /// the bucket is `(started_ms - start_ms) / width_ms`; `group_by` names
     /// columns among project_id, api_key_id, model, lane and sharing.

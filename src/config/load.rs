@@ -99,6 +99,8 @@ struct RawOrg {
     alerts: Option<RawAlerts>,
     #[serde(default)]
     projects: Vec<RawProject>,
+    #[serde(default)]
+    admin_keys: Vec<Text>,
 }
 
 fn default_tier() -> u8 {
@@ -123,6 +125,8 @@ struct RawProject {
     keys: Vec<Text>,
     #[serde(default)]
     forward: Vec<String>,
+    #[serde(default)]
+    models: Vec<String>,
 }
 
 fn default_true() -> bool {
@@ -376,7 +380,12 @@ impl Config {
 
         let mut orgs = Vec::new();
         let mut org_names = HashSet::new();
-        let mut all_keys = HashSet::new();
+        // Client keys and admin credentials: each names one holder.
+        let mut all_keys: HashSet<String> = server
+            .admin_token
+            .iter()
+            .map(|t| t.expose().to_owned())
+            .collect();
         for (i, o) in raw.orgs.iter().enumerate() {
             let path = format!("orgs[{i}]");
             if o.name.is_empty() || !org_names.insert(o.name.clone()) {
@@ -427,25 +436,7 @@ impl Config {
                         ))
                     }
                 };
-                let mut keys = Vec::new();
-                for (k, key) in p.keys.iter().enumerate() {
-                    let value = l.expand(&format!("{path}.keys[{k}]"), key)?;
-                    if value.len() < 16 {
-                        return Err(l.error(
-                            format!("{path}.keys[{k}]"),
-                            Some(key.span()),
-                            "a client key must be at least 16 characters",
-                        ));
-                    }
-                    if !all_keys.insert(value.clone()) {
-                        return Err(l.error(
-                            format!("{path}.keys[{k}]"),
-                            Some(key.span()),
-                            "this key is given to another project too",
-                        ));
-                    }
-                    keys.push(Secret::new(value));
-                }
+                let keys = unique_keys(l, &format!("{path}.keys"), &p.keys, &mut all_keys)?;
                 let mut forward = Vec::new();
                 for (k, rule) in p.forward.iter().enumerate() {
                     let rule = ForwardRule::parse(rule)
@@ -466,6 +457,8 @@ impl Config {
                     privacy_guard: p.privacy_guard,
                     reroute_to: None,
                     forward,
+                    models: p.models.clone(),
+                    retired: false,
                 });
             }
             // reroute_to names a project of the same org that does not share.
@@ -532,6 +525,13 @@ impl Config {
                 capture: o.capture,
                 capture_retention_days: retention,
                 projects,
+                admin_keys: unique_keys(
+                    l,
+                    &format!("{path}.admin_keys"),
+                    &o.admin_keys,
+                    &mut all_keys,
+                )?,
+                retired: false,
             });
         }
 
@@ -591,6 +591,20 @@ impl Config {
                         None,
                         format!("{model:?} matches no model of the catalog"),
                     ));
+                }
+            }
+        }
+
+        for (i, o) in raw.orgs.iter().enumerate() {
+            for (j, p) in o.projects.iter().enumerate() {
+                for (k, model) in p.models.iter().enumerate() {
+                    if !catalog.matches_any(model) {
+                        return Err(l.error(
+                            format!("orgs[{i}].projects[{j}].models[{k}]"),
+                            None,
+                            format!("{model:?} matches no model of the catalog"),
+                        ));
+                    }
                 }
             }
         }
@@ -715,4 +729,34 @@ impl Config {
             retries: raw.retries.or(base.map(|b| b.retries)).unwrap_or(5).min(20),
         })
     }
+}
+
+/// The keys at `path`, each at least 16 characters and held by no one else
+/// (another project, another org's admins, the platform's admin token).
+fn unique_keys(
+    l: &Loader<'_>,
+    path: &str,
+    keys: &[Text],
+    all_keys: &mut HashSet<String>,
+) -> Result<Vec<Secret>, ConfigError> {
+    let mut out = Vec::with_capacity(keys.len());
+    for (k, key) in keys.iter().enumerate() {
+        let value = l.expand(&format!("{path}[{k}]"), key)?;
+        if value.len() < 16 {
+            return Err(l.error(
+                format!("{path}[{k}]"),
+                Some(key.span()),
+                "a key must be at least 16 characters",
+            ));
+        }
+        if !all_keys.insert(value.clone()) {
+            return Err(l.error(
+                format!("{path}[{k}]"),
+                Some(key.span()),
+                "this key is given to another project or admin too",
+            ));
+        }
+        out.push(Secret::new(value));
+    }
+    Ok(out)
 }

@@ -9,11 +9,12 @@ use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
-use super::Gateway;
+use super::{Gateway, Live};
 use crate::config::Config;
 
-/// Who is calling: the project a key belongs to.
-#[derive(Clone, Debug)]
+/// Who is calling: the project a key belongs to, in the configuration the
+/// key was found in (the call keeps it to its end).
+#[derive(Clone)]
 pub struct Caller {
     /// Index of the org in the configuration.
     pub org: usize,
@@ -21,11 +22,61 @@ pub struct Caller {
     pub project: usize,
     /// A non-secret id for records and logs: the first 12 hex digits of the key's hash.
     pub key_id: std::sync::Arc<str>,
+    /// The configuration of the call.
+    pub live: Arc<Live>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("org", &self.org)
+            .field("project", &self.project)
+            .field("key_id", &self.key_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Caller {
+    /// The caller's org and project.
+    pub fn org_project(&self) -> Option<(&crate::config::Org, &crate::config::Project)> {
+        let org = self.live.config.orgs.get(self.org)?;
+        Some((org, org.projects.get(self.project)?))
+    }
+}
+
+/// A client key's holder, as the key table keeps it.
+#[derive(Clone, Debug)]
+struct Holder {
+    org: usize,
+    project: usize,
+    key_id: Arc<str>,
 }
 
 pub struct KeyTable {
-    /// Key hash -> caller; the keys themselves are not kept.
-    by_hash: crate::FastMap<[u8; 32], Caller>,
+    /// Client key hash -> holder; the keys themselves are not kept.
+    by_hash: crate::FastMap<[u8; 32], Holder>,
+    /// Org admin key hash -> the org's name (a table of their own, so a
+    /// client key is never an admin's, nor the other way round).
+    admins: crate::FastMap<[u8; 32], Arc<str>>,
+}
+
+/// Who holds an admin credential.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Admin {
+    /// The platform's `[server] admin_token`: every org.
+    Platform,
+    /// An org admin key: that org only, whatever a request asks for.
+    Org(Arc<str>),
+}
+
+impl Admin {
+    /// Whether this admin may see and change org `org`.
+    pub fn sees(&self, org: &str) -> bool {
+        match self {
+            Admin::Platform => true,
+            Admin::Org(own) => **own == *org,
+        }
+    }
 }
 
 /// A fresh client key: not guessable, shown once.
@@ -54,7 +105,11 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl KeyTable {
     pub fn new(config: &Config) -> Self {
         let mut by_hash = crate::FastMap::default();
+        let mut admins = crate::FastMap::default();
         for (org, o) in config.orgs.iter().enumerate() {
+            for key in &o.admin_keys {
+                admins.insert(hash(key.expose()), o.name.clone());
+            }
             for (project, p) in o.projects.iter().enumerate() {
                 for key in &p.keys {
                     let digest = hash(key.expose());
@@ -62,7 +117,7 @@ impl KeyTable {
                         digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
                     by_hash.insert(
                         digest,
-                        Caller {
+                        Holder {
                             org,
                             project,
                             key_id: key_id.into(),
@@ -71,18 +126,27 @@ impl KeyTable {
                 }
             }
         }
-        KeyTable { by_hash }
+        KeyTable { by_hash, admins }
+    }
+
+    /// The org whose admin key `presented` is, compared as [`KeyTable::find`] does.
+    fn find_admin(&self, presented: &str) -> Option<&Arc<str>> {
+        let digest = hash(presented);
+        self.admins
+            .get_key_value(&digest)
+            .filter(|(stored, _)| constant_time_eq(stored.as_slice(), digest.as_slice()))
+            .map(|(_, org)| org)
     }
 
     /// The caller a presented key belongs to. The lookup is by hash (which
     /// reveals nothing about stored keys), then the hashes are compared in
     /// constant time.
-    pub fn find(&self, presented: &str) -> Option<&Caller> {
+    fn find(&self, presented: &str) -> Option<&Holder> {
         let digest = hash(presented);
         self.by_hash
             .get_key_value(&digest)
             .filter(|(stored, _)| constant_time_eq(stored.as_slice(), digest.as_slice()))
-            .map(|(_, caller)| caller)
+            .map(|(_, holder)| holder)
     }
 }
 
@@ -110,11 +174,22 @@ pub fn caller(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, ApiError
             "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
         ));
     };
-    gateway
+    let live = gateway.live();
+    let Holder {
+        org,
+        project,
+        ref key_id,
+    } = *live
         .keys
         .find(presented)
-        .cloned()
-        .ok_or(ApiError::Unauthorized("Incorrect API key provided."))
+        .ok_or(ApiError::Unauthorized("Incorrect API key provided."))?;
+    let key_id = key_id.clone();
+    Ok(Caller {
+        org,
+        project,
+        key_id,
+        live,
+    })
 }
 
 /// Middleware: a valid `Authorization: Bearer KEY` or OpenAI's 401.
@@ -132,11 +207,28 @@ pub async fn require_key(
     }
 }
 
-/// Middleware for the admin routes: `Authorization: Bearer ADMIN_TOKEN`,
-/// compared in constant time. With no admin token configured they are closed.
+/// The admin a presented credential names: the platform's admin token
+/// (compared in constant time) or an org admin key.
+pub fn admin(gateway: &Gateway, presented: &str) -> Option<Admin> {
+    let live = gateway.live();
+    let platform = live
+        .config
+        .server
+        .admin_token
+        .as_ref()
+        .is_some_and(|token| constant_time_eq(&hash(token.expose()), &hash(presented)));
+    if platform {
+        return Some(Admin::Platform);
+    }
+    live.keys.find_admin(presented).cloned().map(Admin::Org)
+}
+
+/// Middleware for the admin routes: `Authorization: Bearer TOKEN`, the
+/// platform's admin token or an org admin key; the [`Admin`] goes in the
+/// request's extensions. With neither configured they are closed.
 pub async fn require_admin(
     State(gateway): State<Arc<Gateway>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     // Wrong tokens are counted per client address, as the dashboard's
@@ -149,19 +241,29 @@ pub async fn require_admin(
         return locked_out(seconds);
     }
     let presented = bearer(request.headers()).unwrap_or_default();
-    let allowed = gateway
-        .config
-        .server
-        .admin_token
-        .as_ref()
-        .is_some_and(|token| constant_time_eq(&hash(token.expose()), &hash(presented)));
-    if allowed {
+    if let Some(admin) = admin(&gateway, presented) {
+        request.extensions_mut().insert(admin);
         return next.run(request).await;
     }
     if let Err(seconds) = guesses.attempt(ip, now_ms) {
         return locked_out(seconds);
     }
-    ApiError::Unauthorized("This route needs the admin token (server.admin_token).").into_response()
+    ApiError::Unauthorized(
+        "This route needs an admin credential: the admin token (server.admin_token) or an org admin key.",
+    )
+    .into_response()
+}
+
+/// Middleware after [`require_admin`] on the platform's own routes
+/// (`/metrics`): an org admin key gets 403.
+pub async fn require_platform(request: Request, next: Next) -> Response {
+    match request.extensions().get::<Admin>() {
+        Some(Admin::Platform) => next.run(request).await,
+        _ => ApiError::PermissionDenied(
+            "This route is the platform's: it needs the admin token (server.admin_token), not an org admin key.".into(),
+        )
+        .into_response(),
+    }
 }
 
 /// 429 with `Retry-After` for an address locked out after wrong tokens.

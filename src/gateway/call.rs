@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Gateway;
+use super::{Gateway, Live};
 use crate::catalog::Prices;
 use crate::meter::{Ticket, Usage};
 use crate::store::{Durable, Settled};
@@ -47,6 +47,8 @@ pub struct Labels {
 
 pub struct Call {
     gateway: Arc<Gateway>,
+    /// The configuration the call was admitted under.
+    live: Arc<Live>,
     labels: Labels,
     /// When the call was sent upstream.
     upstream_started: Option<Instant>,
@@ -65,8 +67,10 @@ pub struct Call {
 }
 
 impl Call {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         gateway: Arc<Gateway>,
+        live: Arc<Live>,
         labels: Labels,
         row: i64,
         ticket: Ticket,
@@ -77,6 +81,7 @@ impl Call {
         gateway.metrics.call_started();
         Call {
             gateway,
+            live,
             labels,
             upstream_started: None,
             capture: None,
@@ -117,6 +122,11 @@ impl Call {
 
     pub fn gateway(&self) -> &Arc<Gateway> {
         &self.gateway
+    }
+
+    /// The configuration the call was admitted under.
+    pub fn live(&self) -> &Arc<Live> {
+        &self.live
     }
 
     /// Settle with the meter now and return the record for the store.
@@ -211,8 +221,12 @@ impl Call {
                 total: self.labels.arrived.elapsed(),
                 upstream: self.upstream_started.map(|t| t.elapsed()),
             });
-        self.gateway
-            .check_alerts(self.labels.org, self.labels.group, record.cost_pico);
+        self.gateway.check_alerts(
+            &self.live.config,
+            self.labels.org,
+            self.labels.group,
+            record.cost_pico,
+        );
         if let (Some((endpoint, body)), Some(completion)) =
             (self.capture.take(), outcome_completion)
         {
@@ -233,7 +247,7 @@ impl Call {
         completion: serde_json::Value,
         record: &Settled,
     ) {
-        let Some(org) = self.gateway.config.orgs.get(self.labels.org) else {
+        let Some(org) = self.live.config.orgs.get(self.labels.org) else {
             return;
         };
         let capture = crate::capture::Capture {
@@ -296,7 +310,7 @@ impl Call {
     /// The same, for a call still borrowed (a stream's tap, a drop).
     pub fn settle_in_place(&mut self, outcome: Outcome) -> Durable {
         let (row, record) = self.settle(outcome);
-        match self.gateway.config.orgs.get(self.labels.org) {
+        match self.live.config.orgs.get(self.labels.org) {
             Some(org) => self
                 .gateway
                 .store

@@ -1,6 +1,7 @@
 //! `/dashboard`: the allowance for people, live.
 //!
-//! Signing in posts the admin token once, in a form; the answer sets an
+//! Signing in posts an admin credential once, in a form (the platform's admin
+//! token sees every org, an org admin key its own org only); the answer sets an
 //! HttpOnly, SameSite=Strict cookie holding a random session id (only its
 //! hash is kept), so the token never sits in a URL, a page or a script.
 //! The forms also check `Origin` ([`origin`]), and sign-in allows a few
@@ -26,6 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use sha2::{Digest, Sha256};
 
+use super::auth::Admin;
 use super::Gateway;
 
 const COOKIE: &str = "tw_session";
@@ -45,8 +47,8 @@ use render::{esc, render_live};
 /// Signed-in sessions, and the sign-in attempts that may make more.
 #[derive(Default)]
 pub struct Sessions {
-    /// Hash of the session id -> expiry (Unix ms).
-    active: Mutex<HashMap<[u8; 32], i64>>,
+    /// Hash of the session id -> expiry (Unix ms) and who signed in.
+    active: Mutex<HashMap<[u8; 32], (i64, Admin)>>,
     /// Attempts per client address, to lock out a guesser.
     sign_ins: throttle::Throttle,
     /// Wrong admin tokens on the API's admin routes, per client address.
@@ -59,26 +61,26 @@ fn digest(text: &str) -> [u8; 32] {
 
 impl Sessions {
     /// A new session id (shown once, in the cookie).
-    fn create(&self, now_ms: i64) -> String {
+    fn create(&self, now_ms: i64, admin: Admin) -> String {
         let id = super::auth::new_key("");
         if let Ok(mut map) = self.active.lock() {
-            map.retain(|_, expires| *expires > now_ms);
+            map.retain(|_, (expires, _)| *expires > now_ms);
             if map.len() >= MAX_SESSIONS {
-                if let Some(oldest) = map.iter().min_by_key(|(_, e)| **e).map(|(k, _)| *k) {
+                if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.0).map(|(k, _)| *k) {
                     map.remove(&oldest);
                 }
             }
-            map.insert(digest(&id), now_ms + SESSION_MS);
+            map.insert(digest(&id), (now_ms + SESSION_MS, admin));
         }
         id
     }
 
-    fn valid(&self, id: &str, now_ms: i64) -> bool {
-        let Ok(map) = self.active.lock() else {
-            return false;
-        };
+    /// Who a session signed in as, while it lasts.
+    fn valid(&self, id: &str, now_ms: i64) -> Option<Admin> {
+        let map = self.active.lock().ok()?;
         map.get(&digest(id))
-            .is_some_and(|expires| *expires > now_ms)
+            .filter(|(expires, _)| *expires > now_ms)
+            .map(|(_, admin)| admin.clone())
     }
 
     fn end(&self, id: &str) {
@@ -88,31 +90,41 @@ impl Sessions {
     }
 }
 
-/// The live part as last rendered, keyed by the ledger's commit count and
-/// the second: any number of viewers cost one render per commit.
+/// The live part as last rendered for each admin (the platform's, each
+/// org's), keyed by the ledger's commit count and the second: any number
+/// of viewers cost one render per commit and admin.
 #[derive(Default)]
-pub struct Cache(Mutex<Option<(u64, i64, Arc<str>)>>);
+pub struct Cache(Mutex<HashMap<Admin, Rendered>>);
 
-/// The live part, from the cache when nothing has changed since; else read
-/// from the ledger and rendered on the blocking pool.
-async fn live(gateway: &Arc<Gateway>) -> Arc<str> {
+/// A render: the commit count and second it was made at, and its HTML.
+type Rendered = (u64, i64, Arc<str>);
+
+/// At most this many admins' renders are cached at once.
+const CACHED_VIEWS: usize = 64;
+
+/// The live part as `admin` sees it, from the cache when nothing has
+/// changed since; else read from the ledger and rendered on the blocking pool.
+async fn live(gateway: &Arc<Gateway>, admin: &Admin) -> Arc<str> {
     let commits = *gateway.store.commits().borrow();
     let second = gateway.clock.now_ms().div_euclid(1000);
     if let Ok(cache) = gateway.dashboard_cache.0.lock() {
-        if let Some((c, s, html)) = cache.as_ref() {
+        if let Some((c, s, html)) = cache.get(admin) {
             if *c == commits && *s == second {
                 return html.clone();
             }
         }
     }
-    let data = render::live_data(gateway).await;
-    let g = gateway.clone();
-    let html: Arc<str> = tokio::task::spawn_blocking(move || render_live(&g, &data))
+    let data = render::live_data(gateway, admin).await;
+    let (g, scope) = (gateway.clone(), admin.clone());
+    let html: Arc<str> = tokio::task::spawn_blocking(move || render_live(&g, &data, &scope))
         .await
         .unwrap_or_else(|_| "<p class=\"error\">The dashboard could not be rendered.</p>".into())
         .into();
     if let Ok(mut cache) = gateway.dashboard_cache.0.lock() {
-        *cache = Some((commits, second, html.clone()));
+        if cache.len() >= CACHED_VIEWS {
+            cache.clear();
+        }
+        cache.insert(admin.clone(), (commits, second, html.clone()));
     }
     html
 }
@@ -158,9 +170,16 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> bool {
-    cookie_value(headers, COOKIE)
-        .is_some_and(|id| gateway.sessions.valid(id, gateway.clock.now_ms()))
+/// Who the request's session signed in as, if it has a live one.
+fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<Admin> {
+    cookie_value(headers, COOKIE).and_then(|id| gateway.sessions.valid(id, gateway.clock.now_ms()))
+}
+
+/// Whether no admin credential of any kind is configured.
+fn closed(gateway: &Gateway) -> bool {
+    let live = gateway.live();
+    live.config.server.admin_token.is_none()
+        && live.config.orgs.iter().all(|o| o.admin_keys.is_empty())
 }
 
 /// Headers every dashboard page carries: no caching, no framing, and
@@ -209,8 +228,8 @@ fn login_page(message: Option<&str>, closed: bool) -> String {
         (false, None) => String::new(),
     };
     let body = format!(
-        "<main class=\"login\"><h1>tokenwarden</h1><p>Sign in with the gateway's admin token.</p>{note}\
-<form method=\"post\" action=\"/dashboard/login\"><label for=\"token\">Admin token</label>\
+        "<main class=\"login\"><h1>tokenwarden</h1><p>Sign in with the gateway's admin token, or your organization's admin key.</p>{note}\
+<form method=\"post\" action=\"/dashboard/login\"><label for=\"token\">Admin token or key</label>\
 <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"current-password\" required>\
 <button type=\"submit\">Sign in</button></form></main>"
     );
@@ -219,11 +238,10 @@ fn login_page(message: Option<&str>, closed: bool) -> String {
 
 /// `GET /dashboard`: the page when signed in, else the sign-in form.
 async fn page(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if !signed_in(&gateway, &headers) {
-        let closed = gateway.config.server.admin_token.is_none();
-        return page_response(StatusCode::OK, login_page(None, closed));
-    }
-    let live = live(&gateway).await;
+    let Some(admin) = signed_in(&gateway, &headers) else {
+        return page_response(StatusCode::OK, login_page(None, closed(&gateway)));
+    };
+    let live = live(&gateway, &admin).await;
     let body = format!(
         "<header><h1>tokenwarden</h1><span id=\"live-status\" class=\"status\">static</span>\
 <form method=\"post\" action=\"/dashboard/logout\"><button type=\"submit\">Sign out</button></form></header>\
@@ -280,9 +298,9 @@ fn locked_out(seconds: u64) -> Response {
 /// `POST /dashboard/login`: the admin token, compared in constant time,
 /// from the gateway's own origin, a few tries per address.
 async fn login(State(gateway): State<Arc<Gateway>>, request: axum::extract::Request) -> Response {
-    let Some(admin) = gateway.config.server.admin_token.as_ref() else {
+    if closed(&gateway) {
         return page_response(StatusCode::FORBIDDEN, login_page(None, true));
-    };
+    }
     if !origin::allowed(request.headers()) {
         return cross_site();
     }
@@ -300,15 +318,15 @@ async fn login(State(gateway): State<Arc<Gateway>>, request: axum::extract::Requ
         Err(e) => return e.into_response(),
     };
     let presented = form_value(&bytes, "token").unwrap_or_default();
-    if !super::auth::constant_time_eq(&digest(admin.expose()), &digest(presented.trim())) {
+    let Some(admin) = super::auth::admin(&gateway, presented.trim()) else {
         tracing::warn!(address = %ip, "dashboard sign-in with a wrong token");
         return page_response(
             StatusCode::UNAUTHORIZED,
-            login_page(Some("That is not the admin token."), false),
+            login_page(Some("That is not an admin token."), false),
         );
-    }
+    };
     gateway.sessions.sign_ins.succeeded(ip);
-    let id = gateway.sessions.create(gateway.clock.now_ms());
+    let id = gateway.sessions.create(gateway.clock.now_ms(), admin);
     // Behind a TLS-terminating proxy, the cookie is sent over HTTPS only.
     let secure = parts
         .headers
@@ -358,7 +376,7 @@ const COALESCE: Duration = Duration::from_millis(500);
 
 /// `GET /dashboard/events`: the live part again after every ledger commit.
 async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if !signed_in(&gateway, &headers) {
+    if signed_in(&gateway, &headers).is_none() {
         return (StatusCode::UNAUTHORIZED, "sign in at /dashboard first\n").into_response();
     }
     let session = cookie_value(&headers, COOKIE)
@@ -386,10 +404,10 @@ async fn events(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Resp
             } else {
                 commits.borrow_and_update();
             }
-            if !gateway.sessions.valid(&session, gateway.clock.now_ms()) {
-                return None;
-            }
-            let html = live(&gateway).await;
+            // The session's admin, read again at each update: a session
+            // that ended (signed out, expired) ends its stream.
+            let admin = gateway.sessions.valid(&session, gateway.clock.now_ms())?;
+            let html = live(&gateway, &admin).await;
             Some((
                 Ok(bytes::Bytes::from(update_frame(&html))),
                 (gateway, commits, session, false),
@@ -463,12 +481,12 @@ mod tests {
     #[test]
     fn sessions_expire_and_end() {
         let sessions = Sessions::default();
-        let id = sessions.create(1_000);
-        assert!(sessions.valid(&id, 2_000));
-        assert!(!sessions.valid("not-a-session", 2_000));
-        assert!(!sessions.valid(&id, 1_000 + SESSION_MS));
+        let id = sessions.create(1_000, Admin::Org("acme".into()));
+        assert_eq!(sessions.valid(&id, 2_000), Some(Admin::Org("acme".into())));
+        assert!(sessions.valid("not-a-session", 2_000).is_none());
+        assert!(sessions.valid(&id, 1_000 + SESSION_MS).is_none());
         sessions.end(&id);
-        assert!(!sessions.valid(&id, 2_000));
+        assert!(sessions.valid(&id, 2_000).is_none());
     }
 
     #[test]

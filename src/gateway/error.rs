@@ -22,6 +22,13 @@ pub enum ApiError {
     /// 404: a model the catalog does not know, or a model the key may not use.
     #[error("{0}")]
     ModelNotFound(String),
+    /// 403: a model the project's `models` list does not name (OpenAI's
+    /// answer to a project without access to a model).
+    #[error("Project `{project}` does not have access to model `{model}`")]
+    NoModelAccess { project: String, model: String },
+    /// 403: an admin credential that does not reach this route or object.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// 404: a route that does not exist.
     #[error("Invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
@@ -84,6 +91,7 @@ impl ApiError {
     pub fn status_code(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NoModelAccess { .. } | ApiError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_)
             | ApiError::UnknownRoute { .. }
@@ -121,12 +129,13 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => Some("invalid_api_key"),
             ApiError::InvalidRequest { code, .. } => *code,
-            ApiError::ModelNotFound(_) => Some("model_not_found"),
+            ApiError::ModelNotFound(_) | ApiError::NoModelAccess { .. } => Some("model_not_found"),
             ApiError::UnknownRoute { .. } | ApiError::NotForwarded { .. } => Some("unknown_url"),
             ApiError::RequestTimeout => Some("request_timeout"),
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::FreeTokensExhausted { .. } => Some("free_tokens_exhausted"),
-            ApiError::BadGateway(_)
+            ApiError::PermissionDenied(_)
+            | ApiError::BadGateway(_)
             | ApiError::GatewayTimeout
             | ApiError::Internal
             | ApiError::StoreUnavailable => None,

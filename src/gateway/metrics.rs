@@ -227,7 +227,8 @@ fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
 /// The text of `/metrics`; `everywhere`: the pools as every replica sees
 /// them (PostgreSQL), else the gateway's own meter is read.
 pub fn render(gateway: &Gateway, everywhere: Option<&[crate::store::PoolRow]>) -> String {
-    let config = &gateway.config;
+    let live = gateway.live();
+    let config = &live.config;
     let org_name = |o: usize| config.orgs.get(o).map_or("", |org| &*org.name);
     let project_name = |o: usize, p: usize| {
         config
@@ -333,7 +334,7 @@ pub fn render(gateway: &Gateway, everywhere: Option<&[crate::store::PoolRow]>) -
     let pools: Vec<(usize, usize, crate::meter::PoolState)> = (0..config.orgs.len())
         .flat_map(|o| (0..config.catalog.groups.len()).map(move |g| (o, g)))
         .map(|(o, g)| {
-            let own = gateway.pool_state(o, g);
+            let own = gateway.pool_state(config, o, g);
             let Some(rows) = everywhere else {
                 return (o, g, own);
             };

@@ -129,25 +129,19 @@ pub async fn metered_call(gateway: Arc<Gateway>, endpoint: Endpoint, request: Re
     response
 }
 
-/// `GET /v1/models`: the catalog's models (every project may use every model).
-pub async fn models(State(gateway): State<Arc<Gateway>>) -> Json<Value> {
-    let data: Vec<Value> = gateway
+/// `GET /v1/models`: the catalog's models that the key's project may use.
+pub async fn models(axum::Extension(caller): axum::Extension<Caller>) -> Json<Value> {
+    let project = caller.org_project().map(|(_, p)| p);
+    let data: Vec<Value> = caller
+        .live
         .config
         .catalog
         .models
         .iter()
-        .filter(|m| !m.name.contains('*'))
+        .filter(|m| !m.name.contains('*') && project.is_some_and(|p| p.allows(&m.name)))
         .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": "tokenwarden"}))
         .collect();
     Json(json!({"object": "list", "data": data}))
-}
-
-pub(super) fn org_project<'a>(
-    gateway: &'a Gateway,
-    caller: &Caller,
-) -> Option<(&'a crate::config::Org, &'a crate::config::Project)> {
-    let org = gateway.config.orgs.get(caller.org)?;
-    Some((org, org.projects.get(caller.project)?))
 }
 
 /// The free-token headers of a call's group: limit, remaining, seconds to reset.
@@ -230,28 +224,20 @@ async fn metered(
     body: Body,
 ) -> Result<Response, ApiError> {
     let arrived = std::time::Instant::now();
-    let bytes = read_body(body, gateway.config.server.max_body_bytes).await?;
+    let bytes = read_body(body, caller.live.config.server.max_body_bytes).await?;
     let private = headers
         .get("x-tokenwarden-private")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let read = read_request(&gateway, caller, private, endpoint, bytes.clone()).await?;
-    let upstream_name = org_project(&gateway, &read.caller)
-        .ok_or(ApiError::Internal)?
-        .1
-        .upstream
-        .clone();
     let admission = admit(&gateway, endpoint, read, bytes, arrived).await?;
-    let (admission, response) =
-        forward(&gateway, admission, &upstream_name, endpoint, &headers).await?;
+    let (admission, response) = forward(admission, endpoint, &headers).await?;
     answer(&gateway, admission, response, endpoint).await
 }
 
 /// Send an admitted call upstream; a failure settles it.
 async fn forward(
-    gateway: &Arc<Gateway>,
     admission: Admission,
-    upstream_name: &str,
     endpoint: Endpoint,
     headers: &HeaderMap,
 ) -> Result<(Admission, upstream::Answer), ApiError> {
@@ -262,11 +248,18 @@ async fn forward(
         pool,
         cap,
     } = admission;
-    let org = call.labels().org;
+    let live = call.live().clone();
+    let (org, project) = (call.labels().org, call.labels().project);
+    let upstream_name = live
+        .config
+        .orgs
+        .get(org)
+        .and_then(|o| o.projects.get(project))
+        .map_or("", |p| &*p.upstream);
     let path = endpoint.path().trim_start_matches("/v1");
     call.sending();
     let response = match upstream::send(
-        gateway,
+        &live.client,
         upstream_name,
         org,
         Method::POST,

@@ -207,7 +207,7 @@ impl Tap {
         client_wants_usage: bool,
     ) -> Self {
         Tap {
-            max_seen_bytes: call.gateway().config.server.max_answer_bytes,
+            max_seen_bytes: call.live().config.server.max_answer_bytes,
             capture: call.captures(),
             completed: None,
             call: Some(call),

@@ -24,7 +24,6 @@ mod answer;
 pub use answer::{Answer, BodyError, BodyStream};
 
 use super::error::ApiError;
-use super::Gateway;
 use crate::config::Config;
 
 /// Make ring the process's TLS crypto provider (once; later calls are no-ops).
@@ -310,7 +309,7 @@ fn dropped_request_header(name: &HeaderName) -> bool {
 /// pool. `path_and_query` is the client's path after `/v1`, with its query;
 /// it follows the upstream URL's path.
 pub async fn send(
-    gateway: &Gateway,
+    client: &Client,
     upstream: &str,
     org: usize,
     method: Method,
@@ -318,7 +317,7 @@ pub async fn send(
     client_headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Answer, ApiError> {
-    let Some(ready) = gateway.client.targets.get(upstream) else {
+    let Some(ready) = client.targets.get(upstream) else {
         tracing::error!(
             upstream,
             "a project names an upstream that is not configured"
@@ -351,7 +350,7 @@ pub async fn send(
         }
         request
     };
-    let deadline = tokio::time::Instant::now() + gateway.client.timeout;
+    let deadline = tokio::time::Instant::now() + client.timeout;
     let call = async {
         let connects = pool.connects.load(Ordering::Relaxed);
         match pool.client.request(request()).await {
@@ -388,7 +387,7 @@ pub async fn send(
                 headers: parts.headers,
                 body,
                 deadline,
-                max_answer_bytes: gateway.client.max_answer_bytes,
+                max_answer_bytes: client.max_answer_bytes,
             })
         }
     }

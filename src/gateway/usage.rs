@@ -9,13 +9,16 @@
 //! `limit` (buckets per page) and `page` (the cursor a page's `next_page`
 //! gives). Ours too: `org`, to keep to one organization. Every result also
 //! names its `org`, grouped by lane its `lane`, and by sharing its `sharing`.
+//! An org admin key sees its own org's rows only, whatever the query says.
 
 use std::sync::Arc;
 
 use axum::extract::{RawQuery, State};
+use axum::Extension;
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::auth::Admin;
 use super::error::ApiError;
 use super::Gateway;
 use crate::store::UsageRow;
@@ -162,6 +165,7 @@ fn parse(raw: Option<&str>, now_s: i64, allowed: &[&'static str]) -> Result<Quer
 /// The page's buckets, each with the rows that fall in it, as `result(row)` objects.
 async fn page(
     gateway: &Gateway,
+    admin: &Admin,
     q: &Query,
     result: impl Fn(&UsageRow) -> Value,
 ) -> Result<Value, ApiError> {
@@ -188,7 +192,11 @@ async fn page(
             let start_time = page_start + b * q.width;
             let results: Vec<Value> = rows
                 .iter()
-                .filter(|r| r.bucket == b && q.org.as_deref().is_none_or(|o| o == r.org))
+                .filter(|r| {
+                    r.bucket == b
+                        && admin.sees(&r.org)
+                        && q.org.as_deref().is_none_or(|o| o == r.org)
+                })
                 .map(&result)
                 .collect();
             json!({"object": "bucket", "start_time": start_time, "end_time": (start_time + q.width).min(q.end), "results": results})
@@ -206,6 +214,7 @@ async fn page(
 /// `GET /v1/organization/usage/completions`.
 pub async fn completions(
     State(gateway): State<Arc<Gateway>>,
+    Extension(admin): Extension<Admin>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let now_s = gateway.clock.now_ms().div_euclid(1000);
@@ -214,7 +223,7 @@ pub async fn completions(
         now_s,
         &["project_id", "api_key_id", "model", "lane", "sharing"],
     )?;
-    let body = page(&gateway, &q, |r| {
+    let body = page(&gateway, &admin, &q, |r| {
         json!({
             "object": "organization.usage.completions.result",
             "input_tokens": r.input_tokens,
@@ -240,6 +249,7 @@ pub async fn completions(
 /// `GET /v1/organization/costs`: billed cost at list price (free calls cost nothing).
 pub async fn costs(
     State(gateway): State<Arc<Gateway>>,
+    Extension(admin): Extension<Admin>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let now_s = gateway.clock.now_ms().div_euclid(1000);
@@ -251,7 +261,7 @@ pub async fn costs(
         .map(|g| if *g == "line_item" { "lane" } else { g })
         .collect();
     let q = Query { group_by, ..q };
-    let body = page(&gateway, &q, |r| {
+    let body = page(&gateway, &admin, &q, |r| {
         json!({
             "object": "organization.costs.result",
             // OpenAI's amount is a JSON number of dollars; the exact integer is beside it.

@@ -20,7 +20,7 @@
 //!   flight finish, and their records are written once PostgreSQL is back.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -101,7 +101,8 @@ struct Inner {
     /// This replica's id (random, new at each start).
     replica: Arc<str>,
     leases: Arc<Leases>,
-    names: OnceLock<PoolNames>,
+    /// The orgs and groups behind pool indexes (appended to by reloads).
+    names: arc_swap::ArcSwapOption<PoolNames>,
     queue: mpsc::UnboundedSender<Job>,
     /// The next id of a row this replica writes: its replica number in the
     /// high 32 bits, a count in the low ones.
@@ -133,7 +134,7 @@ impl Inner {
             pool,
             replica,
             leases,
-            names: OnceLock::new(),
+            names: arc_swap::ArcSwapOption::empty(),
             queue,
             next_id: AtomicI64::new(0),
             commits,
@@ -298,7 +299,8 @@ impl PgStore {
     /// bounded by what is left of the pool's cap, in the same row update
     /// that records it.
     async fn lease(&self, wants: &[Want]) -> Result<(), StoreError> {
-        let Some(names) = self.inner.names.get() else {
+        let names = self.inner.names.load_full();
+        let Some(names) = names.as_deref() else {
             return Err(StoreError::from_message("the store was not started".into()));
         };
         let client = self.inner.pool.get().await.map_err(pool_error)?;
@@ -369,7 +371,7 @@ impl PgStore {
     }
 
     async fn beat(&self) -> Result<(), StoreError> {
-        if let Some(names) = self.inner.names.get() {
+        if let Some(names) = self.inner.names.load_full().as_deref() {
             for (pool, tokens) in self.inner.leases.to_return() {
                 let (Some(org), Some(group)) =
                     (names.orgs.get(pool.org), names.groups.get(pool.group))
@@ -385,7 +387,7 @@ impl PgStore {
             }
         }
         let client = self.inner.pool.get().await.map_err(pool_error)?;
-        if let Some(names) = self.inner.names.get() {
+        if let Some(names) = self.inner.names.load_full().as_deref() {
             let report = client
                 .prepare_cached(
                     "UPDATE leases SET reserved = $5
@@ -470,8 +472,16 @@ fn connect(url: &PostgresUrl) -> Result<deadpool_postgres::Pool, StoreError> {
 impl Store for PgStore {
     fn start<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, usize> {
         Box::pin(async move {
-            let _ = self.inner.names.set(pools.clone());
             let recovered = recover::sweep(&self.inner.pool, &self.inner.replica).await?;
+            self.name_pools(pools, today).await?;
+            self.keep();
+            Ok(recovered)
+        })
+    }
+
+    fn name_pools<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            self.inner.names.store(Some(Arc::new(pools.clone())));
             // What every pool has used today, as the gauges and headers show.
             let client = self.client().await?;
             for row in client
@@ -491,9 +501,7 @@ impl Store for PgStore {
                     );
                 }
             }
-            drop(client);
-            self.keep();
-            Ok(recovered)
+            Ok(())
         })
     }
 
@@ -537,10 +545,10 @@ impl Store for PgStore {
     }
 
     fn settle(&self, id: i64, org: &Arc<str>, ticket: &Ticket, settled: Settled) -> Durable {
-        let names = self.inner.names.get();
+        let names = self.inner.names.load();
         let pool = ticket
             .pool
-            .and_then(|p| Some((p, names?.groups.get(p.group)?.clone())));
+            .and_then(|p| Some((p, names.as_ref()?.groups.get(p.group)?.clone())));
         let (done, wait) = oneshot::channel();
         match self.send(Job::Settle {
             id,
@@ -621,12 +629,16 @@ impl Store for PgStore {
         })
     }
 
-    fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>> {
-        Box::pin(async move { read::recent(&*self.client().await?, limit).await })
+    fn recent_for<'a>(&'a self, limit: u64, org: Option<&'a str>) -> StoreFuture<'a, Vec<Record>> {
+        Box::pin(async move { read::recent(&*self.client().await?, limit, org).await })
     }
 
-    fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>> {
-        Box::pin(async move { read::recent_forwarded(&*self.client().await?, limit).await })
+    fn recent_forwarded_for<'a>(
+        &'a self,
+        limit: u64,
+        org: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<Forwarded>> {
+        Box::pin(async move { read::recent_forwarded(&*self.client().await?, limit, org).await })
     }
 
     fn usage_rows<'a>(
@@ -660,7 +672,8 @@ impl Store for PgStore {
         day: Day,
     ) -> StoreFuture<'a, Option<Vec<crate::store::PoolRow>>> {
         Box::pin(async move {
-            let Some(names) = self.inner.names.get() else {
+            let names = self.inner.names.load_full();
+            let Some(names) = names.as_deref() else {
                 return Ok(None);
             };
             let client = self.client().await?;

@@ -546,13 +546,17 @@ impl SqliteStore {
     }
 
     /// The latest forwarded calls, newest first (the dashboard, the tests).
-    pub fn recent_forwarded(&self, limit: u64) -> Result<Vec<crate::store::Forwarded>, StoreError> {
+    pub fn recent_forwarded(
+        &self,
+        limit: u64,
+        org: Option<&str>,
+    ) -> Result<Vec<crate::store::Forwarded>, StoreError> {
         self.with(|conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT started_ms, org, project, key_id, method, path, status, latency_ms
-                 FROM forwarded ORDER BY id DESC LIMIT ?1",
+                 FROM forwarded WHERE ?2 IS NULL OR org = ?2 ORDER BY id DESC LIMIT ?1",
             )?;
-            let rows = statement.query_map(params![as_i64(limit)], |r| {
+            let rows = statement.query_map(params![as_i64(limit), org], |r| {
                 let method: String = r.get(4)?;
                 Ok(crate::store::Forwarded {
                     started_ms: r.get(0)?,
@@ -685,15 +689,15 @@ impl SqliteStore {
         })
     }
 
-    pub fn recent(&self, limit: u64) -> Result<Vec<Record>, StoreError> {
+    pub fn recent(&self, limit: u64, org: Option<&str>) -> Result<Vec<Record>, StoreError> {
         self.with(|conn| {
             conn.prepare_cached(
                 "SELECT id, org, project, requested_model, served_model, grp, decision, state, input_tokens,
                         cached_tokens, output_tokens, free, cost_pico, status, estimated, started_ms,
                         key_id, latency_ms
-                 FROM requests ORDER BY id DESC LIMIT ?1",
+                 FROM requests WHERE ?2 IS NULL OR org = ?2 ORDER BY id DESC LIMIT ?1",
             )?
-            .query_map(params![as_i64(limit)], |r| {
+            .query_map(params![as_i64(limit), org], |r| {
                 Ok(Record {
                     id: r.get(0)?,
                     org: r.get(1)?,
@@ -1103,7 +1107,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0], rows[1]);
-        let record = &store.recent(1).unwrap_or_else(|e| panic!("{e}"))[0];
+        let record = &store.recent(1, None).unwrap_or_else(|e| panic!("{e}"))[0];
         assert_eq!((record.id, record.state.as_str()), (b, "settled"));
         assert_eq!(record.served_model, "gpt-4o-2024-08-06");
         assert!(a < b);

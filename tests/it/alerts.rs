@@ -144,13 +144,14 @@ async fn each_rule_fires_once_a_day_and_failed_posts_are_retried() {
     // A restart remembers what fired today: nothing fires again.
     let again = h.restart().await;
     assert_eq!(again.alerts.today(day).len(), 3);
-    let flagship = again
+    let live = again.live();
+    let flagship = live
         .config
         .catalog
         .groups
         .iter()
         .position(|g| &*g.name == "flagship");
-    again.check_alerts(0, flagship, 1_000_000_000);
+    again.check_alerts(&live.config, 0, flagship, 1_000_000_000);
     assert_eq!(store.alerts(day).await.map(|a| a.len()).unwrap_or(0), 3);
 
     // The next day starts afresh.

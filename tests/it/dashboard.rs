@@ -62,7 +62,7 @@ async fn sign_in_sets_a_strict_http_only_session_and_a_wrong_token_gets_nothing(
     assert_eq!(wrong.status().as_u16(), 401);
     assert!(wrong.headers().get("set-cookie").is_none());
     let body = wrong.text().await.unwrap_or_default();
-    assert!(body.contains("not the admin token") && !body.contains("data-metric"));
+    assert!(body.contains("not an admin token") && !body.contains("data-metric"));
 
     let get = |cookie: &str| {
         client

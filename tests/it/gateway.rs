@@ -620,6 +620,7 @@ fn pool(h: &Harness) -> tokenwarden::meter::PoolKey {
 
 fn group_index(h: &Harness, name: &str) -> usize {
     h.gateway
+        .live()
         .config
         .catalog
         .groups

@@ -237,7 +237,8 @@ keys = ["{VAULT}"]
         let (status, body) = send(&h, REDACT, "mail jane.doe@example.com please", false).await;
         assert_eq!(status, 200, "{body}");
         // The upstream counted the redacted prompt, not the original.
-        let catalog = &h.gateway.config.catalog;
+        let live = h.gateway.live();
+        let catalog = &live.config.catalog;
         let expected = count_request(
             catalog,
             Some(Endpoint::ChatCompletions),

@@ -29,6 +29,8 @@ pub struct Harness {
     pub client: reqwest::Client,
     /// The configuration's text, to build a second gateway on the same ledger.
     config_text: String,
+    /// Its `[server]` and `[upstreams]` part, which [`Harness::reload`] keeps.
+    head: String,
     stops: Vec<oneshot::Sender<()>>,
 }
 
@@ -204,9 +206,10 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
         sim_config,
     );
     let (sim_addr, sim_stop) = spawn(simulator::router(sim.clone())).await;
-    let text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n{config}"
+    let head = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n"
     );
+    let text = format!("{head}{config}");
     let config =
         Config::from_toml(&text, &upstream_env()).unwrap_or_else(|e| panic!("{e}\n{text}"));
     let store = open_store(&dir).await;
@@ -223,6 +226,7 @@ async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &
         dir,
         client: crate::harness::http_client(),
         config_text: text,
+        head,
         stops: vec![sim_stop, gw_stop],
     }
 }
@@ -239,6 +243,13 @@ impl Harness {
         Gateway::new(config, open_store(&self.dir).await, self.clock.clone())
             .await
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Run on `config` (orgs, program, alerts) from now on, as a reload does.
+    pub async fn reload(&self, config: &str) -> Result<(), String> {
+        let text = format!("{}{config}", self.head);
+        let config = Config::from_toml(&text, &upstream_env()).map_err(|e| e.to_string())?;
+        self.gateway.reload(config).await
     }
 
     pub fn post(&self, path: &str, key: &str) -> reqwest::RequestBuilder {

@@ -16,8 +16,10 @@ mod metrics;
 mod pg;
 mod properties;
 mod reference;
+mod reload;
 mod requests;
 mod sdk;
+mod tenants;
 mod upstream;
 mod usage;
 

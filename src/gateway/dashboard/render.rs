@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use super::super::auth::Admin;
 use super::super::Gateway;
 use crate::alerts::{clock_time, projected_exhaustion};
 use crate::catalog::format_usd;
@@ -240,8 +241,14 @@ pub struct LiveData {
     forwarded: Vec<crate::store::Forwarded>,
 }
 
-/// Read what the live part shows (a part that cannot be read shows empty).
-pub async fn live_data(gateway: &Gateway) -> LiveData {
+/// Read what the live part shows `admin` (a part that cannot be read shows
+/// empty). The day's tables hold every org; [`render_live`] shows only the
+/// admin's.
+pub async fn live_data(gateway: &Gateway, admin: &Admin) -> LiveData {
+    let only = match admin {
+        Admin::Platform => None,
+        Admin::Org(org) => Some(&**org),
+    };
     let today = gateway.today();
     let start_ms = today.start_unix() * 1000;
     let end_ms = start_ms + 86_400_000;
@@ -252,9 +259,10 @@ pub async fn live_data(gateway: &Gateway) -> LiveData {
             .await
             .unwrap_or_default()
     };
-    let mut captured = Vec::with_capacity(gateway.config.orgs.len());
-    for org in &gateway.config.orgs {
-        captured.push(if org.capture {
+    let live = gateway.live();
+    let mut captured = Vec::with_capacity(live.config.orgs.len());
+    for org in &live.config.orgs {
+        captured.push(if org.capture && admin.sees(&org.name) {
             store.count_captures(&org.name).await.unwrap_or(0)
         } else {
             0
@@ -270,15 +278,20 @@ pub async fn live_data(gateway: &Gateway) -> LiveData {
             .daily_range(Day(today.0 - 29), today)
             .await
             .unwrap_or_default(),
-        recent: store.recent(20).await.unwrap_or_default(),
+        recent: store.recent_for(20, only).await.unwrap_or_default(),
         captured,
-        forwarded: store.recent_forwarded(20).await.unwrap_or_default(),
+        forwarded: store
+            .recent_forwarded_for(20, only)
+            .await
+            .unwrap_or_default(),
     }
 }
 
-/// The page's live part: everything the server-sent events replace.
-pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
-    let config = &gateway.config;
+/// The page's live part as `admin` sees it (every org, or its own):
+/// everything the server-sent events replace.
+pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String {
+    let live = gateway.live();
+    let config = &live.config;
     let now_ms = gateway.clock.now_ms();
     let today = gateway.today();
     let reset = gateway.seconds_to_reset();
@@ -293,7 +306,15 @@ pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
         captured,
         forwarded: forwarded_rows,
     } = data;
-    let alerts = gateway.alerts.today(today);
+    let mut alerts = gateway.alerts.today(today);
+    alerts.retain(|a| admin.sees(&a.org));
+    // Retired orgs (gone from the configuration) are not shown.
+    let shown: Vec<(usize, &crate::config::Org)> = config
+        .orgs
+        .iter()
+        .enumerate()
+        .filter(|(_, org)| !org.retired && admin.sees(&org.name))
+        .collect();
 
     let mut out = String::with_capacity(32 * 1024);
     let _ = write!(
@@ -304,12 +325,12 @@ pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
         now_ms + reset as i64 * 1000,
         duration(reset)
     );
-    if config.orgs.is_empty() {
+    if shown.is_empty() {
         out.push_str("<p>No organizations are configured.</p>");
     }
-    for (o, org) in config.orgs.iter().enumerate() {
+    for &(o, org) in &shown {
         let name = &*org.name;
-        let eligible = gateway.org_gets_free_tokens(o);
+        let eligible = gateway.org_gets_free_tokens(config, o);
         let _ = write!(
             out,
             "<section class=\"org\" data-org=\"{}\"><h2>{}</h2><p class=\"meta\">tier {} · sharing {} · {}</p>",
@@ -354,7 +375,7 @@ pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
         }
         out.push_str("<div class=\"groups\">");
         for (g, group) in config.catalog.groups.iter().enumerate() {
-            let state = gateway.pool_state(o, g);
+            let state = gateway.pool_state(config, o, g);
             let total = daily
                 .iter()
                 .find(|d| d.org == name && *d.group == *group.name);
@@ -467,7 +488,7 @@ pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
     if recent.is_empty() {
         out.push_str("<tr><td colspan=\"13\" class=\"empty\">No calls yet.</td></tr>");
     }
-    for r in recent {
+    for r in recent.iter().filter(|r| admin.sees(&r.org)) {
         let model = if r.served_model == r.requested_model {
             esc(&r.served_model)
         } else {
@@ -499,19 +520,23 @@ pub fn render_live(gateway: &Gateway, data: &LiveData) -> String {
         );
     }
     out.push_str("</tbody></table></div></section>");
-    forwarded(&mut out, gateway, forwarded_rows);
+    forwarded(&mut out, &shown, forwarded_rows, admin);
     out
 }
 
 /// The latest calls that projects' `forward` rules let past the meter:
 /// what the operator opened, and who used it (shown once any project
 /// forwards or such a call is in the ledger).
-fn forwarded(out: &mut String, gateway: &Gateway, rows: &[crate::store::Forwarded]) {
-    let any_rule = gateway
-        .config
-        .orgs
+fn forwarded(
+    out: &mut String,
+    orgs: &[(usize, &crate::config::Org)],
+    rows: &[crate::store::Forwarded],
+    admin: &Admin,
+) {
+    let rows: Vec<&crate::store::Forwarded> = rows.iter().filter(|f| admin.sees(&f.org)).collect();
+    let any_rule = orgs
         .iter()
-        .any(|o| o.projects.iter().any(|p| !p.forward.is_empty()));
+        .any(|(_, o)| o.projects.iter().any(|p| !p.forward.is_empty()));
     if rows.is_empty() && !any_rule {
         return;
     }

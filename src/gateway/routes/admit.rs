@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 
 use super::read::Read;
-use super::{body_to_send, org_project, set_output_cap};
+use super::{body_to_send, set_output_cap};
 use crate::catalog::ModelRef;
 use crate::day::Day;
 use crate::gateway::call::{Call, Labels};
@@ -45,11 +45,12 @@ pub(super) async fn admit(
         redacted,
         mut counted,
     } = read;
-    let catalog = &gateway.config.catalog;
+    let key_id = std::mem::take(&mut caller.key_id);
+    let catalog = &caller.live.config.catalog;
     let model = catalog
         .lookup(&counted.model)
         .map_err(|e| ApiError::ModelNotFound(e.to_string()))?;
-    let (org, project) = org_project(gateway, &caller).ok_or(ApiError::Internal)?;
+    let (org, project) = caller.org_project().ok_or(ApiError::Internal)?;
 
     let now_ms = gateway.clock.now_ms();
     let day = Day::from_unix(now_ms.div_euclid(1000));
@@ -113,7 +114,7 @@ pub(super) async fn admit(
         day,
         org: org.name.clone(),
         project: project.name.clone(),
-        key_id: std::mem::take(&mut caller.key_id),
+        key_id,
         endpoint: endpoint.path(),
         requested_model: model_name.clone(),
         served_model: model_name,
@@ -193,23 +194,27 @@ pub(super) async fn admit(
             return Err(ApiError::StoreUnavailable);
         }
     };
+    let captures = org.captures(caller.project);
+    let labels = Labels {
+        org: caller.org,
+        project: caller.project,
+        model: served.model.name.clone(),
+        group: served.group_index(),
+        arrived,
+        started_ms: now_ms,
+    };
+    let (prices, encoding) = (served.prices(), served.model.encoding);
     let mut call = Call::new(
         gateway.clone(),
-        Labels {
-            org: caller.org,
-            project: caller.project,
-            model: served.model.name.clone(),
-            group: served.group_index(),
-            arrived,
-            started_ms: now_ms,
-        },
+        caller.live,
+        labels,
         row,
         ticket,
-        served.prices(),
+        prices,
         counted.prompt.tokens,
-        served.model.encoding,
+        encoding,
     );
-    if org.captures(caller.project) {
+    if captures {
         call.capture(endpoint, body.clone());
     }
     Ok(Admission {

@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
 
-use super::{org_project, read_body};
+use super::read_body;
 use crate::gateway::auth::Caller;
 use crate::gateway::error::ApiError;
 use crate::gateway::{path, upstream, Gateway};
@@ -23,7 +23,7 @@ pub async fn passthrough(
 ) -> Response {
     let (started, started_ms) = (std::time::Instant::now(), gateway.clock.now_ms());
     let (parts, body) = request.into_parts();
-    let Some((org, project)) = org_project(&gateway, &caller) else {
+    let Some((org, project)) = caller.org_project() else {
         return ApiError::Internal.into_response();
     };
     let path = parts.uri.path();
@@ -39,7 +39,7 @@ pub async fn passthrough(
     let Some(rule) = rule else {
         return ApiError::not_forwarded(method, path).into_response();
     };
-    let body = match read_body(body, gateway.config.server.max_body_bytes).await {
+    let body = match read_body(body, caller.live.config.server.max_body_bytes).await {
         Ok(body) => body,
         Err(e) => return e.into_response(),
     };
@@ -51,7 +51,7 @@ pub async fn passthrough(
         .unwrap_or_default();
     tracing::info!(org = %org.name, project = %project.name, method, path = upstream_path, "forwarded unmetered");
     let answer = upstream::send(
-        &gateway,
+        &caller.live.client,
         &project.upstream,
         caller.org,
         parts.method.clone(),

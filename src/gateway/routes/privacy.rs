@@ -3,7 +3,6 @@
 
 use serde_json::Value;
 
-use super::org_project;
 use crate::config::Guard;
 use crate::gateway::auth::Caller;
 use crate::gateway::error::ApiError;
@@ -52,21 +51,19 @@ fn visit_content(body: &mut Value, f: &mut impl FnMut(&mut String)) {
 /// `x-tokenwarden-private: true` goes to the project's `reroute_to`; a
 /// sharing project's call with findings is blocked, rerouted or redacted as
 /// the project says. Only the kinds found are ever logged or returned.
-/// Returns whether the body was changed.
+/// Returns whether the body was changed, and the project the call goes to.
 pub(super) fn apply_privacy_guard(
     gateway: &Gateway,
-    caller: &mut Caller,
+    caller: &Caller,
     private: bool,
     body: &mut Value,
-) -> Result<bool, ApiError> {
-    let (org, project) = org_project(gateway, caller).ok_or(ApiError::Internal)?;
+) -> Result<(bool, usize), ApiError> {
+    let (org, project) = caller.org_project().ok_or(ApiError::Internal)?;
+    let unchanged = Ok((false, caller.project));
     if private {
         return match project.reroute_to {
-            Some(target) => {
-                caller.project = target;
-                Ok(false)
-            }
-            None if !project.shares => Ok(false),
+            Some(target) => Ok((false, target)),
+            None if !project.shares => unchanged,
             None => Err(ApiError::InvalidRequest {
                 message: format!("x-tokenwarden-private: project {} shares its traffic and has no reroute_to project.", project.name),
                 param: None,
@@ -75,7 +72,7 @@ pub(super) fn apply_privacy_guard(
         };
     }
     if !project.shares || project.privacy_guard == Guard::Off {
-        return Ok(false);
+        return unchanged;
     }
     let mut kinds: Vec<guard::Kind> = Vec::new();
     visit_content(body, &mut |text| {
@@ -86,7 +83,7 @@ pub(super) fn apply_privacy_guard(
         }
     });
     if kinds.is_empty() {
-        return Ok(false);
+        return unchanged;
     }
     kinds.sort();
     let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
@@ -101,7 +98,7 @@ pub(super) fn apply_privacy_guard(
         .metrics
         .findings(caller.org, caller.project, &names, action);
     match project.privacy_guard {
-        Guard::Off => Ok(false),
+        Guard::Off => unchanged,
         Guard::Block => Err(ApiError::InvalidRequest {
             message: format!(
                 "This call would share data that must not be shared ({}). Remove it, or send the call with x-tokenwarden-private: true.",
@@ -110,16 +107,13 @@ pub(super) fn apply_privacy_guard(
             param: None,
             code: Some("sensitive_data_detected"),
         }),
-        Guard::Reroute => {
-            caller.project = project.reroute_to.ok_or(ApiError::Internal)?;
-            Ok(false)
-        }
+        Guard::Reroute => Ok((false, project.reroute_to.ok_or(ApiError::Internal)?)),
         Guard::Redact => {
             visit_content(body, &mut |text| {
                 let (redacted, _) = guard::redact(text);
                 *text = redacted;
             });
-            Ok(true)
+            Ok((true, caller.project))
         }
     }
 }

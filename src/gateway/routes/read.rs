@@ -100,8 +100,10 @@ pub(super) async fn read_request(
         bytes: &[u8],
     ) -> Result<Read, ApiError> {
         let mut value = parse_body(bytes)?;
-        let redacted = apply_privacy_guard(gateway, &mut caller, private, &mut value)?;
-        let counted = count_request(&gateway.config.catalog, Some(endpoint), &value, None)?;
+        may_use_model(&caller, &value)?;
+        let (redacted, project) = apply_privacy_guard(gateway, &caller, private, &mut value)?;
+        caller.project = project;
+        let counted = count_request(&caller.live.config.catalog, Some(endpoint), &value, None)?;
         Ok(Read {
             value,
             caller,
@@ -117,4 +119,19 @@ pub(super) async fn read_request(
         .off_workers(move || read(&shared, caller, private, endpoint, &bytes))
         .await
         .ok_or(ApiError::Internal)?
+}
+
+/// A project with a `models` list may call only those: any other model is
+/// OpenAI's 403 for a project without access to it.
+fn may_use_model(caller: &Caller, body: &Value) -> Result<(), ApiError> {
+    let Some((_, project)) = caller.org_project() else {
+        return Err(ApiError::Internal);
+    };
+    match body.get("model").and_then(Value::as_str) {
+        Some(model) if !project.allows(model) => Err(ApiError::NoModelAccess {
+            project: project.name.to_string(),
+            model: crate::excerpt(model, 256),
+        }),
+        _ => Ok(()),
+    }
 }

@@ -79,14 +79,19 @@ pub(super) async fn alert_delivery(
     Ok(row.map(|r| (u32::try_from(r.get::<_, i32>(0)).unwrap_or(0), r.get(1))))
 }
 
-pub(super) async fn recent(client: &Client, limit: u64) -> Result<Vec<Record>, StoreError> {
+pub(super) async fn recent(
+    client: &Client,
+    limit: u64,
+    org: Option<&str>,
+) -> Result<Vec<Record>, StoreError> {
     let rows = client
         .query(
             "SELECT id, org, project, requested_model, served_model, grp, decision, state, input_tokens,
                     cached_tokens, output_tokens, free, cost_pico, status, estimated, started_ms,
                     key_id, latency_ms
-             FROM requests ORDER BY started_ms DESC, id DESC LIMIT $1",
-            &[&i64::try_from(limit).unwrap_or(i64::MAX)],
+             FROM requests WHERE $2::TEXT IS NULL OR org = $2
+             ORDER BY started_ms DESC, id DESC LIMIT $1",
+            &[&i64::try_from(limit).unwrap_or(i64::MAX), &org],
         )
         .await?;
     Ok(rows
@@ -117,12 +122,14 @@ pub(super) async fn recent(client: &Client, limit: u64) -> Result<Vec<Record>, S
 pub(super) async fn recent_forwarded(
     client: &Client,
     limit: u64,
+    org: Option<&str>,
 ) -> Result<Vec<Forwarded>, StoreError> {
     let rows = client
         .query(
             "SELECT started_ms, org, project, key_id, method, path, status, latency_ms
-             FROM forwarded ORDER BY started_ms DESC, id DESC LIMIT $1",
-            &[&i64::try_from(limit).unwrap_or(i64::MAX)],
+             FROM forwarded WHERE $2::TEXT IS NULL OR org = $2
+             ORDER BY started_ms DESC, id DESC LIMIT $1",
+            &[&i64::try_from(limit).unwrap_or(i64::MAX), &org],
         )
         .await?;
     Ok(rows

@@ -59,6 +59,19 @@ impl Store for SqliteStore {
         })())
     }
 
+    fn name_pools<'a>(&'a self, pools: &'a PoolNames, today: Day) -> StoreFuture<'a, ()> {
+        ready((|| {
+            let totals = SqliteStore::daily(self, today)?;
+            let mut ledger = meter(self);
+            for total in totals {
+                if let Some(key) = pools.key(&total.org, &total.group, today) {
+                    ledger.restore_new(key, total.free_tokens);
+                }
+            }
+            Ok(())
+        })())
+    }
+
     fn reserve<'a>(&'a self, request: &'a Request) -> StoreFuture<'a, Decision> {
         ready(Ok(meter(self).admit(request)))
     }
@@ -138,12 +151,20 @@ impl Store for SqliteStore {
         })
     }
 
-    fn recent(&self, limit: u64) -> StoreFuture<'_, Vec<Record>> {
-        off_worker(self, move |s| SqliteStore::recent(s, limit))
+    fn recent_for<'a>(&'a self, limit: u64, org: Option<&'a str>) -> StoreFuture<'a, Vec<Record>> {
+        let org = org.map(str::to_owned);
+        off_worker(self, move |s| SqliteStore::recent(s, limit, org.as_deref()))
     }
 
-    fn recent_forwarded(&self, limit: u64) -> StoreFuture<'_, Vec<Forwarded>> {
-        off_worker(self, move |s| SqliteStore::recent_forwarded(s, limit))
+    fn recent_forwarded_for<'a>(
+        &'a self,
+        limit: u64,
+        org: Option<&'a str>,
+    ) -> StoreFuture<'a, Vec<Forwarded>> {
+        let org = org.map(str::to_owned);
+        off_worker(self, move |s| {
+            SqliteStore::recent_forwarded(s, limit, org.as_deref())
+        })
     }
 
     fn usage_rows<'a>(
