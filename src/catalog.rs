@@ -178,7 +178,7 @@ impl fmt::Display for UnknownModel {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Catalog {
     pub effective: Day,
     pub program_starts: Day,

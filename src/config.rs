@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -121,7 +122,7 @@ pub enum Fallback {
     Bill,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Config {
     pub server: Server,
     pub store: StoreUrl,
@@ -187,7 +188,7 @@ pub struct PostgresUrl {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Upstream {
     pub name: String,
     /// Without a trailing slash; paths such as `/chat/completions` follow it.
@@ -200,7 +201,7 @@ pub struct Upstream {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Org {
     pub name: std::sync::Arc<str>,
     /// The provider's usage tier (1-5); tiers 1-2 get smaller caps.
@@ -217,6 +218,10 @@ pub struct Org {
     pub projects: Vec<Project>,
     /// Admin keys bound to this org: they see and change only this org.
     pub admin_keys: Vec<Secret>,
+    /// Admin keys made through the API (kept as hashes).
+    pub runtime_admin_keys: Vec<RuntimeKey>,
+    /// Ids of configured admin keys deleted through the API.
+    pub deleted_admin_keys: Vec<Arc<str>>,
     /// No longer configured: kept only so that its position keeps its name
     /// (see [`Config::align_to`]); no key reaches it.
     pub retired: bool,
@@ -235,9 +240,24 @@ impl Org {
     }
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Project {
+    /// The id the admin API and the ledger name it by: its name, for a
+    /// configured project; `proj_...` for one made through the API.
+    pub id: Arc<str>,
     pub name: std::sync::Arc<str>,
+    /// Its own `sharing` flag, read when the org shares "selected" projects.
+    pub selected: bool,
+    /// When it was made through the API (Unix seconds; 0 for a configured one).
+    pub created_at: i64,
+    /// When it was archived: its keys stop working.
+    pub archived_at: Option<i64>,
+    /// Keys made through the API (kept as hashes).
+    pub runtime_keys: Vec<RuntimeKey>,
+    /// Ids of configured keys deleted through the API.
+    pub deleted_keys: Vec<Arc<str>>,
+    /// Whether `models` lists the only models allowed, or the ones denied.
+    pub models_denied: bool,
     /// Whether this project's traffic is shared (and so gets free tokens).
     pub shares: bool,
     pub upstream: String,
@@ -263,12 +283,38 @@ pub struct Project {
 impl Project {
     /// Whether this project may call `model` (a name as the client sent it).
     pub fn allows(&self, model: &str) -> bool {
-        self.models.is_empty()
-            || self
-                .models
-                .iter()
-                .any(|m| crate::catalog::glob_match(m, model))
+        let listed = self
+            .models
+            .iter()
+            .any(|m| crate::catalog::glob_match(m, model));
+        if self.models_denied {
+            !listed
+        } else {
+            self.models.is_empty() || listed
+        }
     }
+
+    /// Whether its keys work: configured, not archived.
+    pub fn active(&self) -> bool {
+        !self.retired && self.archived_at.is_none()
+    }
+}
+
+/// A key made through the admin API: only its hash is kept.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RuntimeKey {
+    /// The first 12 hex digits of its hash (as the ledger names keys).
+    pub id: Arc<str>,
+    pub name: String,
+    /// SHA-256 of the key, hex.
+    pub hash: String,
+    /// The key with all but its ends hidden.
+    pub redacted: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The service account it belongs to (a project key), if any.
+    #[serde(default)]
+    pub service_account: Option<String>,
 }
 
 impl Config {

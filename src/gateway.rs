@@ -37,6 +37,7 @@ use crate::meter::PoolKey;
 use crate::store::{PoolNames, Store, StoreError};
 use crate::tokens::request::Endpoint;
 
+pub mod admin;
 pub mod auth;
 pub mod call;
 pub mod dashboard;
@@ -51,7 +52,7 @@ pub mod stream;
 pub mod upstream;
 pub mod usage;
 
-pub use live::Live;
+pub use live::{ChangeError, Live};
 
 /// How often captured calls past their retention are purged.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
@@ -95,8 +96,9 @@ pub struct Gateway {
     /// The running configuration ([`Gateway::live`]): replaced whole by a
     /// reload, read by each call once.
     live: arc_swap::ArcSwap<Live>,
-    /// Held while a new configuration is built and swapped in.
-    reloading: tokio::sync::Mutex<()>,
+    /// The file's configuration and the changes made at runtime, held while
+    /// a new configuration is built from them and swapped in.
+    runtime: tokio::sync::Mutex<live::Runtime>,
     /// The ledger, and the meter's free tokens used and reserved per org,
     /// group and day (SQLite or PostgreSQL: [`crate::store`]).
     pub store: Arc<dyn Store>,
@@ -157,10 +159,22 @@ impl Gateway {
                 None
             }
         };
-        let live = Live::new(config).map_err(StoreError::from_message)?;
+        let changes: Vec<crate::changes::Recorded> = store
+            .changes(0)
+            .await?
+            .into_iter()
+            .filter_map(crate::changes::Recorded::from_row)
+            .collect();
+        let seen = changes.last().map_or(0, |c| c.id);
+        let live = Live::new(crate::changes::replay(&config, &changes))
+            .map_err(StoreError::from_message)?;
         let gateway = Arc::new(Gateway {
             live: arc_swap::ArcSwap::from_pointee(live),
-            reloading: tokio::sync::Mutex::new(()),
+            runtime: tokio::sync::Mutex::new(live::Runtime {
+                base: config,
+                changes,
+                seen,
+            }),
             store,
             clock,
             metrics: metrics::Metrics::default(),
@@ -175,6 +189,20 @@ impl Gateway {
         gateway.restore_alerts(today).await?;
         gateway.purge_captures().await;
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // Changes other replicas made (or a command), read each second;
+            // the task ends with the gateway.
+            let weak = Arc::downgrade(&gateway);
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(live::CHANGES_EVERY).await;
+                    let Some(gateway) = weak.upgrade() else {
+                        return;
+                    };
+                    if let Err(e) = gateway.follow_changes().await {
+                        tracing::warn!(error = %e, "could not read the changes made at runtime");
+                    }
+                }
+            });
             // The retention purge runs by itself (for the orgs that capture
             // at the time); the task ends with the gateway.
             let weak = Arc::downgrade(&gateway);
@@ -388,6 +416,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             get(usage::completions),
         )
         .route("/v1/organization/costs", get(usage::costs))
+        .merge(admin::routes())
         .layer(axum::middleware::from_fn_with_state(
             gateway.clone(),
             auth::require_admin,

@@ -55,6 +55,7 @@ pub(crate) fn excerpt(text: &str, max: usize) -> String {
 pub mod alerts;
 pub mod capture;
 pub mod catalog;
+pub mod changes;
 pub mod cli;
 pub mod config;
 pub mod day;

@@ -75,6 +75,13 @@ pub trait Store: Send + Sync {
     /// Delete `org`'s captured calls that started before `before_ms`.
     fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize>;
 
+    /// Keep a change made at runtime (the admin API, the dashboard) and
+    /// return its id: ids ascend in the order changes are kept, on every
+    /// replica.
+    fn record_change(&self, change: ChangeRow) -> StoreFuture<'_, i64>;
+    /// The changes made at runtime with an id above `after`, oldest first.
+    fn changes(&self, after: i64) -> StoreFuture<'_, Vec<ChangeRow>>;
+
     /// The totals of `day`, every org and group.
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>>;
     /// Daily totals of days `from..=to`, oldest first.
@@ -130,6 +137,19 @@ pub trait Store: Send + Sync {
     /// flight at every replica (others' as of their last heartbeat);
     /// `None` where the gateway's own meter is the whole truth (SQLite).
     fn pools_everywhere<'a>(&'a self, day: Day) -> StoreFuture<'a, Option<Vec<PoolRow>>>;
+}
+
+/// A change made at runtime, as the ledger keeps it (see [`crate::changes`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeRow {
+    /// Given by the store (0 before it is kept).
+    pub id: i64,
+    pub at_ms: i64,
+    pub org: String,
+    /// Who made it: "admin token", or an org admin key's id and name.
+    pub actor: String,
+    /// The change, JSON.
+    pub body: String,
 }
 
 /// A pool as every replica sees it: see [`Store::pools_everywhere`].

@@ -57,6 +57,8 @@ impl Org {
             alerts: alerts.clone(),
             projects: Vec::new(),
             admin_keys: Vec::new(),
+            runtime_admin_keys: Vec::new(),
+            deleted_admin_keys: Vec::new(),
             retired: true,
         }
     }
@@ -67,7 +69,14 @@ impl Project {
     /// call reaches it.
     pub(crate) fn retired(name: &Arc<str>) -> Project {
         Project {
+            id: name.clone(),
             name: name.clone(),
+            selected: false,
+            created_at: 0,
+            archived_at: None,
+            runtime_keys: Vec::new(),
+            deleted_keys: Vec::new(),
+            models_denied: false,
             shares: false,
             upstream: String::new(),
             on_exhausted: Policy::Block,
@@ -90,9 +99,9 @@ impl Config {
         let orgs = std::mem::take(&mut self.orgs);
         let (mut orgs, _) = align(orgs, &names, |o| &o.name, |n| Org::retired(n, &alerts));
         for (org, was) in orgs.iter_mut().zip(&previous.orgs) {
-            let names: Vec<Arc<str>> = was.projects.iter().map(|p| p.name.clone()).collect();
+            let ids: Vec<Arc<str>> = was.projects.iter().map(|p| p.id.clone()).collect();
             let projects = std::mem::take(&mut org.projects);
-            let (mut projects, moved) = align(projects, &names, |p| &p.name, Project::retired);
+            let (mut projects, moved) = align(projects, &ids, |p| &p.id, Project::retired);
             for project in &mut projects {
                 project.reroute_to = project.reroute_to.and_then(|i| moved.get(i).copied());
             }

@@ -444,7 +444,14 @@ impl Config {
                     forward.push(rule);
                 }
                 projects.push(Project {
+                    id: p.name.as_str().into(),
                     name: p.name.as_str().into(),
+                    selected: p.sharing,
+                    created_at: 0,
+                    archived_at: None,
+                    runtime_keys: Vec::new(),
+                    deleted_keys: Vec::new(),
+                    models_denied: false,
                     shares: match o.sharing {
                         OrgSharing::Disabled => false,
                         OrgSharing::All => true,
@@ -531,6 +538,8 @@ impl Config {
                     &o.admin_keys,
                     &mut all_keys,
                 )?,
+                runtime_admin_keys: Vec::new(),
+                deleted_admin_keys: Vec::new(),
                 retired: false,
             });
         }

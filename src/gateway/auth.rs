@@ -55,9 +55,10 @@ struct Holder {
 pub struct KeyTable {
     /// Client key hash -> holder; the keys themselves are not kept.
     by_hash: crate::FastMap<[u8; 32], Holder>,
-    /// Org admin key hash -> the org's name (a table of their own, so a
-    /// client key is never an admin's, nor the other way round).
-    admins: crate::FastMap<[u8; 32], Arc<str>>,
+    /// Org admin key hash -> the org's name and who the key is, for the
+    /// record of changes (a table of their own, so a client key is never an
+    /// admin's, nor the other way round).
+    admins: crate::FastMap<[u8; 32], (Arc<str>, Arc<str>)>,
 }
 
 /// Who holds an admin credential.
@@ -93,8 +94,36 @@ pub fn new_key(prefix: &str) -> String {
     format!("{prefix}{hex}")
 }
 
-fn hash(key: &str) -> [u8; 32] {
+pub(crate) fn hash(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
+}
+
+/// A key's id, for records, logs and the admin API: the first 12 hex digits
+/// of its hash (which tell nothing of the key).
+pub fn key_id(digest: &[u8; 32]) -> String {
+    digest.iter().take(6).map(|b| format!("{b:02x}")).collect()
+}
+
+/// The hashes of configured keys not deleted, then of keys made at runtime.
+fn live_hashes<'a>(
+    configured: &'a [crate::config::Secret],
+    deleted: &'a [Arc<str>],
+    runtime: &'a [crate::config::RuntimeKey],
+) -> impl Iterator<Item = [u8; 32]> + 'a {
+    let configured = configured
+        .iter()
+        .map(|k| hash(k.expose()))
+        .filter(|d| !deleted.iter().any(|id| **id == *key_id(d)));
+    let runtime = runtime.iter().filter_map(|k| {
+        let mut digest = [0u8; 32];
+        let bytes = k.hash.as_bytes();
+        for (i, out) in digest.iter_mut().enumerate() {
+            let pair = std::str::from_utf8(bytes.get(2 * i..2 * i + 2)?).ok()?;
+            *out = u8::from_str_radix(pair, 16).ok()?;
+        }
+        Some(digest)
+    });
+    configured.chain(runtime)
 }
 
 /// Equal in time that depends only on the length.
@@ -103,24 +132,29 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl KeyTable {
+    /// Every key that works: configured ones not deleted, and those made
+    /// through the admin API; none of a retired org or an archived or
+    /// retired project.
     pub fn new(config: &Config) -> Self {
         let mut by_hash = crate::FastMap::default();
         let mut admins = crate::FastMap::default();
-        for (org, o) in config.orgs.iter().enumerate() {
-            for key in &o.admin_keys {
-                admins.insert(hash(key.expose()), o.name.clone());
+        for (org, o) in config.orgs.iter().enumerate().filter(|(_, o)| !o.retired) {
+            for digest in live_hashes(&o.admin_keys, &o.deleted_admin_keys, &o.runtime_admin_keys) {
+                let id = key_id(&digest);
+                let actor = match o.runtime_admin_keys.iter().find(|k| *k.id == *id) {
+                    Some(k) => format!("admin key {id} ({})", k.name),
+                    None => format!("admin key {id}"),
+                };
+                admins.insert(digest, (o.name.clone(), actor.into()));
             }
-            for (project, p) in o.projects.iter().enumerate() {
-                for key in &p.keys {
-                    let digest = hash(key.expose());
-                    let key_id: String =
-                        digest.iter().take(6).map(|b| format!("{b:02x}")).collect();
+            for (project, p) in o.projects.iter().enumerate().filter(|(_, p)| p.active()) {
+                for digest in live_hashes(&p.keys, &p.deleted_keys, &p.runtime_keys) {
                     by_hash.insert(
                         digest,
                         Holder {
                             org,
                             project,
-                            key_id: key_id.into(),
+                            key_id: key_id(&digest).into(),
                         },
                     );
                 }
@@ -130,7 +164,7 @@ impl KeyTable {
     }
 
     /// The org whose admin key `presented` is, compared as [`KeyTable::find`] does.
-    fn find_admin(&self, presented: &str) -> Option<&Arc<str>> {
+    fn find_admin(&self, presented: &str) -> Option<&(Arc<str>, Arc<str>)> {
         let digest = hash(presented);
         self.admins
             .get_key_value(&digest)
@@ -207,9 +241,13 @@ pub async fn require_key(
     }
 }
 
+/// Who made a change: "admin token", or an org admin key's id (and name).
+#[derive(Clone, Debug)]
+pub struct Actor(pub Arc<str>);
+
 /// The admin a presented credential names: the platform's admin token
-/// (compared in constant time) or an org admin key.
-pub fn admin(gateway: &Gateway, presented: &str) -> Option<Admin> {
+/// (compared in constant time) or an org admin key; and who it is.
+pub fn admin(gateway: &Gateway, presented: &str) -> Option<(Admin, Actor)> {
     let live = gateway.live();
     let platform = live
         .config
@@ -218,9 +256,10 @@ pub fn admin(gateway: &Gateway, presented: &str) -> Option<Admin> {
         .as_ref()
         .is_some_and(|token| constant_time_eq(&hash(token.expose()), &hash(presented)));
     if platform {
-        return Some(Admin::Platform);
+        return Some((Admin::Platform, Actor("admin token".into())));
     }
-    live.keys.find_admin(presented).cloned().map(Admin::Org)
+    let (org, actor) = live.keys.find_admin(presented)?;
+    Some((Admin::Org(org.clone()), Actor(actor.clone())))
 }
 
 /// Middleware for the admin routes: `Authorization: Bearer TOKEN`, the
@@ -241,8 +280,9 @@ pub async fn require_admin(
         return locked_out(seconds);
     }
     let presented = bearer(request.headers()).unwrap_or_default();
-    if let Some(admin) = admin(&gateway, presented) {
+    if let Some((admin, actor)) = admin(&gateway, presented) {
         request.extensions_mut().insert(admin);
+        request.extensions_mut().insert(actor);
         return next.run(request).await;
     }
     if let Err(seconds) = guesses.attempt(ip, now_ms) {

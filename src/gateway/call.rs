@@ -256,7 +256,7 @@ impl Call {
             project: org
                 .projects
                 .get(self.labels.project)
-                .map(|p| p.name.to_string())
+                .map(|p| p.id.to_string())
                 .unwrap_or_default(),
             model: record
                 .served_model

@@ -27,7 +27,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use sha2::{Digest, Sha256};
 
-use super::auth::Admin;
+use super::auth::{Actor, Admin};
 use super::Gateway;
 
 const COOKIE: &str = "tw_session";
@@ -48,7 +48,7 @@ use render::{esc, render_live};
 #[derive(Default)]
 pub struct Sessions {
     /// Hash of the session id -> expiry (Unix ms) and who signed in.
-    active: Mutex<HashMap<[u8; 32], (i64, Admin)>>,
+    active: Mutex<HashMap<[u8; 32], (i64, Admin, Actor)>>,
     /// Attempts per client address, to lock out a guesser.
     sign_ins: throttle::Throttle,
     /// Wrong admin tokens on the API's admin routes, per client address.
@@ -61,26 +61,31 @@ fn digest(text: &str) -> [u8; 32] {
 
 impl Sessions {
     /// A new session id (shown once, in the cookie).
-    fn create(&self, now_ms: i64, admin: Admin) -> String {
+    fn create(&self, now_ms: i64, admin: Admin, actor: Actor) -> String {
         let id = super::auth::new_key("");
         if let Ok(mut map) = self.active.lock() {
-            map.retain(|_, (expires, _)| *expires > now_ms);
+            map.retain(|_, (expires, _, _)| *expires > now_ms);
             if map.len() >= MAX_SESSIONS {
                 if let Some(oldest) = map.iter().min_by_key(|(_, e)| e.0).map(|(k, _)| *k) {
                     map.remove(&oldest);
                 }
             }
-            map.insert(digest(&id), (now_ms + SESSION_MS, admin));
+            map.insert(digest(&id), (now_ms + SESSION_MS, admin, actor));
         }
         id
     }
 
     /// Who a session signed in as, while it lasts.
     fn valid(&self, id: &str, now_ms: i64) -> Option<Admin> {
+        self.who(id, now_ms).map(|(admin, _)| admin)
+    }
+
+    /// The same, with who it is for the record of changes.
+    fn who(&self, id: &str, now_ms: i64) -> Option<(Admin, Actor)> {
         let map = self.active.lock().ok()?;
         map.get(&digest(id))
-            .filter(|(expires, _)| *expires > now_ms)
-            .map(|(_, admin)| admin.clone())
+            .filter(|(expires, _, _)| *expires > now_ms)
+            .map(|(_, admin, actor)| (admin.clone(), actor.clone()))
     }
 
     fn end(&self, id: &str) {
@@ -318,7 +323,7 @@ async fn login(State(gateway): State<Arc<Gateway>>, request: axum::extract::Requ
         Err(e) => return e.into_response(),
     };
     let presented = form_value(&bytes, "token").unwrap_or_default();
-    let Some(admin) = super::auth::admin(&gateway, presented.trim()) else {
+    let Some((admin, actor)) = super::auth::admin(&gateway, presented.trim()) else {
         tracing::warn!(address = %ip, "dashboard sign-in with a wrong token");
         return page_response(
             StatusCode::UNAUTHORIZED,
@@ -326,7 +331,9 @@ async fn login(State(gateway): State<Arc<Gateway>>, request: axum::extract::Requ
         );
     };
     gateway.sessions.sign_ins.succeeded(ip);
-    let id = gateway.sessions.create(gateway.clock.now_ms(), admin);
+    let id = gateway
+        .sessions
+        .create(gateway.clock.now_ms(), admin, actor);
     // Behind a TLS-terminating proxy, the cookie is sent over HTTPS only.
     let secure = parts
         .headers
@@ -481,7 +488,7 @@ mod tests {
     #[test]
     fn sessions_expire_and_end() {
         let sessions = Sessions::default();
-        let id = sessions.create(1_000, Admin::Org("acme".into()));
+        let id = sessions.create(1_000, Admin::Org("acme".into()), Actor("k".into()));
         assert_eq!(sessions.valid(&id, 2_000), Some(Admin::Org("acme".into())));
         assert!(sessions.valid("not-a-session", 2_000).is_none());
         assert!(sessions.valid(&id, 1_000 + SESSION_MS).is_none());

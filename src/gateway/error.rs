@@ -29,6 +29,9 @@ pub enum ApiError {
     /// 403: an admin credential that does not reach this route or object.
     #[error("{0}")]
     PermissionDenied(String),
+    /// 404: an object (a project, a key) the admin cannot see or that is not there.
+    #[error("{0}")]
+    NoSuchObject(String),
     /// 404: a route that does not exist.
     #[error("Invalid URL ({method} {path})")]
     UnknownRoute { method: String, path: String },
@@ -94,6 +97,7 @@ impl ApiError {
             ApiError::NoModelAccess { .. } | ApiError::PermissionDenied(_) => StatusCode::FORBIDDEN,
             ApiError::InvalidRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_)
+            | ApiError::NoSuchObject(_)
             | ApiError::UnknownRoute { .. }
             | ApiError::NotForwarded { .. } => StatusCode::NOT_FOUND,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -135,6 +139,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => Some("request_too_large"),
             ApiError::FreeTokensExhausted { .. } => Some("free_tokens_exhausted"),
             ApiError::PermissionDenied(_)
+            | ApiError::NoSuchObject(_)
             | ApiError::BadGateway(_)
             | ApiError::GatewayTimeout
             | ApiError::Internal

@@ -2,15 +2,22 @@
 //!
 //! Every call takes the [`Live`] of the moment it arrives and keeps it to
 //! its end: its org, project, key and upstream are those it was admitted
-//! under, whatever is changed meanwhile. A reload (`SIGHUP`) or a change
-//! through the admin API builds a new one beside it and swaps it in; the
-//! old one goes when the last call holding it ends.
+//! under, whatever is changed meanwhile. The running configuration is the
+//! file's with the changes made at runtime applied in order
+//! ([`crate::changes`]); a reload (`SIGHUP`, a new file), a change through
+//! the admin API, or a change another replica made (read from the ledger
+//! each second) builds a new one beside it and swaps it in. The old one
+//! goes when the last call holding it ends.
 
 use std::sync::Arc;
 
 use super::{auth::KeyTable, upstream, Gateway};
+use crate::changes::{replay, Change, Recorded};
 use crate::config::Config;
-use crate::store::PoolNames;
+use crate::store::{ChangeRow, PoolNames};
+
+/// How often a gateway reads the changes other replicas made.
+pub const CHANGES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One configuration, with what is built from it.
 pub struct Live {
@@ -33,22 +40,139 @@ impl Live {
     }
 }
 
+/// What the running configuration is built from.
+pub(super) struct Runtime {
+    /// The file's configuration, as last loaded.
+    pub(super) base: Config,
+    /// The changes made at runtime, in the ledger's order.
+    pub(super) changes: Vec<Recorded>,
+    /// The id of the last change read from the ledger.
+    pub(super) seen: i64,
+}
+
+/// Why a change was not made.
+#[derive(Debug)]
+pub enum ChangeError {
+    /// It does not apply (a project that is not there, a bad value): for the caller.
+    Invalid(String),
+    /// The ledger could not keep it.
+    Store(crate::store::StoreError),
+}
+
 impl Gateway {
     /// The configuration of this moment.
     pub fn live(&self) -> Arc<Live> {
         self.live.load_full()
     }
 
-    /// Run on `config` from now on: orgs, projects, keys, upstreams, the
-    /// program and alerts. `[server]` and `[store]` stay as they started
-    /// (they need a restart; a warning says so when they differ). Calls in
-    /// flight finish on the configuration they started with.
-    pub async fn reload(&self, mut config: Config) -> Result<(), String> {
-        let _one_at_a_time = self.reloading.lock().await;
+    /// Run on `config` (a new file) from now on, with the changes made at
+    /// runtime on top: orgs, projects, keys, upstreams, the program and
+    /// alerts. `[server]` and `[store]` stay as they started (they need a
+    /// restart; a warning says so when they differ). Calls in flight
+    /// finish on the configuration they started with.
+    pub async fn reload(&self, config: Config) -> Result<(), String> {
+        let mut runtime = self.runtime.lock().await;
         let running = self.live();
         if config.server != running.config.server || config.store != running.config.store {
             tracing::warn!("[server] and [store] changes take effect at the next restart");
         }
+        runtime.base = config;
+        self.rebuild(&runtime).await
+    }
+
+    /// Make `change` to org `org` on behalf of `actor`: checked against the
+    /// running configuration, kept in the ledger, then run on. Returns the
+    /// change as kept.
+    pub async fn change(
+        &self,
+        org: &str,
+        actor: &str,
+        change: Change,
+    ) -> Result<Recorded, ChangeError> {
+        let mut runtime = self.runtime.lock().await;
+        self.catch_up(&mut runtime)
+            .await
+            .map_err(ChangeError::Store)?;
+        let mut config = replay(&runtime.base, &runtime.changes);
+        change
+            .apply(&mut config, org)
+            .map_err(ChangeError::Invalid)?;
+        let at_ms = self.clock.now_ms();
+        let body = serde_json::to_string(&change)
+            .map_err(|e| ChangeError::Invalid(format!("the change cannot be kept: {e}")))?;
+        let id = self
+            .store
+            .record_change(ChangeRow {
+                id: 0,
+                at_ms,
+                org: org.to_owned(),
+                actor: actor.to_owned(),
+                body,
+            })
+            .await
+            .map_err(ChangeError::Store)?;
+        // Another replica's changes may have landed just before this one.
+        self.catch_up(&mut runtime)
+            .await
+            .map_err(ChangeError::Store)?;
+        if runtime.seen < id {
+            runtime.changes.push(Recorded {
+                id,
+                at_ms,
+                org: org.to_owned(),
+                actor: actor.to_owned(),
+                change,
+            });
+            runtime.seen = id;
+        }
+        self.rebuild(&runtime).await.map_err(ChangeError::Invalid)?;
+        runtime
+            .changes
+            .iter()
+            .find(|c| c.id == id)
+            .cloned()
+            .ok_or_else(|| ChangeError::Invalid("the change was kept but not read back".into()))
+    }
+
+    /// Read the changes other replicas made and run on them, if any.
+    pub async fn follow_changes(&self) -> Result<(), crate::store::StoreError> {
+        let mut runtime = self.runtime.lock().await;
+        if self.catch_up(&mut runtime).await? {
+            self.rebuild(&runtime)
+                .await
+                .map_err(crate::store::StoreError::from_message)?;
+        }
+        Ok(())
+    }
+
+    /// The changes made at runtime to org `org` (every org: `None`), oldest first.
+    pub async fn changes_of(&self, org: Option<&str>) -> Vec<Recorded> {
+        let runtime = self.runtime.lock().await;
+        runtime
+            .changes
+            .iter()
+            .filter(|c| org.is_none_or(|o| o == c.org))
+            .cloned()
+            .collect()
+    }
+
+    /// Read changes past the last seen; whether there were any.
+    async fn catch_up(&self, runtime: &mut Runtime) -> Result<bool, crate::store::StoreError> {
+        let rows = self.store.changes(runtime.seen).await?;
+        let Some(last) = rows.last().map(|r| r.id) else {
+            return Ok(false);
+        };
+        runtime
+            .changes
+            .extend(rows.into_iter().filter_map(Recorded::from_row));
+        runtime.seen = last;
+        Ok(true)
+    }
+
+    /// Build the configuration from `runtime` and swap it in.
+    async fn rebuild(&self, runtime: &Runtime) -> Result<(), String> {
+        let running = self.live();
+        let mut config = replay(&runtime.base, &runtime.changes);
         config.server = running.config.server.clone();
         config.store = running.config.store.clone();
         config.align_to(&running.config);

@@ -235,7 +235,7 @@ pub fn render(gateway: &Gateway, everywhere: Option<&[crate::store::PoolRow]>) -
             .orgs
             .get(o)
             .and_then(|org| org.projects.get(p))
-            .map_or("", |p| &*p.name)
+            .map_or("", |p| &*p.id)
     };
     let group_name = |g: Option<usize>| {
         g.and_then(|g| config.catalog.groups.get(g))

@@ -30,8 +30,8 @@ use crate::config::PostgresUrl;
 use crate::day::Day;
 use crate::meter::{Decision, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use crate::store::{
-    Admitted, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store, StoreError,
-    StoreFuture, UsageRow,
+    Admitted, ChangeRow, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store,
+    StoreError, StoreFuture, UsageRow,
 };
 
 mod lease;
@@ -590,6 +590,47 @@ impl Store for PgStore {
     fn forwarded(&self, forwarded: Forwarded) -> Result<(), StoreError> {
         let id = self.id();
         self.send(Job::Forward(id, forwarded))
+    }
+
+    fn record_change(&self, change: ChangeRow) -> StoreFuture<'_, i64> {
+        Box::pin(async move {
+            let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await?;
+            // One writer at a time, so that ids commit in the order they
+            // ascend: a replica reading past the last id it saw misses none.
+            tx.batch_execute("LOCK TABLE changes IN EXCLUSIVE MODE")
+                .await?;
+            let row = tx
+                .query_one(
+                    "INSERT INTO changes (at_ms, org, actor, body) VALUES ($1, $2, $3, $4) RETURNING id",
+                    &[&change.at_ms, &change.org, &change.actor, &change.body],
+                )
+                .await?;
+            tx.commit().await?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn changes(&self, after: i64) -> StoreFuture<'_, Vec<ChangeRow>> {
+        Box::pin(async move {
+            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let rows = client
+                .query(
+                    "SELECT id, at_ms, org, actor, body FROM changes WHERE id > $1 ORDER BY id",
+                    &[&after],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| ChangeRow {
+                    id: r.get(0),
+                    at_ms: r.get(1),
+                    org: r.get(2),
+                    actor: r.get(3),
+                    body: r.get(4),
+                })
+                .collect())
+        })
     }
 
     fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize> {

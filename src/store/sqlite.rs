@@ -116,6 +116,14 @@ const MIGRATIONS: &[&str] = &[
         latency_ms INTEGER NOT NULL
     );
     CREATE INDEX forwarded_started ON forwarded(started_ms);",
+    // 6: changes made at runtime (orgs' settings, projects, keys).
+    "CREATE TABLE changes (
+        id INTEGER PRIMARY KEY,
+        at_ms INTEGER NOT NULL,
+        org TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        body TEXT NOT NULL
+    );",
 ];
 
 /// Which captured calls an export reads.
@@ -580,6 +588,30 @@ impl SqliteStore {
     /// Delete `org`'s captured calls that started before `before_ms`.
     pub fn purge_captures(&self, org: &str, before_ms: i64) -> Result<usize, StoreError> {
         self.ask_blocking(|reply| Job::Purge(org.to_owned(), before_ms, reply))
+    }
+
+    /// Keep a change made at runtime; returns its id.
+    pub fn record_change(&self, change: crate::store::ChangeRow) -> Result<i64, StoreError> {
+        self.ask_blocking(|reply| Job::Change(change, reply))
+    }
+
+    /// Changes made at runtime with an id above `after`, oldest first.
+    pub fn changes(&self, after: i64) -> Result<Vec<crate::store::ChangeRow>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached(
+                "SELECT id, at_ms, org, actor, body FROM changes WHERE id > ?1 ORDER BY id",
+            )?
+            .query_map(params![after], |r| {
+                Ok(crate::store::ChangeRow {
+                    id: r.get(0)?,
+                    at_ms: r.get(1)?,
+                    org: r.get(2)?,
+                    actor: r.get(3)?,
+                    body: r.get(4)?,
+                })
+            })?
+            .collect()
+        })
     }
 
     /// Captured calls kept, per org (for the tests and the dashboard).

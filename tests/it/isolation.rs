@@ -79,7 +79,6 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
         ("GET", "/v1/assistants"),
         ("GET", "/v1/vector_stores"),
         ("GET", "/v1/organization/users"),
-        ("GET", "/v1/organization/admin_api_keys"),
         ("DELETE", "/v1/files/file-abc123"),
         ("POST", "/v1/images/generations"),
         ("POST", "/v1/audio/speech"),
@@ -110,6 +109,9 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
             }
         }
     }
+    // An admin route is no client's: 401, never forwarded.
+    let (status, _) = raw(&h, "GET", "/v1/organization/admin_api_keys", PLAIN, "{}").await;
+    assert_eq!(status, 401);
     assert_eq!(h.served().requests, 0, "nothing reached the upstream");
     assert!(h
         .gateway

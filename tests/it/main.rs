@@ -1,5 +1,6 @@
 //! tokenwarden's integration tests: one binary, one module per area.
 
+mod admin;
 mod alerts;
 mod capture;
 mod cli;

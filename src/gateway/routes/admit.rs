@@ -113,7 +113,7 @@ pub(super) async fn admit(
         started_ms: now_ms,
         day,
         org: org.name.clone(),
-        project: project.name.clone(),
+        project: project.id.clone(),
         key_id,
         endpoint: endpoint.path(),
         requested_model: model_name.clone(),

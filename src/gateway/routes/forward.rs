@@ -74,7 +74,7 @@ pub async fn passthrough(
     let forwarded = crate::store::Forwarded {
         started_ms,
         org: org.name.clone(),
-        project: project.name.clone(),
+        project: project.id.clone(),
         key_id: caller.key_id.clone(),
         method: rule.method.as_str(),
         path: upstream_path.to_owned(),

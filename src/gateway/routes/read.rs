@@ -129,7 +129,7 @@ fn may_use_model(caller: &Caller, body: &Value) -> Result<(), ApiError> {
     };
     match body.get("model").and_then(Value::as_str) {
         Some(model) if !project.allows(model) => Err(ApiError::NoModelAccess {
-            project: project.name.to_string(),
+            project: project.id.to_string(),
             model: crate::excerpt(model, 256),
         }),
         _ => Ok(()),

@@ -117,6 +117,15 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (org, id)
     );
     CREATE INDEX forwarded_started ON forwarded (started_ms);",
+    // 2: changes made at runtime (orgs' settings, projects, keys); small
+    // and read by every replica (a reference table on Citus).
+    "CREATE TABLE changes (
+        id BIGSERIAL PRIMARY KEY,
+        at_ms BIGINT NOT NULL,
+        org TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        body TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this tokenwarden writes.

@@ -8,8 +8,8 @@ use crate::alerts::Fired;
 use crate::day::Day;
 use crate::meter::{Decision, Ledger, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use crate::store::{
-    Admitted, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store, StoreError,
-    StoreFuture, UsageRow,
+    Admitted, ChangeRow, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store,
+    StoreError, StoreFuture, UsageRow,
 };
 
 /// The meter's lock, poisoned or not: the ledger holds only counters, each
@@ -124,6 +124,14 @@ impl Store for SqliteStore {
         off_worker(self, move |s| {
             SqliteStore::purge_captures(s, &org, before_ms)
         })
+    }
+
+    fn record_change(&self, change: ChangeRow) -> StoreFuture<'_, i64> {
+        off_worker(self, move |s| SqliteStore::record_change(s, change))
+    }
+
+    fn changes(&self, after: i64) -> StoreFuture<'_, Vec<ChangeRow>> {
+        off_worker(self, move |s| SqliteStore::changes(s, after))
     }
 
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>> {

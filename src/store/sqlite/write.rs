@@ -22,6 +22,7 @@ pub(super) enum Job {
     Capture(Capture),
     Forward(crate::store::Forwarded),
     Purge(String, i64, Reply<usize>),
+    Change(crate::store::ChangeRow, Reply<i64>),
 }
 
 /// Where a job's result goes: a caller waiting for it.
@@ -131,7 +132,7 @@ impl Writer {
 
     /// Queue `job` (nothing to journal: alerts, captures, maintenance).
     pub(super) fn submit(&self, job: Job) -> Result<(), String> {
-        let hurry = matches!(job, Job::Recover(_) | Job::Purge(..));
+        let hurry = matches!(job, Job::Recover(_) | Job::Purge(..) | Job::Change(..));
         let mut state = lock(&self.state);
         if state.journal.is_none() {
             return Err(NOT_OWNER.into());
@@ -377,6 +378,7 @@ fn write_batch(conn: &mut Connection, batch: Vec<Job>) -> bool {
 enum Done {
     Unit,
     Count(usize),
+    Id(i64),
 }
 
 fn answer(job: Job, done: Result<Done, String>) {
@@ -385,6 +387,7 @@ fn answer(job: Job, done: Result<Done, String>) {
         Job::Purge(_, _, reply) => {
             reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 }))
         }
+        Job::Change(_, reply) => reply.send(done.map(|d| if let Done::Id(n) = d { n } else { 0 })),
         Job::Admit(..)
         | Job::Settle(..)
         | Job::Refuse(..)
@@ -442,6 +445,12 @@ fn apply(
                 as_i64(f.latency_ms)
             ])
             .map(|_| Done::Unit),
+        Job::Change(c, _) => tx
+            .prepare_cached(
+                "INSERT INTO changes (at_ms, org, actor, body) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![c.at_ms, c.org, c.actor, c.body])
+            .map(|_| Done::Id(tx.last_insert_rowid())),
         Job::Purge(org, before_ms, _) => tx
             .prepare_cached("DELETE FROM captures WHERE org = ?1 AND started_ms < ?2")?
             .execute(params![org, before_ms])

@@ -1,0 +1,266 @@
+//! The organization's settings, projects and keys at runtime, through
+//! OpenAI's Admin API shape: the official Python SDK's admin resources, and
+//! raw HTTP where it has none (data sharing, project policies).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::harness::{repo, start_with_server, Harness};
+
+const PLATFORM: &str = "tw-admin-platform-token-01";
+const ACME_ADMIN: &str = "tw-admin-acme-admin-key-01";
+const BETA_ADMIN: &str = "tw-admin-beta-admin-key-01";
+const WEB_KEY: &str = "tw-admin-web-key-00000001";
+const LAB_KEY: &str = "tw-admin-lab-key-00000001";
+
+async fn gateway(label: &str) -> Harness {
+    let config = format!(
+        "[[orgs]]\nname = \"acme\"\nsharing = \"all\"\ncapture = true\nadmin_keys = [\"{ACME_ADMIN}\"]\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"{WEB_KEY}\"]\n\n[[orgs]]\nname = \"beta\"\nadmin_keys = [\"{BETA_ADMIN}\"]\n\n[[orgs.projects]]\nname = \"lab\"\nkeys = [\"{LAB_KEY}\"]\n"
+    );
+    start_with_server(label, &config, &format!("admin_token = \"{PLATFORM}\"\n")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_manages_projects_and_keys() {
+    let python = std::env::var_os("TOKENWARDEN_SDK_PYTHON")
+        .map_or_else(|| repo("target/sdk/venv/bin/python"), PathBuf::from);
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test, which installs the SDKs",
+        python.display()
+    );
+    let h = gateway("admin-sdk").await;
+    let base = h.base.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(repo("tests/sdk/python_admin.py"))
+            .args([&base, ACME_ADMIN, PLATFORM])
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("python: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("python admin sdk ok"), "{stdout}");
+    // Every change is in the ledger, with who made it; beta saw none of them.
+    let changes = h.gateway.changes_of(Some("acme")).await;
+    assert!(changes.len() >= 9, "{changes:?}");
+    assert!(changes.iter().any(|c| c.actor == "admin token"));
+    assert!(changes.iter().any(|c| c.actor.starts_with("admin key ")));
+    assert!(h.gateway.changes_of(Some("beta")).await.is_empty());
+    // A restart on the same ledger runs on them: the archived project is
+    // there, archived, and its keys still do not work.
+    let again = h.restart().await;
+    let live = again.live();
+    let acme = &live.config.orgs[0];
+    assert_eq!(acme.projects.len(), 2);
+    assert!(
+        acme.projects[1].archived_at.is_some() && acme.projects[1].name.as_ref() == "Research 2"
+    );
+}
+
+/// `METHOD path` with a bearer token and an optional JSON body and org header.
+async fn call(
+    h: &Harness,
+    method: &str,
+    path: &str,
+    token: &str,
+    org: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let root = h.base.trim_end_matches("/v1");
+    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+    let mut request = h
+        .client
+        .request(method, format!("{root}{path}"))
+        .bearer_auth(token);
+    if let Some(org) = org {
+        request = request.header("openai-organization", org);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let r = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+/// A call of project web: its free-token limit header (0: not free).
+async fn free_limit(h: &Harness) -> u64 {
+    let r = h
+        .post("/chat/completions", WEB_KEY)
+        .json(&json!({"model": "gpt-4o-mini", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.status().as_u16(), 200);
+    r.headers()
+        .get("x-free-tokens-limit")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+#[tokio::test]
+async fn data_sharing_and_policies_change_from_the_next_call() {
+    let h = gateway("admin-sharing").await;
+    let sharing = "/v1/organization/data_sharing";
+    let (status, now) = call(&h, "GET", sharing, ACME_ADMIN, None, None).await;
+    assert_eq!(status, 200, "{now}");
+    assert_eq!(
+        (
+            now["sharing"].as_str(),
+            now["history"].as_array().map(Vec::len)
+        ),
+        (Some("all"), Some(0))
+    );
+    assert_eq!(free_limit(&h).await, 10_000_000);
+    let captured = h.gateway.store.count_captures("acme").await.unwrap_or(0);
+    assert_eq!(captured, 1);
+
+    // Opting out ends free tokens and capture for the next call.
+    let (status, now) = call(
+        &h,
+        "POST",
+        sharing,
+        ACME_ADMIN,
+        None,
+        Some(json!({"sharing": "disabled"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{now}");
+    assert_eq!(now["sharing"], "disabled");
+    assert_eq!(free_limit(&h).await, 0);
+    assert_eq!(
+        h.gateway.store.count_captures("acme").await.unwrap_or(0),
+        captured
+    );
+
+    // Selected projects, by id.
+    let (status, now) = call(
+        &h,
+        "POST",
+        sharing,
+        ACME_ADMIN,
+        None,
+        Some(json!({"sharing": "selected", "project_ids": ["web"]})),
+    )
+    .await;
+    assert_eq!(status, 200, "{now}");
+    assert_eq!(now["project_ids"], json!(["web"]));
+    assert_eq!(free_limit(&h).await, 10_000_000);
+    let history = now["history"].as_array().cloned().unwrap_or_default();
+    assert_eq!(history.len(), 2);
+    assert_eq!(history[0]["sharing"], "disabled");
+    assert!(history[1]["changed_by"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("admin key ")));
+    assert!(history[1]["changed_at"].as_i64().is_some_and(|t| t > 0));
+
+    // Bad requests are OpenAI's 400s, and change nothing.
+    for body in [
+        json!({"sharing": "sometimes"}),
+        json!({"sharing": "selected", "project_ids": ["nope"]}),
+        json!({"sharing": "all", "colour": "red"}),
+        json!({"sharing": "all", "project_ids": ["web"]}),
+        json!({}),
+    ] {
+        let (status, error) = call(&h, "POST", sharing, ACME_ADMIN, None, Some(body.clone())).await;
+        assert_eq!(status, 400, "{body}: {error}");
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    }
+    assert_eq!(h.gateway.changes_of(Some("acme")).await.len(), 2);
+
+    // A project's policy: block once the allowance is spent.
+    let (status, project) = call(
+        &h,
+        "POST",
+        "/v1/organization/projects/web",
+        ACME_ADMIN,
+        None,
+        Some(json!({"on_exhausted": "block", "privacy_guard": "block"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{project}");
+    assert_eq!(
+        (
+            project["on_exhausted"].as_str(),
+            project["privacy_guard"].as_str()
+        ),
+        (Some("block"), Some("block"))
+    );
+    let r = h
+        .post("/chat/completions", WEB_KEY)
+        .json(&json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "mail me: jane.doe@example.com"}]}))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(r, 400, "the privacy guard now blocks");
+    let (status, _) = call(
+        &h,
+        "POST",
+        "/v1/organization/projects/web",
+        ACME_ADMIN,
+        None,
+        Some(json!({"on_exhausted": "pray"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // The platform's token names its org; one org's key reaches no other.
+    let (status, _) = call(&h, "GET", sharing, PLATFORM, None, None).await;
+    assert_eq!(status, 400, "two orgs: the platform must name one");
+    let (status, now) = call(&h, "GET", sharing, PLATFORM, Some("beta"), None).await;
+    assert_eq!((status, now["organization"].as_str()), (200, Some("beta")));
+    let (status, _) = call(&h, "GET", sharing, BETA_ADMIN, Some("acme"), None).await;
+    assert_eq!(status, 403);
+    let (status, _) = call(
+        &h,
+        "GET",
+        "/v1/organization/projects/web",
+        BETA_ADMIN,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = call(
+        &h,
+        "POST",
+        "/v1/organization/projects/web/archive",
+        BETA_ADMIN,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, list) = call(
+        &h,
+        "GET",
+        "/v1/organization/projects",
+        BETA_ADMIN,
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, list["data"].as_array().map(Vec::len)),
+        (200, Some(1))
+    );
+    assert_eq!(list["data"][0]["id"], "lab");
+    let (status, _) = call(
+        &h,
+        "POST",
+        sharing,
+        BETA_ADMIN,
+        Some("acme"),
+        Some(json!({"sharing": "disabled"})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    assert_eq!(free_limit(&h).await, 10_000_000, "acme still shares");
+}
