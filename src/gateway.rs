@@ -166,6 +166,7 @@ impl Gateway {
             .filter_map(crate::changes::Recorded::from_row)
             .collect();
         let seen = changes.last().map_or(0, |c| c.id);
+        store.changes_applied(seen).await?;
         let live = Live::new(crate::changes::replay(&config, &changes))
             .map_err(StoreError::from_message)?;
         let gateway = Arc::new(Gateway {

@@ -81,6 +81,11 @@ pub trait Store: Send + Sync {
     fn record_change(&self, change: ChangeRow) -> StoreFuture<'_, i64>;
     /// The changes made at runtime with an id above `after`, oldest first.
     fn changes(&self, after: i64) -> StoreFuture<'_, Vec<ChangeRow>>;
+    /// This gateway runs on every change up to `id` (replicas tell each
+    /// other; nothing to do for SQLite's one gateway).
+    fn changes_applied(&self, id: i64) -> StoreFuture<'_, ()>;
+    /// How many other live replicas do not run on change `id` yet.
+    fn replicas_behind(&self, id: i64) -> StoreFuture<'_, u64>;
 
     /// The totals of `day`, every org and group.
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>>;

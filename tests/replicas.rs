@@ -676,3 +676,99 @@ async fn a_call_that_needs_a_lease_while_postgres_is_away_is_a_503() {
     assert_eq!(stream_call(&client, &r.root, 16).await, (200, true));
     drop(server);
 }
+
+/// A key made or deleted through one replica's admin API is made or deleted
+/// for the next call at every replica; a data-sharing change too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_or_deleted_at_one_replica_is_so_at_the_next_call_everywhere() {
+    let (_, sim_addr, _sim_stop) = simulator_with(SimConfig::default()).await;
+    let dir = temp_dir("replicas-keys");
+    let url = pg::server().database(&dir);
+    let text = config_text(sim_addr, &url, 100_000);
+    let clock = Arc::new(ManualClock::new(NOON_MS));
+    let a = replica(&text, clock.clone()).await;
+    let b = replica(&text, clock.clone()).await;
+    let c = replica(&text, clock).await;
+    let client = harness::http_client();
+    let chat = |root: String, key: String| {
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("{root}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "gpt-4o-mini", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .map_or((0, 0), |r| {
+                    let limit = r
+                        .headers()
+                        .get("x-free-tokens-limit")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(u64::MAX);
+                    (r.status().as_u16(), limit)
+                })
+        }
+    };
+    for round in 0..3 {
+        let made: Value = client
+            .post(format!(
+                "{}/v1/organization/projects/web/service_accounts",
+                a.root
+            ))
+            .bearer_auth(ADMIN)
+            .json(&json!({"name": format!("ci-{round}")}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .json()
+            .await
+            .unwrap_or_default();
+        let key = made["api_key"]["value"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let id = made["api_key"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(key.starts_with("tw-"), "{made}");
+        // At once, at the other replicas.
+        for r in [&b, &c, &a] {
+            assert_eq!(
+                chat(r.root.clone(), key.clone()).await.0,
+                200,
+                "round {round}"
+            );
+        }
+        let deleted = client
+            .delete(format!(
+                "{}/v1/organization/projects/web/api_keys/{id}",
+                b.root
+            ))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        assert_eq!(deleted, 200);
+        for r in [&a, &c, &b] {
+            assert_eq!(
+                chat(r.root.clone(), key.clone()).await.0,
+                401,
+                "round {round}"
+            );
+        }
+    }
+    // Opting out at one replica: no replica gives free tokens to the next call.
+    let opted = client
+        .post(format!("{}/v1/organization/data_sharing", c.root))
+        .bearer_auth(ADMIN)
+        .json(&json!({"sharing": "disabled"}))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(opted, 200);
+    for r in [&a, &b, &c] {
+        assert_eq!(chat(r.root.clone(), KEY.to_owned()).await, (200, 0));
+    }
+}

@@ -17,7 +17,11 @@ use crate::config::Config;
 use crate::store::{ChangeRow, PoolNames};
 
 /// How often a gateway reads the changes other replicas made.
-pub const CHANGES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+pub const CHANGES_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long a change waits for every other replica to run on it before it
+/// answers all the same (a replica silent this long is taken for dead and
+/// refuses calls: [`crate::store::postgres::STALE`]).
+const CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(12);
 
 /// One configuration, with what is built from it.
 pub struct Live {
@@ -126,12 +130,45 @@ impl Gateway {
             runtime.seen = id;
         }
         self.rebuild(&runtime).await.map_err(ChangeError::Invalid)?;
-        runtime
+        let recorded = runtime
             .changes
             .iter()
             .find(|c| c.id == id)
             .cloned()
-            .ok_or_else(|| ChangeError::Invalid("the change was kept but not read back".into()))
+            .ok_or_else(|| ChangeError::Invalid("the change was kept but not read back".into()))?;
+        let seen = runtime.seen;
+        drop(runtime);
+        self.store
+            .changes_applied(seen)
+            .await
+            .map_err(ChangeError::Store)?;
+        self.everywhere(id).await;
+        Ok(recorded)
+    }
+
+    /// Wait until every other live replica runs on change `id` (at most
+    /// [`CHANGE_WAIT`]), so that a key made or deleted here is made or
+    /// deleted for the next call wherever it goes.
+    async fn everywhere(&self, id: i64) {
+        let deadline = tokio::time::Instant::now() + CHANGE_WAIT;
+        loop {
+            match self.store.replicas_behind(id).await {
+                Ok(0) => return,
+                Ok(behind) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(
+                        change = id,
+                        behind,
+                        "answered before every replica ran on a change"
+                    );
+                    return;
+                }
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, change = id, "could not tell whether every replica runs on a change");
+                    return;
+                }
+            }
+        }
     }
 
     /// Read the changes other replicas made and run on them, if any.
@@ -141,6 +178,9 @@ impl Gateway {
             self.rebuild(&runtime)
                 .await
                 .map_err(crate::store::StoreError::from_message)?;
+            let seen = runtime.seen;
+            drop(runtime);
+            self.store.changes_applied(seen).await?;
         }
         Ok(())
     }

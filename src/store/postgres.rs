@@ -633,6 +633,33 @@ impl Store for PgStore {
         })
     }
 
+    fn changes_applied(&self, id: i64) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            client
+                .execute(
+                    "UPDATE replicas SET changes = GREATEST(changes, $2) WHERE id = $1",
+                    &[&&*self.inner.replica, &id],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn replicas_behind(&self, id: i64) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let live_since = crate::store::now_ms() - STALE.as_millis() as i64;
+            let row = client
+                .query_one(
+                    "SELECT COUNT(*) FROM replicas WHERE id <> $1 AND changes < $2 AND seen_ms >= $3",
+                    &[&&*self.inner.replica, &id, &live_since],
+                )
+                .await?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        })
+    }
+
     fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize> {
         Box::pin(async move {
             let client = self.client().await?;

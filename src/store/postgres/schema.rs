@@ -119,13 +119,16 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX forwarded_started ON forwarded (started_ms);",
     // 2: changes made at runtime (orgs' settings, projects, keys); small
     // and read by every replica (a reference table on Citus).
+    // Each replica says up to which change it runs, so that a change
+    // answers once every replica runs on it.
     "CREATE TABLE changes (
         id BIGSERIAL PRIMARY KEY,
         at_ms BIGINT NOT NULL,
         org TEXT NOT NULL,
         actor TEXT NOT NULL,
         body TEXT NOT NULL
-    );",
+    );
+    ALTER TABLE replicas ADD COLUMN changes BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this tokenwarden writes.

@@ -134,6 +134,14 @@ impl Store for SqliteStore {
         off_worker(self, move |s| SqliteStore::changes(s, after))
     }
 
+    fn changes_applied(&self, _id: i64) -> StoreFuture<'_, ()> {
+        ready(Ok(()))
+    }
+
+    fn replicas_behind(&self, _id: i64) -> StoreFuture<'_, u64> {
+        ready(Ok(0))
+    }
+
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>> {
         off_worker(self, move |s| SqliteStore::daily(s, day))
     }
