@@ -78,6 +78,11 @@ pub enum Change {
     AdminKeyDeleted {
         key_id: String,
     },
+    /// The platform's admin token, kept as its SHA-256 (hex), for a gateway
+    /// whose configuration has none (`serve --demo`); for no org.
+    PlatformToken {
+        hash: String,
+    },
 }
 
 /// A change kept in the ledger.
@@ -132,6 +137,12 @@ impl Change {
     /// Apply to org `org` of `config`; an error (for people) when it does
     /// not apply, and `config` is then as it was.
     pub fn apply(&self, config: &mut Config, org: &str) -> Result<(), String> {
+        if let Change::PlatformToken { hash } = self {
+            config.server.admin_token_hash = Some(
+                crate::gateway::auth::parse_hash(hash).ok_or("a token's hash is 64 hex digits")?,
+            );
+            return Ok(());
+        }
         let at = config
             .orgs
             .iter()
@@ -268,6 +279,7 @@ impl Change {
                     p.deleted_keys.push(key_id.as_str().into());
                 }
             }
+            Change::PlatformToken { .. } => {}
             Change::AdminKeyCreated { key } => o.runtime_admin_keys.push(key.clone()),
             Change::AdminKeyDeleted { key_id } => {
                 let before = o.runtime_admin_keys.len();

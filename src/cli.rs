@@ -12,20 +12,92 @@ use crate::gateway::auth::new_key;
 use crate::gateway::{self, Gateway, SystemClock};
 use crate::simulator::{self, SimConfig, Simulator};
 
-/// The configuration `serve` runs with when given no file: one org, one
-/// project and one new key in front of `base_url`.
-pub fn single_project_config(
-    base_url: &str,
-    api_key: &str,
-    key: &str,
-    store: &str,
-    listen: &str,
-    admin_token: &str,
-) -> String {
+/// The configuration `serve` runs with when given no file: one org and one
+/// project in front of `base_url`. Its client key and admin token are made
+/// on the ledger's first start and kept there, hashed ([`first_keys`]).
+pub fn single_project_config(base_url: &str, api_key: &str, store: &str, listen: &str) -> String {
     let api_key = format!("api_key = \"{api_key}\"\n");
     format!(
-        "[server]\nlisten = \"{listen}\"\nadmin_token = \"{admin_token}\"\n\n[store]\nurl = \"sqlite://{store}\"\n\n[upstreams.main]\nbase_url = \"{base_url}\"\n{api_key}\n[[orgs]]\nname = \"default\"\ntier = 5\nsharing = \"all\"\n\n[[orgs.projects]]\nname = \"default\"\non_exhausted = \"block\"\nkeys = [\"{key}\"]\n"
+        "[server]\nlisten = \"{listen}\"\n\n[store]\nurl = \"sqlite://{store}\"\n\n[upstreams.main]\nbase_url = \"{base_url}\"\n{api_key}\n[[orgs]]\nname = \"default\"\ntier = 5\nsharing = \"all\"\n\n[[orgs.projects]]\nname = \"default\"\non_exhausted = \"block\"\n"
     )
+}
+
+/// A client key and an admin token made for a new ledger.
+pub struct FirstKeys {
+    pub client: String,
+    pub admin: String,
+}
+
+/// Who made the first keys, in the record of changes.
+const FIRST_KEYS_ACTOR: &str = "tokenwarden serve (first start)";
+
+/// On a ledger that has none yet: make the platform's admin token and a
+/// client key of project `default`, keep them hashed in the ledger (as
+/// changes), and return them to be printed this once. `None` when the
+/// ledger has them already: they still work.
+pub async fn first_keys(
+    gateway: &Gateway,
+    client_prefix: &str,
+) -> anyhow::Result<Option<FirstKeys>> {
+    use crate::changes::Change;
+    let made = gateway
+        .changes_of(None)
+        .await
+        .iter()
+        .any(|c| matches!(c.change, Change::PlatformToken { .. }));
+    if made {
+        return Ok(None);
+    }
+    let admin = new_key("tw-admin-");
+    let client = new_key(client_prefix);
+    let now_s = gateway.clock.now_ms().div_euclid(1000);
+    let digest = crate::gateway::auth::hash(&client);
+    let key = crate::config::RuntimeKey {
+        id: crate::gateway::auth::key_id(&digest).into(),
+        name: "first key".into(),
+        hash: crate::gateway::auth::hex_hash(&client),
+        redacted: format!("{}...{}", &client[..5], &client[client.len() - 4..]),
+        created_at: now_s,
+        service_account: None,
+    };
+    let change = |org: &'static str, change| async move {
+        gateway
+            .change(org, FIRST_KEYS_ACTOR, change)
+            .await
+            .map_err(|e| anyhow::anyhow!("could not keep the first keys in the ledger: {e:?}"))
+    };
+    change(
+        "default",
+        Change::KeyCreated {
+            project_id: "default".into(),
+            key,
+        },
+    )
+    .await?;
+    change(
+        "",
+        Change::PlatformToken {
+            hash: crate::gateway::auth::hex_hash(&admin),
+        },
+    )
+    .await?;
+    Ok(Some(FirstKeys { client, admin }))
+}
+
+/// What `serve` prints of the keys: new ones, or how to make new ones.
+fn print_keys(addr: SocketAddr, ledger: &str, keys: Option<&FirstKeys>) {
+    match keys {
+        Some(keys) => {
+            println!("  API key:  {}   (shown once; kept hashed in {ledger}; give it to your OpenAI SDK as its api_key)", keys.client);
+            println!("  dashboard: http://{addr}/dashboard");
+            println!("  admin token: {}   (shown once; signs in to the dashboard; the usage API, the admin API and /metrics take it too)", keys.admin);
+        }
+        None => {
+            println!("  API key and admin token: those printed when {ledger} was made (kept hashed in it; they still work)");
+            println!("  dashboard: http://{addr}/dashboard");
+            println!("  another API key: curl -X POST http://{addr}/v1/organization/projects/default/service_accounts -H 'Authorization: Bearer ADMIN_TOKEN' -H 'Content-Type: application/json' -d '{{\"name\": \"my key\"}}'   (lost the admin token? remove {ledger} to start over)");
+        }
+    }
 }
 
 /// Each `SIGHUP`: read `file` again and run on it; a file `check-config`
@@ -92,11 +164,14 @@ async fn shutdown_signal() {
 }
 
 /// Open the store, build the gateway and serve until a signal; `SIGHUP`
-/// reloads the configuration from `file`.
+/// reloads the configuration from `file`. With `first_keys` (a client key's
+/// prefix), a new ledger gets its first keys ([`first_keys`]), given to
+/// `announce`.
 pub async fn run_gateway(
     config: Config,
     file: Option<&Path>,
-    announce: impl FnOnce(SocketAddr),
+    first: Option<&str>,
+    announce: impl FnOnce(SocketAddr, Option<FirstKeys>),
 ) -> anyhow::Result<()> {
     let store = crate::store::open(&config.store, true).await?;
     let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
@@ -106,7 +181,11 @@ pub async fn run_gateway(
         Arc::downgrade(&gateway),
         file.map(Path::to_path_buf),
     ));
-    announce(addr);
+    let keys = match first {
+        Some(prefix) => first_keys(&gateway, prefix).await?,
+        None => None,
+    };
+    announce(addr, keys);
     let header_timeout = gateway.live().config.server.header_read_timeout;
     let served = gateway::serve_with_timeout(
         listener,
@@ -141,23 +220,19 @@ pub async fn serve(
             simulator::router(sim),
             std::future::pending(),
         ));
-        let key = new_key("tw-demo-");
-        let admin = new_key("tw-admin-");
+        let ledger = "tokenwarden-demo.db";
         let text = single_project_config(
             &format!("http://{sim_addr}/v1"),
             "sim-demo-upstream-key",
-            &key,
-            "tokenwarden-demo.db",
+            ledger,
             listen,
-            &admin,
         );
         let config = Config::from_toml(&text, &env)?;
-        return run_gateway(config, None, |addr| {
+        return run_gateway(config, None, Some("tw-demo-"), |addr, keys| {
             println!("tokenwarden demo: the gateway in front of its simulated upstream (http://{sim_addr}/v1)");
             println!("  base URL: http://{addr}/v1");
-            println!("  API key:  {key}");
-            println!("  dashboard: http://{addr}/dashboard");
-            println!("  admin token: {admin}   (signs in to the dashboard; the usage API and /metrics take it too)");
+            print_keys(addr, ledger, keys.as_ref());
+            let key = keys.as_ref().map_or("API_KEY", |k| k.client.as_str());
             println!("  try:      curl http://{addr}/v1/chat/completions -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"model\": \"gpt-4o-mini\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'");
         })
         .await;
@@ -167,16 +242,18 @@ pub async fn serve(
         Some(path) => path,
         None if default_file.exists() => default_file,
         None if env.var("OPENAI_API_KEY").is_some() => {
-            let key = new_key("tw-");
-            let admin = new_key("tw-admin-");
-            let text = single_project_config("https://api.openai.com/v1", "${OPENAI_API_KEY}", &key, "tokenwarden.db", listen, &admin);
+            let ledger = "tokenwarden.db";
+            let text = single_project_config(
+                "https://api.openai.com/v1",
+                "${OPENAI_API_KEY}",
+                ledger,
+                listen,
+            );
             let config = Config::from_toml(&text, &env)?;
-            return run_gateway(config, None, |addr| {
+            return run_gateway(config, None, Some("tw-"), |addr, keys| {
                 println!("tokenwarden: in front of the OpenAI API, one org and project");
                 println!("  base URL: http://{addr}/v1");
-                println!("  API key:  {key}   (shown once; give it to your OpenAI SDK as its api_key)");
-                println!("  dashboard: http://{addr}/dashboard");
-                println!("  admin token: {admin}   (shown once; signs in to the dashboard; the usage API and /metrics take it too)");
+                print_keys(addr, ledger, keys.as_ref());
             })
             .await;
         }
@@ -192,7 +269,7 @@ pub async fn serve(
     for warning in config.forward_warnings() {
         tracing::warn!("{warning}");
     }
-    run_gateway(config, Some(file), |addr| {
+    run_gateway(config, Some(file), None, |addr, _| {
         println!("tokenwarden: listening on http://{addr}/v1")
     })
     .await

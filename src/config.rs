@@ -157,6 +157,10 @@ pub struct Server {
     pub listen: SocketAddr,
     /// Guards the admin routes; `None` leaves them closed to everyone.
     pub admin_token: Option<Secret>,
+    /// The SHA-256 of a platform admin token kept in the ledger (made by
+    /// `serve --demo` or `serve` with only `OPENAI_API_KEY`), besides
+    /// `admin_token`.
+    pub admin_token_hash: Option<[u8; 32]>,
     /// Request bodies above this are refused with 413.
     pub max_body_bytes: usize,
     /// A whole (not streamed) upstream answer above this is not read: the

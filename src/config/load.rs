@@ -296,6 +296,7 @@ impl Config {
         let server = Server {
             listen,
             admin_token,
+            admin_token_hash: None,
             max_body_bytes: raw.server.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES) as usize,
             max_answer_bytes: raw
                 .server

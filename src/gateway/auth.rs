@@ -114,16 +114,27 @@ fn live_hashes<'a>(
         .iter()
         .map(|k| hash(k.expose()))
         .filter(|d| !deleted.iter().any(|id| **id == *key_id(d)));
-    let runtime = runtime.iter().filter_map(|k| {
-        let mut digest = [0u8; 32];
-        let bytes = k.hash.as_bytes();
-        for (i, out) in digest.iter_mut().enumerate() {
-            let pair = std::str::from_utf8(bytes.get(2 * i..2 * i + 2)?).ok()?;
-            *out = u8::from_str_radix(pair, 16).ok()?;
-        }
-        Some(digest)
-    });
+    let runtime = runtime.iter().filter_map(|k| parse_hash(&k.hash));
     configured.chain(runtime)
+}
+
+/// A SHA-256 written as 64 hex digits.
+pub fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    let mut digest = [0u8; 32];
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    for (i, out) in digest.iter_mut().enumerate() {
+        let pair = std::str::from_utf8(bytes.get(2 * i..2 * i + 2)?).ok()?;
+        *out = u8::from_str_radix(pair, 16).ok()?;
+    }
+    Some(digest)
+}
+
+/// A SHA-256 as 64 hex digits.
+pub fn hex_hash(value: &str) -> String {
+    hash(value).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Equal in time that depends only on the length.
@@ -249,12 +260,15 @@ pub struct Actor(pub Arc<str>);
 /// (compared in constant time) or an org admin key; and who it is.
 pub fn admin(gateway: &Gateway, presented: &str) -> Option<(Admin, Actor)> {
     let live = gateway.live();
-    let platform = live
-        .config
-        .server
+    let server = &live.config.server;
+    let presented_hash = hash(presented);
+    let platform = server
         .admin_token
         .as_ref()
-        .is_some_and(|token| constant_time_eq(&hash(token.expose()), &hash(presented)));
+        .is_some_and(|token| constant_time_eq(&hash(token.expose()), &presented_hash))
+        || server
+            .admin_token_hash
+            .is_some_and(|kept| constant_time_eq(&kept, &presented_hash));
     if platform {
         return Some((Admin::Platform, Actor("admin token".into())));
     }

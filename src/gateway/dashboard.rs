@@ -184,6 +184,7 @@ fn signed_in(gateway: &Gateway, headers: &HeaderMap) -> Option<Admin> {
 fn closed(gateway: &Gateway) -> bool {
     let live = gateway.live();
     live.config.server.admin_token.is_none()
+        && live.config.server.admin_token_hash.is_none()
         && live.config.orgs.iter().all(|o| o.admin_keys.is_empty())
 }
 

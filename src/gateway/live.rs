@@ -76,8 +76,7 @@ impl Gateway {
     /// finish on the configuration they started with.
     pub async fn reload(&self, config: Config) -> Result<(), String> {
         let mut runtime = self.runtime.lock().await;
-        let running = self.live();
-        if config.server != running.config.server || config.store != running.config.store {
+        if config.server != runtime.base.server || config.store != runtime.base.store {
             tracing::warn!("[server] and [store] changes take effect at the next restart");
         }
         runtime.base = config;
@@ -213,7 +212,10 @@ impl Gateway {
     async fn rebuild(&self, runtime: &Runtime) -> Result<(), String> {
         let running = self.live();
         let mut config = replay(&runtime.base, &runtime.changes);
+        // [server] stays as it started, but for a platform token kept in the ledger.
+        let kept = config.server.admin_token_hash;
         config.server = running.config.server.clone();
+        config.server.admin_token_hash = kept;
         config.store = running.config.store.clone();
         config.align_to(&running.config);
         let live = Live::new(config)?;

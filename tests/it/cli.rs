@@ -292,5 +292,52 @@ async fn serve_with_only_an_openai_key() {
     let output = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!text.contains(upstream_key) && !stderr.contains(upstream_key));
+
+    // A restart in the same folder prints no new keys, and the first ones
+    // still work: they are kept, hashed, in the ledger.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .env("OPENAI_API_KEY", upstream_key)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn: {e}"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let again: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .take(5)
+        .map_while(Result::ok)
+        .collect();
+    let again_text = again.join("\n");
+    assert!(
+        again_text.contains("those printed when tokenwarden.db was made")
+            && again_text.contains("another API key:"),
+        "{again_text}"
+    );
+    assert!(!again_text.contains(&key) && !again_text.contains(&admin));
+    let base = again
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("base URL:"))
+        .map(|b| b.trim().to_owned())
+        .unwrap_or_else(|| panic!("{again_text}"));
+    let models = client
+        .get(format!("{base}/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(models, 200, "the first key works after a restart");
+    let usage = client
+        .get(format!(
+            "{base}/organization/usage/completions?start_time=0"
+        ))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(usage, 200, "the first admin token works after a restart");
+    let _ = child.kill();
+    let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
