@@ -339,3 +339,111 @@ pub fn replay(base: &Config, changes: &[Recorded]) -> Config {
     }
     config
 }
+
+/// Where the configuration running on `changes` differs from `file`, one
+/// line each (for `check-config`): what was changed at runtime wins.
+pub fn differences(file: &Config, changes: &[Recorded]) -> Vec<String> {
+    let running = replay(file, changes);
+    let mut out = Vec::new();
+    if running.server.admin_token_hash.is_some() {
+        out.push("the platform's admin token: one kept in the ledger (made by serve), besides [server] admin_token".into());
+    }
+    for (was, now) in file.orgs.iter().zip(&running.orgs) {
+        let org = &now.name;
+        if was.sharing != now.sharing
+            || (now.sharing == OrgSharing::Selected
+                && was
+                    .projects
+                    .iter()
+                    .zip(&now.projects)
+                    .any(|(a, b)| a.selected != b.selected))
+        {
+            let selected: Vec<&str> = now
+                .projects
+                .iter()
+                .filter(|p| p.active() && p.selected)
+                .map(|p| &*p.id)
+                .collect();
+            let list = if now.sharing == OrgSharing::Selected {
+                format!(" ({})", selected.join(", "))
+            } else {
+                String::new()
+            };
+            out.push(format!(
+                "org {org}: data sharing is {}{list} (the file says {})",
+                word(&now.sharing),
+                word(&was.sharing)
+            ));
+        }
+        for p in &now.projects[was.projects.len().min(now.projects.len())..] {
+            out.push(format!(
+                "org {org}: project {} ({}) was made at runtime",
+                p.id, p.name
+            ));
+        }
+        for (a, b) in was.projects.iter().zip(&now.projects) {
+            let at = format!("org {org} project {}", b.id);
+            if a.name != b.name {
+                out.push(format!(
+                    "{at}: name is {:?} (the file says {:?})",
+                    &*b.name, &*a.name
+                ));
+            }
+            for (key, x, y) in [
+                ("on_exhausted", word(&a.on_exhausted), word(&b.on_exhausted)),
+                (
+                    "downgrade_fallback",
+                    word(&a.downgrade_fallback),
+                    word(&b.downgrade_fallback),
+                ),
+                (
+                    "privacy_guard",
+                    word(&a.privacy_guard),
+                    word(&b.privacy_guard),
+                ),
+            ] {
+                if x != y {
+                    out.push(format!("{at}: {key} is {y} (the file says {x})"));
+                }
+            }
+            if (a.models.as_slice(), a.models_denied) != (b.models.as_slice(), b.models_denied) {
+                let mode = if b.models_denied {
+                    "denies"
+                } else {
+                    "allows only"
+                };
+                out.push(format!(
+                    "{at}: models: {mode} [{}] (the file says [{}])",
+                    b.models.join(", "),
+                    a.models.join(", ")
+                ));
+            }
+            if b.archived_at.is_some() {
+                out.push(format!("{at}: archived"));
+            }
+            if !b.runtime_keys.is_empty() || !b.deleted_keys.is_empty() {
+                out.push(format!(
+                    "{at}: {} key(s) made at runtime, {} configured key(s) deleted",
+                    b.runtime_keys.len(),
+                    b.deleted_keys.len()
+                ));
+            }
+        }
+        if !now.runtime_admin_keys.is_empty() || !now.deleted_admin_keys.is_empty() {
+            out.push(format!(
+                "org {org}: {} admin key(s) made at runtime, {} configured admin key(s) deleted",
+                now.runtime_admin_keys.len(),
+                now.deleted_admin_keys.len()
+            ));
+        }
+    }
+    out
+}
+
+/// A setting's name as the file spells it.
+fn word<T: Serialize>(value: &T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => format!("{other:?}"),
+    }
+}

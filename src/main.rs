@@ -313,15 +313,45 @@ fn check_config(path: &std::path::Path) -> anyhow::Result<()> {
     for warning in config.forward_warnings() {
         println!("warning: {warning}");
     }
-    if let tokenwarden::config::StoreUrl::Postgres(pg) = &config.store {
-        let version = read_runtime()?
-            .block_on(tokenwarden::store::PgStore::schema_version(pg))
-            .with_context(|| format!("connecting to {}", pg.shown))?;
-        println!(
-            "store: {} at schema version {version} (this tokenwarden writes {})",
-            pg.shown,
-            tokenwarden::store::postgres::schema::latest()
-        );
+    let has_changes = match &config.store {
+        tokenwarden::config::StoreUrl::Postgres(pg) => {
+            let version = read_runtime()?
+                .block_on(tokenwarden::store::PgStore::schema_version(pg))
+                .with_context(|| format!("connecting to {}", pg.shown))?;
+            println!(
+                "store: {} at schema version {version} (this tokenwarden writes {})",
+                pg.shown,
+                tokenwarden::store::postgres::schema::latest()
+            );
+            version >= 2
+        }
+        tokenwarden::config::StoreUrl::Sqlite(path) => path.exists(),
+    };
+    if has_changes {
+        let changes = read_runtime()?.block_on(async {
+            let store = tokenwarden::store::open(&config.store, false).await?;
+            anyhow::Ok(store.changes(0).await?)
+        })?;
+        let changes: Vec<_> = changes
+            .into_iter()
+            .filter_map(tokenwarden::changes::Recorded::from_row)
+            .collect();
+        let differences = tokenwarden::changes::differences(&config, &changes);
+        if !differences.is_empty() {
+            let last = changes.last().map_or(0, |c| c.at_ms);
+            println!(
+                "changed at runtime ({} changes in the ledger, the last at {} UTC); these win over the file:",
+                changes.len(),
+                format_args!(
+                    "{} {}",
+                    tokenwarden::day::Day::from_unix(last.div_euclid(1000)),
+                    tokenwarden::alerts::clock_time(last)
+                )
+            );
+            for line in differences {
+                println!("  {line}");
+            }
+        }
     }
     Ok(())
 }

@@ -264,3 +264,67 @@ async fn data_sharing_and_policies_change_from_the_next_call() {
     assert_eq!(status, 403);
     assert_eq!(free_limit(&h).await, 10_000_000, "acme still shares");
 }
+
+/// `check-config` says where what was changed at runtime differs from the file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_config_names_what_changed_at_runtime() {
+    let h = gateway("admin-check-config").await;
+    let file = h.config_file();
+    let check = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(["check-config", "--config"])
+            .arg(&file)
+            .env("UPSTREAM_KEY", crate::harness::UPSTREAM_KEY)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!check().contains("changed at runtime"), "{}", check());
+    let sharing = "/v1/organization/data_sharing";
+    let (status, _) = call(
+        &h,
+        "POST",
+        sharing,
+        ACME_ADMIN,
+        None,
+        Some(json!({"sharing": "disabled"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = call(
+        &h,
+        "POST",
+        "/v1/organization/projects/web",
+        ACME_ADMIN,
+        None,
+        Some(json!({"on_exhausted": "block"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, made) = call(
+        &h,
+        "POST",
+        "/v1/organization/projects",
+        ACME_ADMIN,
+        None,
+        Some(json!({"name": "Research"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{made}");
+    let id = made["id"].as_str().unwrap_or_default().to_owned();
+    let text = check();
+    for line in [
+        "changed at runtime (3 changes in the ledger".to_owned(),
+        "org acme: data sharing is disabled (the file says all)".to_owned(),
+        "org acme project web: on_exhausted is block (the file says bill)".to_owned(),
+        format!("org acme: project {id} (Research) was made at runtime"),
+    ] {
+        assert!(text.contains(&line), "no {line:?} in:\n{text}");
+    }
+    assert!(!text.contains("org beta"), "{text}");
+}

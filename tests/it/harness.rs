@@ -245,6 +245,19 @@ impl Harness {
             .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// A configuration file for the commands (`check-config`, `usage`):
+    /// this gateway's, on its ledger.
+    pub fn config_file(&self) -> PathBuf {
+        let file = self.dir.join("tokenwarden.toml");
+        let text = format!(
+            "{}\n[store]\nurl = \"{}\"\n",
+            self.config_text,
+            store_url(&self.dir)
+        );
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("{e}"));
+        file
+    }
+
     /// Run on `config` (orgs, program, alerts) from now on, as a reload does.
     pub async fn reload(&self, config: &str) -> Result<(), String> {
         let text = format!("{}{config}", self.head);
