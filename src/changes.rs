@@ -299,6 +299,76 @@ impl Change {
     }
 }
 
+impl Change {
+    /// What the change did, for people (the dashboard's history); never a
+    /// key's value (only hashes are kept).
+    pub fn describe(&self) -> String {
+        match self {
+            Change::DataSharing {
+                sharing,
+                project_ids,
+            } if *sharing == OrgSharing::Selected => {
+                format!(
+                    "data sharing: selected projects ({})",
+                    project_ids.join(", ")
+                )
+            }
+            Change::DataSharing { sharing, .. } => format!("data sharing: {}", word(sharing)),
+            Change::Project {
+                project_id,
+                name,
+                on_exhausted,
+                downgrade_fallback,
+                privacy_guard,
+                reroute_to,
+            } => {
+                let mut parts = Vec::new();
+                if let Some(n) = name {
+                    parts.push(format!("name {n:?}"));
+                }
+                for (key, value) in [
+                    ("on_exhausted", on_exhausted.as_ref().map(word)),
+                    ("downgrade_fallback", downgrade_fallback.as_ref().map(word)),
+                    ("privacy_guard", privacy_guard.as_ref().map(word)),
+                    ("reroute_to", reroute_to.clone()),
+                ] {
+                    if let Some(value) = value {
+                        parts.push(format!("{key} {value}"));
+                    }
+                }
+                format!("project {project_id}: {}", parts.join(", "))
+            }
+            Change::ModelPermissions {
+                project_id,
+                mode: None,
+                ..
+            } => format!("project {project_id}: every model allowed"),
+            Change::ModelPermissions {
+                project_id,
+                mode: Some(mode),
+                model_ids,
+            } => format!(
+                "project {project_id}: models {} [{}]",
+                word(mode),
+                model_ids.join(", ")
+            ),
+            Change::ProjectCreated {
+                project_id, name, ..
+            } => format!("project {project_id} made ({name})"),
+            Change::ProjectArchived { project_id, .. } => format!("project {project_id} archived"),
+            Change::KeyCreated { project_id, key } => {
+                format!("project {project_id}: key {} made ({})", key.id, key.name)
+            }
+            Change::KeyDeleted { project_id, key_id } => {
+                format!("project {project_id}: key {key_id} deleted")
+            }
+            Change::AdminKeyCreated { key } => format!("admin key {} made ({})", key.id, key.name),
+            Change::AdminKeyDeleted { key_id } => format!("admin key {key_id} deleted"),
+            Change::PlatformToken { .. } => "the platform's admin token kept".into(),
+        }
+    }
+}
+
 /// The ids of configured keys.
 pub fn configured_ids(keys: &[crate::config::Secret]) -> impl Iterator<Item = String> + '_ {
     keys.iter()

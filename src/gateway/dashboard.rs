@@ -40,6 +40,7 @@ const APP_CSS: &str = include_str!("dashboard/app.css");
 
 mod origin;
 mod render;
+mod settings;
 pub(crate) mod throttle;
 
 use render::{esc, render_live};
@@ -142,6 +143,14 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/dashboard/login", post(login))
         .route("/dashboard/logout", post(logout))
         .route("/dashboard/events", get(events))
+        .route(
+            "/dashboard/settings/sharing",
+            post(|state, request| save(state, request, Form::Sharing)),
+        )
+        .route(
+            "/dashboard/settings/project",
+            post(|state, request| save(state, request, Form::Project)),
+        )
         .route(
             "/dashboard/assets/app.js",
             get(|| asset(APP_JS, "text/javascript; charset=utf-8")),
@@ -247,22 +256,122 @@ async fn page(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Respon
     let Some(admin) = signed_in(&gateway, &headers) else {
         return page_response(StatusCode::OK, login_page(None, closed(&gateway)));
     };
-    let live = live(&gateway, &admin).await;
+    page_response(StatusCode::OK, signed_in_page(&gateway, &admin, None).await)
+}
+
+/// The page of a signed-in admin: the live part, then the settings panel
+/// (outside the live part, so an update never resets a form being filled
+/// in), with `message` (an error) above.
+async fn signed_in_page(gateway: &Arc<Gateway>, admin: &Admin, message: Option<&str>) -> String {
+    let live_html = live(gateway, admin).await;
+    let changes = gateway.changes_of(None).await;
+    let panel = settings::render(&gateway.live(), admin, &changes);
+    let note = message.map_or(String::new(), |m| {
+        format!("<p class=\"error\" role=\"alert\">{}</p>", esc(m))
+    });
     let body = format!(
         "<header><h1>tokenwarden</h1><span id=\"live-status\" class=\"status\">static</span>\
 <form method=\"post\" action=\"/dashboard/logout\"><button type=\"submit\">Sign out</button></form></header>\
-<main id=\"live\">{live}</main>"
+{note}<main id=\"live\">{live_html}</main><div id=\"settings\">{panel}</div>"
     );
-    page_response(StatusCode::OK, shell("tokenwarden", &body, true))
+    shell("tokenwarden", &body, true)
+}
+
+/// The two settings forms.
+#[derive(Clone, Copy)]
+enum Form {
+    Sharing,
+    Project,
+}
+
+/// `POST /dashboard/settings/*`: a change from the settings panel, from
+/// the gateway's own origin, by a signed-in admin of that org.
+async fn save(
+    State(gateway): State<Arc<Gateway>>,
+    request: axum::extract::Request,
+    form: Form,
+) -> Response {
+    if !origin::allowed(request.headers()) {
+        return cross_site();
+    }
+    let who = cookie_value(request.headers(), COOKIE)
+        .and_then(|id| gateway.sessions.who(id, gateway.clock.now_ms()));
+    let Some((admin, actor)) = who else {
+        return page_response(StatusCode::UNAUTHORIZED, login_page(None, closed(&gateway)));
+    };
+    let bytes = match super::routes::read_body(request.into_body(), 16 * 1024).await {
+        Ok(bytes) => bytes,
+        Err(e) => return e.into_response(),
+    };
+    let pairs = form_pairs(&bytes);
+    let org = pairs
+        .iter()
+        .find(|(k, _)| k == "org")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    let refuse = |status: StatusCode, message: String| {
+        let gateway = gateway.clone();
+        let admin = admin.clone();
+        async move {
+            page_response(
+                status,
+                signed_in_page(&gateway, &admin, Some(&message)).await,
+            )
+        }
+    };
+    if !admin.sees(&org) {
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "That organization is not yours.".into(),
+        )
+        .await;
+    }
+    let change = match form {
+        Form::Sharing => settings::sharing_change(&pairs),
+        Form::Project => settings::project_change(&pairs),
+    };
+    let change = match change {
+        Ok(change) => change,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, message).await,
+    };
+    let by = format!("{} (dashboard)", actor.0);
+    match gateway.change(&org, &by, change).await {
+        Ok(_) => {
+            let mut response = StatusCode::SEE_OTHER.into_response();
+            response.headers_mut().insert(
+                header::LOCATION,
+                HeaderValue::from_static("/dashboard#settings"),
+            );
+            response
+        }
+        Err(super::ChangeError::Invalid(message)) => refuse(StatusCode::BAD_REQUEST, message).await,
+        Err(super::ChangeError::Store(e)) => {
+            tracing::error!(error = %e, "could not keep a change made on the dashboard");
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "The ledger is unavailable; nothing was changed. Try again shortly.".into(),
+            )
+            .await
+        }
+    }
 }
 
 /// One value of an `application/x-www-form-urlencoded` body, decoded.
 fn form_value(body: &[u8], name: &str) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    text.split('&')
+    form_pairs(body)
+        .into_iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v)
+}
+
+/// Every `name=value` of an `application/x-www-form-urlencoded` body, decoded.
+fn form_pairs(body: &[u8]) -> Vec<(String, String)> {
+    std::str::from_utf8(body)
+        .unwrap_or_default()
+        .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == name)
-        .map(|(_, v)| super::usage::decode(v))
+        .map(|(k, v)| (super::usage::decode(k), super::usage::decode(v)))
+        .collect()
 }
 
 /// The client's address, as the server saw the connection (none when the

@@ -328,3 +328,43 @@ async fn check_config_names_what_changed_at_runtime() {
     }
     assert!(!text.contains("org beta"), "{text}");
 }
+
+/// The dashboard's settings panel, in Chromium, with an org admin key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_settings_panel_changes_sharing_and_policy() {
+    assert!(
+        repo("tests/sdk/node/node_modules/playwright-core").exists(),
+        "tests/sdk/node/node_modules is missing: run scripts/test, which installs playwright-core"
+    );
+    let h = gateway("admin-dashboard").await;
+    let root = h.base.trim_end_matches("/v1").to_owned();
+    let script = repo("tests/sdk/node/settings.mjs");
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(&script)
+            .args([&root, ACME_ADMIN])
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("node: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("\"phase\":\"done\""), "{stdout}");
+    // The gateway runs on what the forms said, and kept who said it.
+    let live = h.gateway.live();
+    let acme = &live.config.orgs[0];
+    assert_eq!(acme.sharing, tokenwarden::config::OrgSharing::Selected);
+    assert!(acme.projects[0].shares && acme.projects[0].selected);
+    assert_eq!(
+        acme.projects[0].on_exhausted,
+        tokenwarden::config::Policy::Block
+    );
+    let changes = h.gateway.changes_of(Some("acme")).await;
+    assert_eq!(changes.len(), 2);
+    assert!(changes
+        .iter()
+        .all(|c| c.actor.ends_with("(dashboard)") && c.actor.starts_with("admin key ")));
+    assert!(h.gateway.changes_of(Some("beta")).await.is_empty());
+}

@@ -424,11 +424,24 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
             );
         }
         table(&mut out, "Today by project", "Project", &projects);
+        // Keys made through the admin API show their names (never values).
+        let key_names: BTreeMap<&str, &str> = org
+            .projects
+            .iter()
+            .flat_map(|p| &p.runtime_keys)
+            .map(|k| (&*k.id, k.name.as_str()))
+            .collect();
         table(
             &mut out,
             "Today by key",
-            "Key id",
-            &lines(by_key, name, |r| r.api_key_id.clone()),
+            "Key",
+            &lines(by_key, name, |r| {
+                let id = r.api_key_id.clone()?;
+                Some(match key_names.get(id.as_str()) {
+                    Some(key) => format!("{id} ({key})"),
+                    None => id,
+                })
+            }),
         );
         table(
             &mut out,
