@@ -368,3 +368,58 @@ async fn the_dashboard_settings_panel_changes_sharing_and_policy() {
         .all(|c| c.actor.ends_with("(dashboard)") && c.actor.starts_with("admin key ")));
     assert!(h.gateway.changes_of(Some("beta")).await.is_empty());
 }
+
+/// A call admitted before an opt-out keeps its terms (free, captured); the
+/// next one gets the new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_keeps_the_terms_it_was_admitted_under() {
+    let config = format!(
+        "[[orgs]]\nname = \"acme\"\ncapture = true\nadmin_keys = [\"{ACME_ADMIN}\"]\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"{WEB_KEY}\"]\n"
+    );
+    let h = crate::harness::start_inner(
+        "admin-in-flight",
+        &config,
+        tokenwarden::simulator::SimConfig {
+            ttft: std::time::Duration::from_millis(5),
+            token_delay: std::time::Duration::from_millis(20),
+            output_tokens: 40,
+        },
+        &format!("admin_token = \"{PLATFORM}\"\n"),
+    )
+    .await;
+    let stream = {
+        let request = h
+            .post("/chat/completions", WEB_KEY)
+            .json(&json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "a long one"}]}));
+        tokio::spawn(async move {
+            let r = request.send().await.unwrap_or_else(|e| panic!("{e}"));
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (status, _) = call(
+        &h,
+        "POST",
+        "/v1/organization/data_sharing",
+        ACME_ADMIN,
+        None,
+        Some(json!({"sharing": "disabled"})),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (code, text) = stream.await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(code, 200);
+    assert!(text.trim_end().ends_with("data: [DONE]"));
+    assert_eq!(free_limit(&h).await, 0, "the next call is not free");
+    h.settled().await;
+    let records = h.gateway.store.recent(2).await.unwrap_or_default();
+    assert_eq!(records.len(), 2);
+    let (next, streamed) = (&records[0], &records[1]);
+    assert!(streamed.free && streamed.decision == "free", "{streamed:?}");
+    assert!(!next.free, "{next:?}");
+    assert_eq!(
+        h.gateway.store.count_captures("acme").await.unwrap_or(0),
+        1,
+        "only the call in flight was captured"
+    );
+}

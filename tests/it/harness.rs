@@ -199,7 +199,12 @@ pub async fn start_with(label: &str, config: &str, sim_config: SimConfig) -> Har
     start_inner(label, config, sim_config, "max_body_bytes = 1048576\n").await
 }
 
-async fn start_inner(label: &str, config: &str, sim_config: SimConfig, server: &str) -> Harness {
+pub async fn start_inner(
+    label: &str,
+    config: &str,
+    sim_config: SimConfig,
+    server: &str,
+) -> Harness {
     let dir = temp_dir(label);
     let sim = Simulator::new(
         Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),

@@ -174,6 +174,34 @@ async fn an_org_admin_key_sees_its_org_and_no_byte_of_another() {
             ));
         }
     }
+    // The admin API's own routes answer for alphaorg only.
+    for route in [
+        "/v1/organization/data_sharing",
+        "/v1/organization/projects",
+        "/v1/organization/projects?include_archived=true",
+        "/v1/organization/projects/alphaproj",
+        "/v1/organization/projects/alphaproj/api_keys",
+        "/v1/organization/projects/alphaproj/service_accounts",
+        "/v1/organization/projects/alphaproj/model_permissions",
+        "/v1/organization/admin_api_keys",
+    ] {
+        routes.push(route.to_owned());
+    }
+    for route in [
+        "/v1/organization/projects/bravoproj",
+        "/v1/organization/projects/bravoproj/api_keys",
+        "/v1/organization/projects/bravoproj/model_permissions",
+    ] {
+        let (status, text) = get(&h, route, ALPHA_ADMIN).await;
+        assert_eq!(status, 404, "{route}: {text}");
+        // Word for word what a project that is nowhere gets: org B's
+        // projects are not even known to exist.
+        let nowhere = route.replace("bravoproj", "nosuchproj");
+        let (_, other) = get(&h, &nowhere, ALPHA_ADMIN).await;
+        assert_eq!(text.replace("bravoproj", "nosuchproj"), other, "{route}");
+        let (status, _) = get(&h, route, PLATFORM).await;
+        assert_eq!(status, 400, "{route}: the platform must name an org");
+    }
     for route in &routes {
         let (status, text) = get(&h, route, ALPHA_ADMIN).await;
         assert_eq!(status, 200, "{route}: {text}");
