@@ -109,10 +109,17 @@ impl Recorded {
     }
 }
 
-fn project_mut<'a>(org: &'a mut Org, id: &str) -> Result<&'a mut Project, String> {
+/// At most this many projects an org makes through the API, keys a
+/// project gets, admin keys an org gets: a tenant cannot grow the running
+/// configuration (rebuilt at each change) without bound.
+pub const MAX_PROJECTS: usize = 1000;
+pub const MAX_KEYS: usize = 1000;
+pub const MAX_ADMIN_KEYS: usize = 100;
+
+fn position(org: &Org, id: &str) -> Result<usize, String> {
     org.projects
-        .iter_mut()
-        .find(|p| *p.id == *id && !p.retired)
+        .iter()
+        .position(|p| *p.id == *id && !p.retired)
         .ok_or_else(|| {
             format!(
                 "No project with id '{}' in org {}.",
@@ -122,20 +129,63 @@ fn project_mut<'a>(org: &'a mut Org, id: &str) -> Result<&'a mut Project, String
         })
 }
 
-/// Each project's `shares`, from the org's setting and its own flag.
-fn share(org: &mut Org) {
-    for p in &mut org.projects {
-        p.shares = match org.sharing {
-            OrgSharing::Disabled => false,
-            OrgSharing::All => true,
-            OrgSharing::Selected => p.selected,
-        };
+/// What the reroute rule reads of a project.
+#[derive(Clone, Copy)]
+struct Facts {
+    shares: bool,
+    active: bool,
+    guard: Guard,
+    reroute_to: Option<usize>,
+}
+
+fn facts(org: &Org) -> Vec<Facts> {
+    org.projects
+        .iter()
+        .map(|p| Facts {
+            shares: p.shares,
+            active: p.active(),
+            guard: p.privacy_guard,
+            reroute_to: p.reroute_to,
+        })
+        .collect()
+}
+
+/// The file's rule, on the projects as a change would leave them: a reroute
+/// target is an active project that does not share.
+fn check_reroutes(org: &Org, facts: &[Facts]) -> Result<(), String> {
+    for (p, f) in org.projects.iter().zip(facts).filter(|(_, f)| f.active) {
+        let target = f
+            .reroute_to
+            .and_then(|t| Some((org.projects.get(t)?, facts.get(t)?)));
+        if let Some((t, _)) = target.filter(|(_, tf)| tf.shares || !tf.active) {
+            return Err(format!(
+                "Project {} is the reroute target of project {}: it must be active and must not share its traffic.",
+                t.id, p.id
+            ));
+        }
+        if f.guard == Guard::Reroute && target.is_none() {
+            return Err(format!(
+                "Project {}: privacy_guard \"reroute\" needs reroute_to.",
+                p.id
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a project shares, under the org's setting and its own flag.
+fn shares(sharing: OrgSharing, selected: bool) -> bool {
+    match sharing {
+        OrgSharing::Disabled => false,
+        OrgSharing::All => true,
+        OrgSharing::Selected => selected,
     }
 }
 
 impl Change {
     /// Apply to org `org` of `config`; an error (for people) when it does
-    /// not apply, and `config` is then as it was.
+    /// not apply, and then nothing was changed: every check comes before
+    /// the first change.
     pub fn apply(&self, config: &mut Config, org: &str) -> Result<(), String> {
         if let Change::PlatformToken { hash } = self {
             config.server.admin_token_hash = Some(
@@ -143,35 +193,42 @@ impl Change {
             );
             return Ok(());
         }
-        let at = config
-            .orgs
-            .iter()
-            .position(|o| *o.name == *org && !o.retired)
+        let Config {
+            orgs,
+            catalog,
+            upstreams,
+            ..
+        } = config;
+        let o = orgs
+            .iter_mut()
+            .find(|o| *o.name == *org && !o.retired)
             .ok_or_else(|| format!("No org named {}.", crate::excerpt(org, 64)))?;
-        let mut changed = config.orgs[at].clone();
-        self.apply_to(&mut changed, config)?;
-        config.orgs[at] = changed;
-        Ok(())
-    }
-
-    /// Apply to `o`, an org of `config` (read for its upstreams and catalog).
-    fn apply_to(&self, o: &mut Org, config: &Config) -> Result<(), String> {
-        let catalog = &config.catalog;
         match self {
             Change::DataSharing {
                 sharing,
                 project_ids,
             } => {
+                let mut chosen = Vec::with_capacity(project_ids.len());
                 for id in project_ids {
-                    project_mut(o, id)?;
+                    chosen.push(position(o, id)?);
                 }
-                o.sharing = *sharing;
-                if *sharing == OrgSharing::Selected {
-                    for p in &mut o.projects {
-                        p.selected = project_ids.iter().any(|id| **id == *p.id);
+                let selected = |i: usize, now: bool| {
+                    if *sharing == OrgSharing::Selected {
+                        chosen.contains(&i)
+                    } else {
+                        now
                     }
+                };
+                let mut next = facts(o);
+                for (i, f) in next.iter_mut().enumerate() {
+                    f.shares = shares(*sharing, selected(i, o.projects[i].selected));
                 }
-                share(o);
+                check_reroutes(o, &next)?;
+                o.sharing = *sharing;
+                for (i, p) in o.projects.iter_mut().enumerate() {
+                    p.selected = selected(i, p.selected);
+                    p.shares = shares(*sharing, p.selected);
+                }
             }
             Change::Project {
                 project_id,
@@ -181,33 +238,26 @@ impl Change {
                 privacy_guard,
                 reroute_to,
             } => {
-                let target = match reroute_to {
-                    Some(t) => Some(
-                        o.projects
-                            .iter()
-                            .position(|p| *p.id == **t && p.active())
-                            .ok_or_else(|| {
-                                format!(
-                                    "reroute_to: no project with id '{}'.",
-                                    crate::excerpt(t, 64)
-                                )
-                            })?,
-                    ),
-                    None => None,
-                };
-                let p = project_mut(o, project_id)?;
-                if p.archived_at.is_some() {
+                let at = position(o, project_id)?;
+                if o.projects[at].archived_at.is_some() {
                     return Err("An archived project cannot be changed.".into());
                 }
+                let target = match reroute_to {
+                    Some(t) => Some(position(o, t).map_err(|e| format!("reroute_to: {e}"))?),
+                    None => None,
+                };
+                let mut next = facts(o);
+                next[at].guard = privacy_guard.unwrap_or(next[at].guard);
+                next[at].reroute_to = target.or(next[at].reroute_to);
+                check_reroutes(o, &next)?;
+                let p = &mut o.projects[at];
                 if let Some(name) = name {
                     p.name = name.as_str().into();
                 }
                 p.on_exhausted = on_exhausted.unwrap_or(p.on_exhausted);
                 p.downgrade_fallback = downgrade_fallback.unwrap_or(p.downgrade_fallback);
-                p.privacy_guard = privacy_guard.unwrap_or(p.privacy_guard);
-                if target.is_some() {
-                    p.reroute_to = target;
-                }
+                p.privacy_guard = next[at].guard;
+                p.reroute_to = next[at].reroute_to;
             }
             Change::ModelPermissions {
                 project_id,
@@ -220,7 +270,8 @@ impl Change {
                         crate::excerpt(bad, 64)
                     ));
                 }
-                let p = project_mut(o, project_id)?;
+                let at = position(o, project_id)?;
+                let p = &mut o.projects[at];
                 p.models = if mode.is_some() {
                     model_ids.clone()
                 } else {
@@ -237,7 +288,10 @@ impl Change {
                 if o.projects.iter().any(|p| *p.id == **project_id) {
                     return Err(format!("A project with id '{project_id}' exists."));
                 }
-                if !config.upstreams.contains_key(upstream) {
+                if o.projects.iter().filter(|p| p.created_at > 0).count() >= MAX_PROJECTS {
+                    return Err(format!("An org makes at most {MAX_PROJECTS} projects."));
+                }
+                if !upstreams.contains_key(upstream) {
                     return Err(format!("No upstream named {upstream}."));
                 }
                 let id: Arc<str> = project_id.as_str().into();
@@ -247,55 +301,70 @@ impl Change {
                 p.upstream = upstream.clone();
                 p.on_exhausted = Policy::Bill;
                 p.created_at = *created_at;
+                p.shares = shares(o.sharing, false);
                 o.projects.push(p);
-                share(o);
             }
             Change::ProjectArchived {
                 project_id,
                 archived_at,
             } => {
-                let p = project_mut(o, project_id)?;
-                p.archived_at.get_or_insert(*archived_at);
+                let at = position(o, project_id)?;
+                let mut next = facts(o);
+                next[at].active = false;
+                check_reroutes(o, &next)?;
+                o.projects[at].archived_at.get_or_insert(*archived_at);
             }
             Change::KeyCreated { project_id, key } => {
-                let p = project_mut(o, project_id)?;
+                let at = position(o, project_id)?;
+                let p = &mut o.projects[at];
                 if p.archived_at.is_some() {
                     return Err("An archived project gets no new keys.".into());
                 }
-                p.runtime_keys.push(key.clone());
+                if p.runtime_keys.len() >= MAX_KEYS {
+                    return Err(format!("A project gets at most {MAX_KEYS} keys."));
+                }
+                Arc::make_mut(&mut p.runtime_keys).push(key.clone());
             }
             Change::KeyDeleted { project_id, key_id } => {
-                let p = project_mut(o, project_id)?;
-                let before = p.runtime_keys.len();
-                p.runtime_keys.retain(|k| *k.id != **key_id);
-                if p.runtime_keys.len() == before {
-                    if !configured_ids(&p.keys).any(|id| id == *key_id) {
-                        return Err(format!(
-                            "No API key with id '{}' in project {}.",
-                            crate::excerpt(key_id, 64),
-                            p.id
-                        ));
-                    }
+                let at = position(o, project_id)?;
+                let p = &mut o.projects[at];
+                if p.runtime_keys.iter().any(|k| *k.id == **key_id) {
+                    Arc::make_mut(&mut p.runtime_keys).retain(|k| *k.id != **key_id);
+                } else if configured_ids(&p.keys).any(|id| id == *key_id)
+                    && !p.deleted_keys.iter().any(|d| **d == **key_id)
+                {
                     p.deleted_keys.push(key_id.as_str().into());
+                } else {
+                    return Err(format!(
+                        "No API key with id '{}' in project {}.",
+                        crate::excerpt(key_id, 64),
+                        p.id
+                    ));
+                }
+            }
+            Change::AdminKeyCreated { key } => {
+                if o.runtime_admin_keys.len() >= MAX_ADMIN_KEYS {
+                    return Err(format!("An org gets at most {MAX_ADMIN_KEYS} admin keys."));
+                }
+                o.runtime_admin_keys.push(key.clone());
+            }
+            Change::AdminKeyDeleted { key_id } => {
+                if o.runtime_admin_keys.iter().any(|k| *k.id == **key_id) {
+                    o.runtime_admin_keys.retain(|k| *k.id != **key_id);
+                } else if configured_ids(&o.admin_keys).any(|id| id == *key_id)
+                    && !o.deleted_admin_keys.iter().any(|d| **d == **key_id)
+                {
+                    o.deleted_admin_keys.push(key_id.as_str().into());
+                } else {
+                    return Err(format!(
+                        "No admin key with id '{}'.",
+                        crate::excerpt(key_id, 64)
+                    ));
                 }
             }
             Change::PlatformToken { .. } => {}
-            Change::AdminKeyCreated { key } => o.runtime_admin_keys.push(key.clone()),
-            Change::AdminKeyDeleted { key_id } => {
-                let before = o.runtime_admin_keys.len();
-                o.runtime_admin_keys.retain(|k| *k.id != **key_id);
-                if o.runtime_admin_keys.len() == before {
-                    if !configured_ids(&o.admin_keys).any(|id| id == *key_id) {
-                        return Err(format!(
-                            "No admin key with id '{}'.",
-                            crate::excerpt(key_id, 64)
-                        ));
-                    }
-                    o.deleted_admin_keys.push(key_id.as_str().into());
-                }
-            }
         }
-        check_reroutes(o)
+        Ok(())
     }
 }
 
@@ -373,26 +442,6 @@ impl Change {
 pub fn configured_ids(keys: &[crate::config::Secret]) -> impl Iterator<Item = String> + '_ {
     keys.iter()
         .map(|k| crate::gateway::auth::key_id(&crate::gateway::auth::hash(k.expose())))
-}
-
-/// A reroute target must not share (as the file's check says).
-fn check_reroutes(org: &Org) -> Result<(), String> {
-    for p in org.projects.iter().filter(|p| p.active()) {
-        let target = p.reroute_to.and_then(|t| org.projects.get(t));
-        if let Some(t) = target.filter(|t| t.shares) {
-            return Err(format!(
-                "Project {} is the reroute target of project {} and must not share its traffic.",
-                t.id, p.id
-            ));
-        }
-        if p.privacy_guard == Guard::Reroute && target.is_none() {
-            return Err(format!(
-                "Project {}: privacy_guard \"reroute\" needs reroute_to.",
-                p.id
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// `base` with `changes` applied in order (a change that no longer applies
@@ -515,5 +564,196 @@ fn word<T: Serialize>(value: &T) -> String {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => s,
         other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[upstreams.main]
+base_url = "http://127.0.0.1:9/v1"
+
+[[orgs]]
+name = "acme"
+sharing = "selected"
+
+[[orgs.projects]]
+name = "web"
+privacy_guard = "reroute"
+reroute_to = "vault"
+keys = ["tw-changes-web-key-000001"]
+
+[[orgs.projects]]
+name = "vault"
+sharing = false
+"#;
+
+    fn file() -> Config {
+        Config::from_toml(FILE, &std::collections::HashMap::new()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn key(n: usize) -> RuntimeKey {
+        RuntimeKey {
+            id: format!("{n:012x}").into(),
+            name: format!("k{n}"),
+            hash: format!("{n:064x}"),
+            redacted: "tw-...".into(),
+            created_at: 1,
+            service_account: None,
+        }
+    }
+
+    fn recorded(id: i64, change: Change) -> Recorded {
+        Recorded {
+            id,
+            at_ms: id * 1000,
+            org: "acme".into(),
+            actor: "test".into(),
+            change,
+        }
+    }
+
+    #[test]
+    fn a_reroute_target_never_comes_to_share_nor_goes() {
+        let mut config = file();
+        let before = format!("{config:?}");
+        for change in [
+            Change::DataSharing {
+                sharing: OrgSharing::All,
+                project_ids: Vec::new(),
+            },
+            Change::DataSharing {
+                sharing: OrgSharing::Selected,
+                project_ids: vec!["web".into(), "vault".into()],
+            },
+            Change::ProjectArchived {
+                project_id: "vault".into(),
+                archived_at: 5,
+            },
+            Change::Project {
+                project_id: "web".into(),
+                name: None,
+                on_exhausted: Some(Policy::Block),
+                downgrade_fallback: None,
+                privacy_guard: None,
+                reroute_to: Some("web".into()),
+            },
+        ] {
+            let e = change.apply(&mut config, "acme").err().unwrap_or_default();
+            assert!(e.contains("reroute target"), "{change:?}: {e}");
+        }
+        assert_eq!(
+            format!("{config:?}"),
+            before,
+            "a refused change changed nothing"
+        );
+        // Once web no longer reroutes, vault may share.
+        let guard_off = Change::Project {
+            project_id: "web".into(),
+            name: None,
+            on_exhausted: None,
+            downgrade_fallback: None,
+            privacy_guard: Some(Guard::Off),
+            reroute_to: None,
+        };
+        assert!(guard_off.apply(&mut config, "acme").is_ok());
+        let vault_too = Change::DataSharing {
+            sharing: OrgSharing::Selected,
+            project_ids: vec!["web".into(), "vault".into()],
+        };
+        // web still names vault as its reroute target (for x-tokenwarden-private).
+        assert!(vault_too.apply(&mut config, "acme").is_err());
+    }
+
+    #[test]
+    fn keys_are_bounded_and_deleted_once() {
+        let mut config = file();
+        for n in 0..MAX_KEYS {
+            let change = Change::KeyCreated {
+                project_id: "web".into(),
+                key: key(n),
+            };
+            assert!(change.apply(&mut config, "acme").is_ok());
+        }
+        let one_more = Change::KeyCreated {
+            project_id: "web".into(),
+            key: key(MAX_KEYS),
+        };
+        assert!(one_more.apply(&mut config, "acme").is_err());
+        let configured = configured_ids(&config.orgs[0].projects[0].keys)
+            .next()
+            .unwrap_or_default();
+        let delete = |id: &str| Change::KeyDeleted {
+            project_id: "web".into(),
+            key_id: id.into(),
+        };
+        assert!(delete(&configured).apply(&mut config, "acme").is_ok());
+        assert!(
+            delete(&configured).apply(&mut config, "acme").is_err(),
+            "deleted once"
+        );
+        assert!(delete("000000000007").apply(&mut config, "acme").is_ok());
+        assert_eq!(config.orgs[0].projects[0].runtime_keys.len(), MAX_KEYS - 1);
+    }
+
+    #[test]
+    fn a_replay_skips_what_no_longer_applies_and_differences_are_named() {
+        let changes = vec![
+            recorded(
+                1,
+                Change::ProjectCreated {
+                    project_id: "proj_x".into(),
+                    name: "X".into(),
+                    upstream: "main".into(),
+                    created_at: 7,
+                },
+            ),
+            recorded(
+                2,
+                Change::Project {
+                    project_id: "gone".into(),
+                    name: Some("Y".into()),
+                    on_exhausted: None,
+                    downgrade_fallback: None,
+                    privacy_guard: None,
+                    reroute_to: None,
+                },
+            ),
+            recorded(
+                3,
+                Change::DataSharing {
+                    sharing: OrgSharing::Selected,
+                    project_ids: vec!["proj_x".into()],
+                },
+            ),
+        ];
+        let running = replay(&file(), &changes);
+        let acme = &running.orgs[0];
+        assert_eq!(acme.projects.len(), 3);
+        assert!(acme.projects[2].shares && !acme.projects[0].shares);
+        let lines = differences(&file(), &changes);
+        assert_eq!(
+            lines,
+            [
+                "org acme: data sharing is selected (proj_x) (the file says selected)",
+                "org acme: project proj_x (X) was made at runtime"
+            ]
+        );
+        for c in &changes {
+            let row = ChangeRow {
+                id: c.id,
+                at_ms: c.at_ms,
+                org: c.org.clone(),
+                actor: c.actor.clone(),
+                body: serde_json::to_string(&c.change).unwrap_or_default(),
+            };
+            assert_eq!(
+                Recorded::from_row(row).as_ref(),
+                Some(c),
+                "the ledger's JSON reads back"
+            );
+        }
     }
 }

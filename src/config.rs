@@ -192,7 +192,7 @@ pub struct PostgresUrl {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Upstream {
     pub name: String,
     /// Without a trailing slash; paths such as `/chat/completions` follow it.
@@ -256,8 +256,9 @@ pub struct Project {
     pub created_at: i64,
     /// When it was archived: its keys stop working.
     pub archived_at: Option<i64>,
-    /// Keys made through the API (kept as hashes).
-    pub runtime_keys: Vec<RuntimeKey>,
+    /// Keys made through the API (kept as hashes; shared between copies of
+    /// the configuration until one changes them).
+    pub runtime_keys: Arc<Vec<RuntimeKey>>,
     /// Ids of configured keys deleted through the API.
     pub deleted_keys: Vec<Arc<str>>,
     /// Whether `models` lists the only models allowed, or the ones denied.

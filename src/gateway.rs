@@ -189,9 +189,10 @@ impl Gateway {
         });
         gateway.restore_alerts(today).await?;
         gateway.purge_captures().await;
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            // Changes other replicas made (or a command), read each second;
-            // the task ends with the gateway.
+        let runtime = tokio::runtime::Handle::try_current();
+        if let (Ok(runtime), true) = (&runtime, gateway.store.shared()) {
+            // Changes other replicas made, read as they come; the task ends
+            // with the gateway.
             let weak = Arc::downgrade(&gateway);
             runtime.spawn(async move {
                 loop {
@@ -204,6 +205,8 @@ impl Gateway {
                     }
                 }
             });
+        }
+        if let Ok(runtime) = runtime {
             // The retention purge runs by itself (for the orgs that capture
             // at the time); the task ends with the gateway.
             let weak = Arc::downgrade(&gateway);

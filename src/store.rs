@@ -81,6 +81,9 @@ pub trait Store: Send + Sync {
     fn record_change(&self, change: ChangeRow) -> StoreFuture<'_, i64>;
     /// The changes made at runtime with an id above `after`, oldest first.
     fn changes(&self, after: i64) -> StoreFuture<'_, Vec<ChangeRow>>;
+    /// Whether other gateways share this ledger (PostgreSQL): their
+    /// changes made at runtime are then read as they come.
+    fn shared(&self) -> bool;
     /// This gateway runs on every change up to `id` (replicas tell each
     /// other; nothing to do for SQLite's one gateway).
     fn changes_applied(&self, id: i64) -> StoreFuture<'_, ()>;

@@ -74,7 +74,7 @@ impl Project {
             selected: false,
             created_at: 0,
             archived_at: None,
-            runtime_keys: Vec::new(),
+            runtime_keys: Arc::default(),
             deleted_keys: Vec::new(),
             models_denied: false,
             shares: false,

@@ -450,7 +450,7 @@ impl Config {
                     selected: p.sharing,
                     created_at: 0,
                     archived_at: None,
-                    runtime_keys: Vec::new(),
+                    runtime_keys: std::sync::Arc::default(),
                     deleted_keys: Vec::new(),
                     models_denied: false,
                     shares: match o.sharing {

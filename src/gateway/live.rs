@@ -34,8 +34,23 @@ pub struct Live {
 
 impl Live {
     pub fn new(config: Config) -> Result<Live, String> {
+        Live::after(config, None)
+    }
+
+    /// A new configuration after `previous`: its upstreams' connection
+    /// pools are kept when the upstreams and orgs are the same (a key made,
+    /// a policy changed), so a change drops no other tenant's connections.
+    fn after(config: Config, previous: Option<&Live>) -> Result<Live, String> {
         let keys = KeyTable::new(&config);
-        let client = upstream::client(&config).map_err(|e| format!("http client: {e}"))?;
+        let client = match previous {
+            Some(p)
+                if p.config.upstreams == config.upstreams
+                    && p.config.orgs.len() == config.orgs.len() =>
+            {
+                p.client.clone()
+            }
+            _ => upstream::client(&config).map_err(|e| format!("http client: {e}"))?,
+        };
         Ok(Live {
             config,
             keys,
@@ -218,7 +233,7 @@ impl Gateway {
         config.server.admin_token_hash = kept;
         config.store = running.config.store.clone();
         config.align_to(&running.config);
-        let live = Live::new(config)?;
+        let live = Live::after(config, Some(&running))?;
         self.store
             .name_pools(&PoolNames::of(&live.config), self.today())
             .await

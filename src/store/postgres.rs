@@ -633,6 +633,10 @@ impl Store for PgStore {
         })
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     fn changes_applied(&self, id: i64) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let client = self.inner.pool.get().await.map_err(pool_error)?;

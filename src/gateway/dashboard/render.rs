@@ -428,7 +428,7 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
         let key_names: BTreeMap<&str, &str> = org
             .projects
             .iter()
-            .flat_map(|p| &p.runtime_keys)
+            .flat_map(|p| p.runtime_keys.iter())
             .map(|k| (&*k.id, k.name.as_str()))
             .collect();
         table(

@@ -134,6 +134,10 @@ impl Store for SqliteStore {
         off_worker(self, move |s| SqliteStore::changes(s, after))
     }
 
+    fn shared(&self) -> bool {
+        false
+    }
+
     fn changes_applied(&self, _id: i64) -> StoreFuture<'_, ()> {
         ready(Ok(()))
     }
