@@ -16,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::{json, Value};
 
@@ -56,9 +56,60 @@ impl Target {
     pub(super) fn org(&self) -> &Org {
         &self.live.config.orgs[self.org]
     }
+
+    /// The same org in the configuration running now (after a change).
+    pub(super) fn again(&self, gateway: &Gateway) -> Target {
+        Target {
+            live: gateway.live(),
+            org: self.org,
+            admin: self.admin.clone(),
+            actor: self.actor.clone(),
+        }
+    }
 }
 
-pub(super) fn target(
+impl axum::extract::FromRequestParts<Arc<Gateway>> for Target {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        gateway: &Arc<Gateway>,
+    ) -> Result<Self, Self::Rejection> {
+        let admin = parts.extensions.get::<Admin>().cloned();
+        let actor = parts.extensions.get::<Actor>().cloned();
+        match (admin, actor) {
+            (Some(admin), Some(actor)) => target(gateway, admin, actor, &parts.headers),
+            // The routes are behind `require_admin`, which puts both there.
+            _ => Err(ApiError::Internal),
+        }
+    }
+}
+
+/// An admin request's JSON object body (an empty body is `{}`), read
+/// within [`MAX_BODY`].
+pub(super) struct Body(pub(super) serde_json::Map<String, Value>);
+
+impl axum::extract::FromRequest<Arc<Gateway>> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        _: &Arc<Gateway>,
+    ) -> Result<Self, Self::Rejection> {
+        body(&read(request.into_body()).await?).map(Body)
+    }
+}
+
+/// OpenAI's 400 for a required parameter left out.
+pub(super) fn missing(name: &str) -> ApiError {
+    ApiError::InvalidRequest {
+        message: format!("Missing required parameter: '{name}'."),
+        param: Some(name.to_owned()),
+        code: Some("missing_required_parameter"),
+    }
+}
+
+fn target(
     gateway: &Gateway,
     admin: Admin,
     actor: Actor,
@@ -105,7 +156,7 @@ pub(super) fn target(
 }
 
 /// Parse an admin request's JSON body (an empty one is `{}`).
-pub(super) fn body(bytes: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
+fn body(bytes: &Bytes) -> Result<serde_json::Map<String, Value>, ApiError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(serde_json::Map::new());
     }
@@ -180,7 +231,7 @@ pub(super) async fn change(
 }
 
 /// The request's body, read within the admin limit.
-pub(super) async fn read(body: axum::body::Body) -> Result<Bytes, ApiError> {
+async fn read(body: axum::body::Body) -> Result<Bytes, ApiError> {
     super::routes::read_body(body, MAX_BODY).await
 }
 
@@ -233,11 +284,8 @@ async fn sharing_object(gateway: &Gateway, org: &Org) -> Value {
 /// `GET /v1/organization/data_sharing`.
 async fn data_sharing(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     Ok(Json(sharing_object(&gateway, target.org()).await))
 }
 
@@ -245,19 +293,11 @@ async fn data_sharing(
 /// "selected", "project_ids": [...]}`: from the next call.
 async fn set_data_sharing(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
-    request: axum::extract::Request,
+    target: Target,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
-    let body = body(&read(request.into_body()).await?)?;
     only(&body, &["sharing", "project_ids"])?;
-    let sharing: OrgSharing = field(&body, "sharing")?.ok_or_else(|| ApiError::InvalidRequest {
-        message: "Missing required parameter: 'sharing'.".into(),
-        param: Some("sharing".into()),
-        code: Some("missing_required_parameter"),
-    })?;
+    let sharing: OrgSharing = field(&body, "sharing")?.ok_or_else(|| missing("sharing"))?;
     let project_ids: Vec<String> = field(&body, "project_ids")?.unwrap_or_default();
     if sharing != OrgSharing::Selected && !project_ids.is_empty() {
         return Err(ApiError::InvalidRequest {
@@ -275,9 +315,8 @@ async fn set_data_sharing(
         },
     )
     .await?;
-    let live = gateway.live();
-    let org = live.config.orgs.get(target.org).ok_or(ApiError::Internal)?;
-    Ok(Json(sharing_object(&gateway, org).await))
+    let after = target.again(&gateway);
+    Ok(Json(sharing_object(&gateway, after.org()).await))
 }
 
 /// A page of `items` after the one whose id is `after`, OpenAI's list shape.

@@ -40,9 +40,10 @@ pub fn http_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-/// The dashboard's page at `root` (the gateway's address, without `/v1`),
-/// signed in with the admin token `admin`.
-pub async fn dashboard_page(root: &str, admin: &str) -> String {
+/// Sign in to the dashboard at `root` (the gateway's address, without
+/// `/v1`) with `token`: a client that follows no redirect, and the
+/// session's cookie.
+pub async fn dashboard_session(root: &str, token: &str) -> (reqwest::Client, String) {
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -50,7 +51,7 @@ pub async fn dashboard_page(root: &str, admin: &str) -> String {
     let signed = client
         .post(format!("{root}/dashboard/login"))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={admin}"))
+        .body(format!("token={token}"))
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -61,6 +62,12 @@ pub async fn dashboard_page(root: &str, admin: &str) -> String {
         .and_then(|v| v.split(';').next())
         .unwrap_or_else(|| panic!("no session"))
         .to_owned();
+    (client, cookie)
+}
+
+/// The dashboard's page at `root`, signed in with the admin token `admin`.
+pub async fn dashboard_page(root: &str, admin: &str) -> String {
+    let (client, cookie) = dashboard_session(root, admin).await;
     client
         .get(format!("{root}/dashboard"))
         .header("cookie", cookie)

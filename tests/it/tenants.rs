@@ -255,24 +255,7 @@ async fn an_org_admin_key_sees_its_org_and_no_byte_of_another() {
 
 /// The first `update` event of the dashboard's live stream, signed in with `token`.
 async fn first_event(root: &str, token: &str) -> String {
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap_or_else(|e| panic!("{e}"));
-    let signed = client
-        .post(format!("{root}/dashboard/login"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(format!("token={token}"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let cookie = signed
-        .headers()
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .unwrap_or_else(|| panic!("no session"))
-        .to_owned();
+    let (client, cookie) = crate::harness::dashboard_session(root, token).await;
     let mut events = client
         .get(format!("{root}/dashboard/events"))
         .header("cookie", cookie)

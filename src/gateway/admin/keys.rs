@@ -7,16 +7,15 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::projects::project;
-use super::{body, change, field, list, only, read, target, Target};
+use super::{change, field, list, missing, only, Body, Target};
 use crate::changes::{configured_ids, Change};
 use crate::config::{Project, RuntimeKey};
-use crate::gateway::auth::{hash, key_id, new_key, Actor, Admin};
+use crate::gateway::auth::{hash, key_id, new_key, Admin};
 use crate::gateway::error::ApiError;
 use crate::gateway::Gateway;
 
@@ -115,14 +114,10 @@ fn no_key(id: &str) -> ApiError {
 }
 
 async fn list_keys(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     Ok(Json(list(
         project_keys(project(&target, &id)?),
         raw.as_deref(),
@@ -130,13 +125,9 @@ async fn list_keys(
 }
 
 async fn retrieve_key(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path((id, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     project_keys(project(&target, &id)?)
         .into_iter()
         .find(|(k, _)| *k == key)
@@ -146,12 +137,9 @@ async fn retrieve_key(
 
 async fn delete_key(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path((id, key)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     if !project_keys(project(&target, &id)?)
         .iter()
         .any(|(k, _)| *k == key)
@@ -198,14 +186,10 @@ fn no_account(id: &str) -> ApiError {
 }
 
 async fn list_accounts(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     Ok(Json(list(
         accounts(project(&target, &id)?),
         raw.as_deref(),
@@ -214,11 +198,7 @@ async fn list_accounts(
 
 /// A key's name: 1 to 256 characters, no control characters.
 fn name(body: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
-    let name: String = field(body, "name")?.ok_or_else(|| ApiError::InvalidRequest {
-        message: "Missing required parameter: 'name'.".into(),
-        param: Some("name".into()),
-        code: Some("missing_required_parameter"),
-    })?;
+    let name: String = field(body, "name")?.ok_or_else(|| missing("name"))?;
     if name.is_empty() || name.chars().count() > 256 || name.chars().any(char::is_control) {
         return Err(ApiError::InvalidRequest {
             message: "'name' must be 1 to 256 characters, none of them control characters.".into(),
@@ -233,13 +213,10 @@ fn name(body: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
 /// whose value is in `api_key.value`, this once.
 async fn create_account(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
-    request: axum::extract::Request,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     if project(&target, &id)?.archived_at.is_some() {
         return Err(ApiError::InvalidRequest {
             message: "An archived project gets no new keys.".into(),
@@ -247,7 +224,6 @@ async fn create_account(
             code: None,
         });
     }
-    let body = body(&read(request.into_body()).await?)?;
     only(&body, &["name"])?;
     let name = name(&body)?;
     let now_s = gateway.clock.now_ms().div_euclid(1000);
@@ -284,13 +260,9 @@ async fn create_account(
 }
 
 async fn retrieve_account(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path((id, account)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     accounts(project(&target, &id)?)
         .into_iter()
         .find(|(a, _)| *a == account)
@@ -300,12 +272,9 @@ async fn retrieve_account(
 
 async fn delete_account(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path((id, account)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     let key = project(&target, &id)?
         .runtime_keys
         .iter()
@@ -366,25 +335,14 @@ fn platform_only(target: &Target) -> Result<(), ApiError> {
     }
 }
 
-async fn list_admin_keys(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
+async fn list_admin_keys(target: Target, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
     Ok(Json(list(admin_keys(&target), raw.as_deref())?))
 }
 
 async fn retrieve_admin_key(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     admin_keys(&target)
         .into_iter()
         .find(|(k, _)| *k == key)
@@ -395,23 +353,19 @@ async fn retrieve_admin_key(
 /// `POST /v1/organization/admin_api_keys` `{"name"}`: the value, this once.
 async fn create_admin_key(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
-    request: axum::extract::Request,
+    target: Target,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     platform_only(&target)?;
-    let body = body(&read(request.into_body()).await?)?;
     only(&body, &["name"])?;
     let name = name(&body)?;
     let now_s = gateway.clock.now_ms().div_euclid(1000);
     let (value, key) = make_key("tw-admin-", &name, now_s, None);
     let id = key.id.to_string();
     change(&gateway, &target, Change::AdminKeyCreated { key }).await?;
-    let live = gateway.live();
-    let org = live.config.orgs.get(target.org).ok_or(ApiError::Internal)?;
-    let kept = org
+    let after = target.again(&gateway);
+    let kept = after
+        .org()
         .runtime_admin_keys
         .iter()
         .find(|k| *k.id == *id)
@@ -430,12 +384,9 @@ async fn create_admin_key(
 
 async fn delete_admin_key(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     platform_only(&target)?;
     if !admin_keys(&target).iter().any(|(k, _)| *k == key) {
         return Err(no_key(&key));

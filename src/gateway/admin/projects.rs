@@ -5,15 +5,13 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::{body, change, field, list, only, read, target, Target};
+use super::{change, field, list, missing, only, Body, Target};
 use crate::changes::{Change, ModelMode};
 use crate::config::{Fallback, Guard, Org, Policy, Project};
-use crate::gateway::auth::{Actor, Admin};
 use crate::gateway::error::ApiError;
 use crate::gateway::Gateway;
 
@@ -74,24 +72,11 @@ pub(super) fn project<'a>(target: &'a Target, id: &str) -> Result<&'a Project, A
 
 /// The same project in the configuration now running (after a change).
 fn now(gateway: &Gateway, target: &Target, id: &str) -> Result<Json<Value>, ApiError> {
-    let live = gateway.live();
-    let org = live.config.orgs.get(target.org).ok_or(ApiError::Internal)?;
-    let p = org
-        .projects
-        .iter()
-        .find(|p| *p.id == *id)
-        .ok_or(ApiError::Internal)?;
-    Ok(Json(object(org, p)))
+    let after = target.again(gateway);
+    Ok(Json(object(after.org(), project(&after, id)?)))
 }
 
-async fn list_projects(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
-    RawQuery(raw): RawQuery,
-) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
+async fn list_projects(target: Target, RawQuery(raw): RawQuery) -> Result<Json<Value>, ApiError> {
     let archived = raw
         .as_deref()
         .unwrap_or_default()
@@ -115,19 +100,11 @@ fn new_id() -> String {
 
 async fn create(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
-    request: axum::extract::Request,
+    target: Target,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
-    let body = body(&read(request.into_body()).await?)?;
     only(&body, &["name", "upstream"])?;
-    let name: String = field(&body, "name")?.ok_or_else(|| ApiError::InvalidRequest {
-        message: "Missing required parameter: 'name'.".into(),
-        param: Some("name".into()),
-        code: Some("missing_required_parameter"),
-    })?;
+    let name: String = field(&body, "name")?.ok_or_else(|| missing("name"))?;
     check_name(&name)?;
     let org = target.org();
     let upstreams = &target.live.config.upstreams;
@@ -174,29 +151,18 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn retrieve(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
+async fn retrieve(target: Target, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
     Ok(Json(object(target.org(), project(&target, &id)?)))
 }
 
 /// `POST /v1/organization/projects/{id}`: its name and policies.
 async fn modify(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
-    request: axum::extract::Request,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     project(&target, &id)?;
-    let body = body(&read(request.into_body()).await?)?;
     only(
         &body,
         &[
@@ -229,12 +195,9 @@ async fn modify(
 
 async fn archive(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     if project(&target, &id)?.archived_at.is_none() {
         let archived_at = gateway.clock.now_ms().div_euclid(1000);
         change(
@@ -259,28 +222,20 @@ fn permissions(p: &Project) -> Value {
 }
 
 async fn model_permissions(
-    State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     Ok(Json(permissions(project(&target, &id)?)))
 }
 
 /// `POST .../model_permissions` `{"mode": "allow_list" | "deny_list", "model_ids": [...]}`.
 async fn set_model_permissions(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
-    request: axum::extract::Request,
+    Body(body): Body,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     project(&target, &id)?;
-    let body = body(&read(request.into_body()).await?)?;
     only(&body, &["mode", "model_ids"])?;
     let missing = |name: &str| ApiError::InvalidRequest {
         message: format!("Missing required parameter: '{name}'."),
@@ -306,24 +261,14 @@ async fn set_model_permissions(
         },
     )
     .await?;
-    let live = gateway.live();
-    let org = live.config.orgs.get(target.org).ok_or(ApiError::Internal)?;
-    let p = org
-        .projects
-        .iter()
-        .find(|p| *p.id == *id)
-        .ok_or(ApiError::Internal)?;
-    Ok(Json(permissions(p)))
+    Ok(Json(permissions(project(&target.again(&gateway), &id)?)))
 }
 
 async fn delete_model_permissions(
     State(gateway): State<Arc<Gateway>>,
-    Extension(admin): Extension<Admin>,
-    Extension(actor): Extension<Actor>,
-    headers: HeaderMap,
+    target: Target,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let target = target(&gateway, admin, actor, &headers)?;
     project(&target, &id)?;
     change(
         &gateway,

@@ -3,23 +3,12 @@
 // which compares what this prints (one JSON object per line) with the ledger.
 //
 // usage: node dashboard.mjs GATEWAY_ROOT CLIENT_KEY ADMIN_TOKEN SCREENSHOT_DIR
-import { chromium } from "playwright-core";
+import { launch, check, report } from "./browser.mjs";
 import OpenAI from "openai";
 
 const [root, key, admin, shots] = process.argv.slice(2);
-const report = (o) => console.log(JSON.stringify(o));
-function check(cond, message) {
-  if (!cond) throw new Error(message);
-}
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
   const page = await context.newPage();

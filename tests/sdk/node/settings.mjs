@@ -4,22 +4,11 @@
 // tests/it/admin.rs, which checks the gateway's side of each change.
 //
 // usage: node settings.mjs GATEWAY_ROOT ORG_ADMIN_KEY
-import { chromium } from "playwright-core";
+import { launch, check, report } from "./browser.mjs";
 
 const [root, adminKey] = process.argv.slice(2);
-const report = (o) => console.log(JSON.stringify(o));
-function check(cond, message) {
-  if (!cond) throw new Error(message);
-}
 
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  headless: true,
-  args: [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await (await browser.newContext()).newPage();
   await page.goto(`${root}/dashboard`);
