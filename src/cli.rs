@@ -49,17 +49,8 @@ pub async fn first_keys(
         return Ok(None);
     }
     let admin = new_key("tw-admin-");
-    let client = new_key(client_prefix);
     let now_s = gateway.clock.now_ms().div_euclid(1000);
-    let digest = crate::gateway::auth::hash(&client);
-    let key = crate::config::RuntimeKey {
-        id: crate::gateway::auth::key_id(&digest).into(),
-        name: "first key".into(),
-        hash: crate::gateway::auth::hex_hash(&client),
-        redacted: format!("{}...{}", &client[..5], &client[client.len() - 4..]),
-        created_at: now_s,
-        service_account: None,
-    };
+    let (client, key) = crate::gateway::auth::make_key(client_prefix, "first key", now_s, None);
     let change = |org: &'static str, change| async move {
         gateway
             .change(org, FIRST_KEYS_ACTOR, change)

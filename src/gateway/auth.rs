@@ -137,6 +137,27 @@ pub fn hex_hash(value: &str) -> String {
     hash(value).iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A new key made at runtime (`prefix` and 40 hex digits), and what is
+/// kept of it: its hash, id, name and ends.
+pub fn make_key(
+    prefix: &str,
+    name: &str,
+    now_s: i64,
+    service_account: Option<String>,
+) -> (String, crate::config::RuntimeKey) {
+    let value = new_key(prefix);
+    let tail = value.get(value.len().saturating_sub(4)..).unwrap_or("");
+    let kept = crate::config::RuntimeKey {
+        id: key_id(&hash(&value)).into(),
+        name: name.to_owned(),
+        hash: hex_hash(&value),
+        redacted: format!("{}...{tail}", value.get(..5).unwrap_or("")),
+        created_at: now_s,
+        service_account,
+    };
+    (value, kept)
+}
+
 /// Equal in time that depends only on the length.
 pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

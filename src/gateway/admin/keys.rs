@@ -15,7 +15,7 @@ use super::projects::project;
 use super::{change, field, list, missing, only, Body, Target};
 use crate::changes::{configured_ids, Change};
 use crate::config::{Project, RuntimeKey};
-use crate::gateway::auth::{hash, key_id, new_key, Admin};
+use crate::gateway::auth::{make_key, Admin};
 use crate::gateway::error::ApiError;
 use crate::gateway::Gateway;
 
@@ -45,28 +45,6 @@ pub(super) fn routes() -> Router<Arc<Gateway>> {
             "/v1/organization/admin_api_keys/{key_id}",
             get(retrieve_admin_key).delete(delete_admin_key),
         )
-}
-
-/// A key's value with all but its ends hidden.
-fn redact(value: &str) -> String {
-    let tail = value.get(value.len().saturating_sub(4)..).unwrap_or("");
-    format!("{}...{tail}", value.get(..5).unwrap_or(""))
-}
-
-/// A new key, and what is kept of it.
-fn make_key(prefix: &str, name: &str, now_s: i64, account: Option<String>) -> (String, RuntimeKey) {
-    let value = new_key(prefix);
-    let digest = hash(&value);
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    let kept = RuntimeKey {
-        id: key_id(&digest).into(),
-        name: name.to_owned(),
-        hash: hex,
-        redacted: redact(&value),
-        created_at: now_s,
-        service_account: account,
-    };
-    (value, kept)
 }
 
 /// Every key of a project, as `(id, object)`: configured ones, then those
