@@ -42,6 +42,7 @@ pub mod auth;
 pub mod call;
 pub mod dashboard;
 pub mod error;
+pub mod files;
 mod live;
 pub mod metrics;
 pub mod path;
@@ -406,6 +407,14 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         );
     let v1 = Router::new()
         .route("/v1/models", get(routes::models))
+        .route(
+            "/v1/files",
+            get(files::list)
+                .post(files::upload)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
         .route("/v1/{*rest}", any(routes::passthrough))
         // Every other /v1 route needs a client key too; this runs before
         // the handlers and puts the caller in the request's extensions.

@@ -90,6 +90,33 @@ pub trait Store: Send + Sync {
     /// How many other live replicas do not run on change `id` yet.
     fn replicas_behind(&self, id: i64) -> StoreFuture<'_, u64>;
 
+    /// Begin a file (the Files API's): its row, not listed until complete.
+    fn file_begin(&self, meta: FileMeta) -> StoreFuture<'_, ()>;
+    /// Append part `seq` (from 0, at most [`FILE_PART`] bytes) of a file
+    /// being written.
+    fn file_part(
+        &self,
+        org: String,
+        id: String,
+        seq: i64,
+        data: bytes::Bytes,
+    ) -> StoreFuture<'_, ()>;
+    /// A file is complete: its purpose and size.
+    fn file_end(&self, org: String, id: String, purpose: String, bytes: u64)
+        -> StoreFuture<'_, ()>;
+    /// The complete files of org `org`'s project `project`, oldest first.
+    fn files(&self, org: String, project: String) -> StoreFuture<'_, Vec<FileMeta>>;
+    /// Parts `from..from + n` of a file, in order.
+    fn file_parts(
+        &self,
+        org: String,
+        id: String,
+        from: i64,
+        n: i64,
+    ) -> StoreFuture<'_, Vec<bytes::Bytes>>;
+    /// Delete a file and its parts; whether it was there.
+    fn file_delete(&self, org: String, id: String) -> StoreFuture<'_, bool>;
+
     /// The totals of `day`, every org and group.
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>>;
     /// Daily totals of days `from..=to`, oldest first.
@@ -145,6 +172,25 @@ pub trait Store: Send + Sync {
     /// flight at every replica (others' as of their last heartbeat);
     /// `None` where the gateway's own meter is the whole truth (SQLite).
     fn pools_everywhere<'a>(&'a self, day: Day) -> StoreFuture<'a, Option<Vec<PoolRow>>>;
+}
+
+/// A file's parts are at most this large (the Files API reads and writes
+/// a part at a time, so a file's size does not set the memory it takes).
+pub const FILE_PART: usize = 1024 * 1024;
+
+/// A file kept in the ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMeta {
+    /// `file-` and 24 characters.
+    pub id: String,
+    pub org: String,
+    /// The project's id: only its keys see the file.
+    pub project: String,
+    pub purpose: String,
+    pub filename: String,
+    pub bytes: u64,
+    /// Unix seconds.
+    pub created_at: i64,
 }
 
 /// A change made at runtime, as the ledger keeps it (see [`crate::changes`]).

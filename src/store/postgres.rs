@@ -30,10 +30,11 @@ use crate::config::PostgresUrl;
 use crate::day::Day;
 use crate::meter::{Decision, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use crate::store::{
-    Admitted, ChangeRow, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store,
-    StoreError, StoreFuture, UsageRow,
+    Admitted, ChangeRow, DailyTotal, Durable, FileMeta, Forwarded, PoolNames, Record, Settled,
+    Store, StoreError, StoreFuture, UsageRow,
 };
 
+mod files;
 mod lease;
 mod read;
 mod recover;
@@ -661,6 +662,87 @@ impl Store for PgStore {
                 )
                 .await?;
             Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        })
+    }
+
+    fn file_begin(&self, meta: FileMeta) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            files::begin(&*self.inner.pool.get().await.map_err(pool_error)?, &meta).await
+        })
+    }
+
+    fn file_part(
+        &self,
+        org: String,
+        id: String,
+        seq: i64,
+        data: bytes::Bytes,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            files::part(
+                &*self.inner.pool.get().await.map_err(pool_error)?,
+                &org,
+                &id,
+                seq,
+                &data,
+            )
+            .await
+        })
+    }
+
+    fn file_end(
+        &self,
+        org: String,
+        id: String,
+        purpose: String,
+        bytes: u64,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            files::end(
+                &*self.inner.pool.get().await.map_err(pool_error)?,
+                &org,
+                &id,
+                &purpose,
+                bytes,
+            )
+            .await
+        })
+    }
+
+    fn files(&self, org: String, project: String) -> StoreFuture<'_, Vec<FileMeta>> {
+        Box::pin(async move {
+            files::list(
+                &*self.inner.pool.get().await.map_err(pool_error)?,
+                &org,
+                &project,
+            )
+            .await
+        })
+    }
+
+    fn file_parts(
+        &self,
+        org: String,
+        id: String,
+        from: i64,
+        n: i64,
+    ) -> StoreFuture<'_, Vec<bytes::Bytes>> {
+        Box::pin(async move {
+            files::parts(
+                &*self.inner.pool.get().await.map_err(pool_error)?,
+                &org,
+                &id,
+                from,
+                n,
+            )
+            .await
+        })
+    }
+
+    fn file_delete(&self, org: String, id: String) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+            files::delete(&mut client, &org, &id).await
         })
     }
 

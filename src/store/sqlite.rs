@@ -19,6 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
 
 mod api;
+mod files;
 mod journal;
 mod write;
 
@@ -123,6 +124,24 @@ const MIGRATIONS: &[&str] = &[
         org TEXT NOT NULL,
         actor TEXT NOT NULL,
         body TEXT NOT NULL
+    );",
+    // 7: the Files API's files (for batches), in parts.
+    "CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        complete INTEGER NOT NULL
+    );
+    CREATE INDEX files_project ON files(org, project, created_at);
+    CREATE TABLE file_parts (
+        file_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (file_id, seq)
     );",
 ];
 

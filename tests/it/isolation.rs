@@ -73,13 +73,11 @@ async fn raw(h: &Harness, method: &str, path: &str, key: &str, body: &str) -> (u
 async fn nothing_is_forwarded_that_the_project_does_not_allow() {
     let h = start("isolation-default", &config()).await;
     for (method, path) in [
-        ("GET", "/v1/files"),
         ("GET", "/v1/batches"),
         ("GET", "/v1/fine_tuning/jobs"),
         ("GET", "/v1/assistants"),
         ("GET", "/v1/vector_stores"),
         ("GET", "/v1/organization/users"),
-        ("DELETE", "/v1/files/file-abc123"),
         ("POST", "/v1/images/generations"),
         ("POST", "/v1/audio/speech"),
         ("POST", "/v1/moderations"),
@@ -90,7 +88,7 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
         // A GET rule lets no HEAD through; an absolute-form target is
         // judged by its path; `*` is no path.
         ("HEAD", "/v1/models/gpt-4o"),
-        ("GET", "http://upstream.example/v1/files"),
+        ("GET", "http://upstream.example/v1/vector_stores"),
         ("POST", "http://upstream.example/v1/moderations/../files"),
         ("OPTIONS", "*"),
     ] {
@@ -109,6 +107,12 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
             }
         }
     }
+    // The Files API is the gateway's own (batch input), never forwarded.
+    let (status, body) = raw(&h, "GET", "/v1/files", PLAIN, "").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = raw(&h, "DELETE", "/v1/files/file-abc123", PLAIN, "").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("No such File object"), "{body}");
     // An admin route is no client's: 401, never forwarded.
     let (status, _) = raw(&h, "GET", "/v1/organization/admin_api_keys", PLAIN, "{}").await;
     assert_eq!(status, 401);

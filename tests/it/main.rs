@@ -2,6 +2,7 @@
 
 mod admin;
 mod alerts;
+mod batch;
 mod capture;
 mod cli;
 mod crash;

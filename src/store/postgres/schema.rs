@@ -129,6 +129,27 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL
     );
     ALTER TABLE replicas ADD COLUMN changes BIGINT NOT NULL DEFAULT 0;",
+    // 3: the Files API's files (for batches), in parts; keyed by org.
+    "CREATE TABLE files (
+        org TEXT NOT NULL,
+        id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        bytes BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        complete BOOLEAN NOT NULL,
+        made BIGSERIAL,
+        PRIMARY KEY (org, id)
+    );
+    CREATE INDEX files_project ON files (org, project, created_at);
+    CREATE TABLE file_parts (
+        org TEXT NOT NULL,
+        file_id TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (org, file_id, seq)
+    );",
 ];
 
 /// The schema version this tokenwarden writes.

@@ -8,8 +8,8 @@ use crate::alerts::Fired;
 use crate::day::Day;
 use crate::meter::{Decision, Ledger, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use crate::store::{
-    Admitted, ChangeRow, DailyTotal, Durable, Forwarded, PoolNames, Record, Settled, Store,
-    StoreError, StoreFuture, UsageRow,
+    Admitted, ChangeRow, DailyTotal, Durable, FileMeta, Forwarded, PoolNames, Record, Settled,
+    Store, StoreError, StoreFuture, UsageRow,
 };
 
 /// The meter's lock, poisoned or not: the ledger holds only counters, each
@@ -144,6 +144,52 @@ impl Store for SqliteStore {
 
     fn replicas_behind(&self, _id: i64) -> StoreFuture<'_, u64> {
         ready(Ok(0))
+    }
+
+    fn file_begin(&self, meta: FileMeta) -> StoreFuture<'_, ()> {
+        off_worker(self, move |s| SqliteStore::file_begin(s, meta))
+    }
+
+    fn file_part(
+        &self,
+        _org: String,
+        id: String,
+        seq: i64,
+        data: bytes::Bytes,
+    ) -> StoreFuture<'_, ()> {
+        off_worker(self, move |s| SqliteStore::file_part(s, id, seq, data))
+    }
+
+    fn file_end(
+        &self,
+        org: String,
+        id: String,
+        purpose: String,
+        bytes: u64,
+    ) -> StoreFuture<'_, ()> {
+        off_worker(self, move |s| {
+            SqliteStore::file_end(s, org, id, purpose, bytes)
+        })
+    }
+
+    fn files(&self, org: String, project: String) -> StoreFuture<'_, Vec<FileMeta>> {
+        off_worker(self, move |s| SqliteStore::files(s, &org, &project))
+    }
+
+    fn file_parts(
+        &self,
+        org: String,
+        id: String,
+        from: i64,
+        n: i64,
+    ) -> StoreFuture<'_, Vec<bytes::Bytes>> {
+        off_worker(self, move |s| {
+            SqliteStore::file_parts(s, &org, &id, from, n)
+        })
+    }
+
+    fn file_delete(&self, org: String, id: String) -> StoreFuture<'_, bool> {
+        off_worker(self, move |s| SqliteStore::file_delete(s, org, id))
     }
 
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>> {

@@ -23,7 +23,14 @@ pub(super) enum Job {
     Forward(crate::store::Forwarded),
     Purge(String, i64, Reply<usize>),
     Change(crate::store::ChangeRow, Reply<i64>),
+    /// A write of its own (files, rare ones): its statements, and how many
+    /// rows they changed.
+    Run(RunFn, Reply<usize>),
 }
+
+/// The statements of a [`Job::Run`].
+pub(super) type RunFn =
+    Box<dyn Fn(&rusqlite::Transaction<'_>) -> Result<usize, rusqlite::Error> + Send>;
 
 /// Where a job's result goes: a caller waiting for it.
 pub(super) struct Reply<T>(pub(super) std::sync::mpsc::SyncSender<Result<T, String>>);
@@ -132,7 +139,10 @@ impl Writer {
 
     /// Queue `job` (nothing to journal: alerts, captures, maintenance).
     pub(super) fn submit(&self, job: Job) -> Result<(), String> {
-        let hurry = matches!(job, Job::Recover(_) | Job::Purge(..) | Job::Change(..));
+        let hurry = matches!(
+            job,
+            Job::Recover(_) | Job::Purge(..) | Job::Change(..) | Job::Run(..)
+        );
         let mut state = lock(&self.state);
         if state.journal.is_none() {
             return Err(NOT_OWNER.into());
@@ -388,6 +398,7 @@ fn answer(job: Job, done: Result<Done, String>) {
             reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 }))
         }
         Job::Change(_, reply) => reply.send(done.map(|d| if let Done::Id(n) = d { n } else { 0 })),
+        Job::Run(_, reply) => reply.send(done.map(|d| if let Done::Count(n) = d { n } else { 0 })),
         Job::Admit(..)
         | Job::Settle(..)
         | Job::Refuse(..)
@@ -451,6 +462,7 @@ fn apply(
             )?
             .execute(params![c.at_ms, c.org, c.actor, c.body])
             .map(|_| Done::Id(tx.last_insert_rowid())),
+        Job::Run(statements, _) => statements(tx).map(Done::Count),
         Job::Purge(org, before_ms, _) => tx
             .prepare_cached("DELETE FROM captures WHERE org = ?1 AND started_ms < ?2")?
             .execute(params![org, before_ms])
