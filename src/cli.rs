@@ -164,9 +164,13 @@ pub async fn run_gateway(
     first: Option<&str>,
     announce: impl FnOnce(SocketAddr, Option<FirstKeys>),
 ) -> anyhow::Result<()> {
-    let store = crate::store::open(&config.store, true).await?;
-    let listener = tokio::net::TcpListener::bind(config.server.listen).await?;
+    // The address first: a gateway that cannot listen makes no ledger.
+    let listen = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr()?;
+    let store = crate::store::open(&config.store, true).await?;
     let gateway = Gateway::new(config, store, Arc::new(SystemClock)).await?;
     let reloads = tokio::spawn(reload_on_hangup(
         Arc::downgrade(&gateway),

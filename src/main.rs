@@ -28,15 +28,30 @@ struct Cli {
 enum Command {
     /// Count the tokens of a text, or of a request body's prompt as the API bills it.
     Count(CountArgs),
-    /// Run the gateway (the demo: with its simulated upstream, a demo org and a key).
+    /// Run the gateway: from a configuration file, in front of OpenAI with only a key, or as a demo.
+    ///
+    /// Three ways to run it, and what each needs:
+    ///
+    /// - `--config FILE`, or a `tokenwarden.toml` in this folder: the orgs,
+    ///   projects, keys, upstreams and the ledger the file names (see
+    ///   `check-config`); `SIGHUP` reloads it.
+    ///
+    /// - no file, `OPENAI_API_KEY` set: one org and one project in front of
+    ///   the OpenAI API, the ledger `tokenwarden.db` in this folder; a client
+    ///   key and an admin token are printed on its first start and kept,
+    ///   hashed, in the ledger.
+    ///
+    /// - `--demo`: nothing needed; in front of the built-in simulated
+    ///   upstream, the ledger `tokenwarden-demo.db` in this folder, its keys
+    ///   made and kept the same way.
     Serve {
         /// The configuration file (default: tokenwarden.toml if it exists).
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Run in front of the built-in simulated upstream with a demo org, project and key.
+        /// Run in front of the built-in simulated upstream, with a demo org, project and key.
         #[arg(long)]
         demo: bool,
-        /// The address to listen on when no configuration file sets it.
+        /// The address to listen on when no configuration file sets it (default 127.0.0.1:8080).
         #[arg(long)]
         listen: Option<String>,
     },

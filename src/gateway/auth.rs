@@ -269,6 +269,15 @@ pub async fn require_key(
             request.extensions_mut().insert(caller);
             next.run(request).await
         }
+        // An admin route that does not exist, asked for with an admin
+        // credential: OpenAI's 404, not a 401 that would send the admin
+        // looking for a wrong key.
+        Err(_)
+            if request.uri().path().starts_with("/v1/organization/")
+                && admin(&gateway, bearer(request.headers()).unwrap_or_default()).is_some() =>
+        {
+            ApiError::unknown_route(request.method().as_str(), request.uri().path()).into_response()
+        }
         Err(e) => e.into_response(),
     }
 }

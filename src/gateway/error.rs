@@ -191,6 +191,14 @@ impl IntoResponse for ApiError {
         } = &self
         {
             let headers = response.headers_mut();
+            // OpenAI's SDKs retry a 429 by themselves, sleeping `Retry-After`
+            // (the seconds to 00:00 UTC): the Node SDK's default client then
+            // sleeps for hours. Both SDKs honour `x-should-retry: false`;
+            // `Retry-After` stays for clients that want it.
+            headers.insert(
+                axum::http::HeaderName::from_static("x-should-retry"),
+                HeaderValue::from_static("false"),
+            );
             for (name, value) in [
                 (header::RETRY_AFTER.as_str(), retry_after),
                 ("x-free-tokens-limit", limit),

@@ -341,3 +341,55 @@ async fn serve_with_only_an_openai_key() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An address in use: the error names it, and no ledger is left behind.
+#[test]
+fn an_address_in_use_is_named_and_leaves_no_ledger() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+    let addr = taken.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let dir = crate::harness::temp_dir("address-in-use");
+    let config = dir.join("tokenwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"{addr}\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.main]\nbase_url = \"http://127.0.0.1:9/v1\"\n",
+            dir.join("ledger.db").display()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let out = Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")) && stderr.contains("in use"),
+        "{stderr}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(left, ["tokenwarden.toml"], "files left behind");
+    drop(taken);
+}
+
+#[test]
+fn serve_help_says_what_each_way_of_running_needs() {
+    let out = run(&["serve", "--help"], None);
+    let text = stdout(&out);
+    for needed in [
+        "--config FILE",
+        "tokenwarden.toml",
+        "OPENAI_API_KEY",
+        "--demo",
+        "nothing needed",
+    ] {
+        assert!(text.contains(needed), "no {needed:?} in:\n{text}");
+    }
+}

@@ -46,6 +46,10 @@ async fn run_sdk(label: &str, program: PathBuf, script: PathBuf) {
     let records = h.gateway.store.recent(100).await.unwrap_or_default();
     assert!(records.len() >= 8, "only {} calls recorded", records.len());
     assert!(records.iter().all(|r| r.state == "settled"));
+    // Two refusals: one at max_retries=0, one at the SDK's default retry
+    // settings, which did not retry it (x-should-retry: false).
+    let refused = records.iter().filter(|r| r.decision == "refused").count();
+    assert_eq!(refused, 2, "{records:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -197,6 +197,16 @@ async fn the_admin_token_guards_it_and_bad_parameters_are_400s() {
         401,
         "a client key is not the admin token"
     );
+    // An admin route that does not exist: 404 to an admin, 401 to others.
+    let (status, body) = get(&h, "/organization/usage/everything?start_time=0", ADMIN).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "unknown_url", "{body}");
+    assert_eq!(
+        get(&h, "/organization/usage/everything", "wrong-token")
+            .await
+            .0,
+        401
+    );
     for (query, param) in [
         ("/organization/usage/completions", "start_time"),
         (

@@ -84,5 +84,15 @@ except openai.RateLimitError as e:
     assert e.code == "free_tokens_exhausted", e.code
     assert e.type == "insufficient_quota", e.type
     assert int(e.response.headers["retry-after"]) > 0
+    assert e.response.headers["x-should-retry"] == "false"
+
+# At the SDK's default retry settings the refusal arrives at once: the SDK
+# does not retry it (tests/it/sdk.rs counts one refusal for this call).
+default_retries = openai.OpenAI(base_url=base_url, api_key=block_key)
+try:
+    default_retries.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=600, extra_headers=long)
+    raise AssertionError("a call past the allowance was not blocked")
+except openai.RateLimitError as e:
+    assert e.code == "free_tokens_exhausted", e.code
 
 print("python openai", openai.__version__, "ok")

@@ -59,5 +59,12 @@ await assert.rejects(
   blocked.chat.completions.create({ model: "gpt-4o", messages, max_tokens: 600 }, long),
   (e) => e instanceof OpenAI.RateLimitError && e.code === "free_tokens_exhausted" && e.type === "insufficient_quota",
 );
+// At the SDK's default retry settings the refusal arrives at once (without
+// x-should-retry: false the client sleeps Retry-After, hours, and tries
+// again): tests/it/sdk.rs counts one refusal for this call.
+await assert.rejects(
+  new OpenAI({ baseURL, apiKey: blockKey }).chat.completions.create({ model: "gpt-4o", messages, max_tokens: 600 }, long),
+  (e) => e instanceof OpenAI.RateLimitError && e.headers.get("x-should-retry") === "false",
+);
 
 console.log(`node openai ${OpenAI.VERSION ?? ""} ok`);
