@@ -223,6 +223,13 @@ pub async fn open(
 ) -> Result<Arc<dyn Store>, StoreError> {
     match url {
         crate::config::StoreUrl::Sqlite(path) => {
+            // A command that reads makes no empty ledger where none is.
+            if !serving && !path.exists() {
+                return Err(StoreError(format!(
+                    "no ledger at {}: tokenwarden serve makes it (a relative sqlite:// path is the configuration file's folder's)",
+                    path.display()
+                )));
+            }
             let store = SqliteStore::open(path)?;
             if serving && !store.owns() {
                 return Err(StoreError(format!(

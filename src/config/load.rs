@@ -183,9 +183,19 @@ fn line_of(text: &str, offset: usize) -> usize {
 struct Loader<'a> {
     text: &'a str,
     env: &'a dyn Env,
+    /// The folder of the configuration file: relative paths are its.
+    base: Option<&'a std::path::Path>,
 }
 
 impl Loader<'_> {
+    /// A path the file names, resolved against the file's folder.
+    fn resolve(&self, file: &str) -> PathBuf {
+        match self.base {
+            Some(base) if std::path::Path::new(file).is_relative() => base.join(file),
+            _ => PathBuf::from(file),
+        }
+    }
+
     fn error(
         &self,
         path: impl Into<String>,
@@ -243,22 +253,38 @@ impl Loader<'_> {
 
 impl Config {
     /// Parse and validate a configuration file's text.
+    /// Relative paths in it (a `sqlite://` ledger, a `ca_file`) are the
+    /// working directory's.
     pub fn from_toml(text: &str, env: &dyn Env) -> Result<Config, ConfigError> {
+        Self::from_toml_in(text, env, None)
+    }
+
+    fn from_toml_in(
+        text: &str,
+        env: &dyn Env,
+        base: Option<&std::path::Path>,
+    ) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
             path: "config".into(),
             message: e.to_string().trim_end().to_owned(),
         })?;
-        let loader = Loader { text, env };
+        let loader = Loader { text, env, base };
         Self::validate(raw, &loader)
     }
 
-    /// Read, parse and validate a configuration file.
+    /// Read, parse and validate a configuration file. Relative paths in it
+    /// (a `sqlite://` ledger, a `ca_file`) are the file's folder's, whatever
+    /// the working directory.
     pub fn load(path: &std::path::Path, env: &dyn Env) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
-        Self::from_toml(&text, env).map_err(|e| match e {
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        Self::from_toml_in(&text, env, Some(base)).map_err(|e| match e {
             ConfigError::Invalid { path: key, message } => ConfigError::Invalid {
                 path: format!("{}: {key}", path.display()),
                 message,
@@ -363,7 +389,8 @@ impl Config {
                     if !base_url.starts_with("https://") {
                         return Err(l.error(key, Some(v.span()), "is for an https:// base_url"));
                     }
-                    extra_roots(&file).map_err(|e| l.error(key, Some(v.span()), e))?
+                    extra_roots(&l.resolve(&file).to_string_lossy())
+                        .map_err(|e| l.error(key, Some(v.span()), e))?
                 }
             };
             upstreams.insert(
@@ -644,7 +671,7 @@ impl Config {
                 ));
             }
             if !path.is_empty() {
-                return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+                return Ok(StoreUrl::Sqlite(l.resolve(path)));
             }
         }
         if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
@@ -668,7 +695,8 @@ impl Config {
             None => Vec::new(),
             Some(v) => {
                 let file = l.expand("store.ca_file", v)?;
-                extra_roots(&file).map_err(|e| l.error("store.ca_file", Some(v.span()), e))?
+                extra_roots(&l.resolve(&file).to_string_lossy())
+                    .map_err(|e| l.error("store.ca_file", Some(v.span()), e))?
             }
         };
         Ok(StoreUrl::Postgres(crate::config::PostgresUrl {

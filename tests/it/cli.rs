@@ -393,3 +393,74 @@ fn serve_help_says_what_each_way_of_running_needs() {
         assert!(text.contains(needed), "no {needed:?} in:\n{text}");
     }
 }
+
+/// Relative paths in a configuration file are its folder's, whatever the
+/// working directory; a command that reads makes no empty ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relative_paths_are_the_config_files_folders() {
+    let dir = crate::harness::temp_dir("relative-config");
+    let elsewhere = crate::harness::temp_dir("relative-cwd");
+    let tls = crate::harness::repo("tests/data/tls/ca.pem");
+    std::fs::copy(&tls, dir.join("ca.pem")).unwrap_or_else(|e| panic!("{e}"));
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://ledger/rel.db\"\n\n[upstreams.main]\nbase_url = \"https://127.0.0.1:9/v1\"\nca_file = \"ca.pem\"\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"web\"\nkeys = [\"tw-relative-key-000000001\"]\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    std::fs::create_dir_all(dir.join("ledger")).unwrap_or_else(|e| panic!("{e}"));
+    let command = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(&elsewhere)
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    // check-config finds ca.pem beside the file.
+    let out = command(&["check-config"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // usage before any serve: an error naming the ledger, and no file made.
+    let out = command(&["usage"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("no ledger at"),
+        "{stderr}"
+    );
+    assert!(!dir.join("ledger/rel.db").exists());
+    assert_eq!(
+        std::fs::read_dir(&elsewhere)
+            .map(Iterator::count)
+            .unwrap_or(1),
+        0
+    );
+    // serve makes it beside the file; then usage reads it from anywhere.
+    let (mut child, _) = crate::harness::serve_process(
+        Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .current_dir(&elsewhere)
+            .stderr(Stdio::null()),
+    );
+    assert!(dir.join("ledger/rel.db").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = command(&["usage"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(&elsewhere)
+            .map(Iterator::count)
+            .unwrap_or(1),
+        0,
+        "nothing made in the working directory"
+    );
+}
