@@ -283,7 +283,28 @@ pub struct Project {
     pub models: Vec<String>,
     /// No longer configured (see [`Org::retired`]).
     pub retired: bool,
+    /// How its batches spend: only free tokens beyond the reserve, or at once.
+    pub batch_spend: BatchSpend,
+    /// The share of the free allowance its batches leave to live calls.
+    pub batch_reserve_percent: u8,
+    /// Lines of its batches running at once.
+    pub batch_concurrency: u16,
 }
+
+/// How a project's batches spend (`batch_spend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchSpend {
+    /// Only free tokens beyond `batch_reserve_percent`: a line that does not
+    /// fit waits for 00:00 UTC.
+    #[default]
+    Free,
+    /// At once: the project's policy, billed where free tokens run out.
+    Bill,
+}
+
+pub const DEFAULT_BATCH_RESERVE_PERCENT: u8 = 10;
+pub const DEFAULT_BATCH_CONCURRENCY: u16 = 8;
 
 impl Project {
     /// Whether this project may call `model` (a name as the client sent it).

@@ -39,6 +39,7 @@ use crate::tokens::request::Endpoint;
 
 pub mod admin;
 pub mod auth;
+pub mod batches;
 pub mod call;
 pub mod dashboard;
 pub mod error;
@@ -113,6 +114,8 @@ pub struct Gateway {
     pub sessions: dashboard::Sessions,
     /// The dashboard's live part, shared by its viewers.
     pub dashboard_cache: dashboard::Cache,
+    /// The batch runner's state ([`batches::run`]).
+    pub batches: batches::run::Runner,
     /// Turns for CPU-heavy work on the blocking pool ([`Gateway::off_workers`]):
     /// as many as the machine has cores, so large bodies queue rather than
     /// start a thread (and hold a body in memory) each.
@@ -184,6 +187,7 @@ impl Gateway {
             delivery,
             sessions: dashboard::Sessions::default(),
             dashboard_cache: dashboard::Cache::default(),
+            batches: batches::run::Runner::default(),
             heavy_turns: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -208,6 +212,7 @@ impl Gateway {
             });
         }
         if let Ok(runtime) = runtime {
+            runtime.spawn(batches::run::run(Arc::downgrade(&gateway)));
             // The retention purge runs by itself (for the orgs that capture
             // at the time); the task ends with the gateway.
             let weak = Arc::downgrade(&gateway);
@@ -415,6 +420,12 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", get(batches::list).post(batches::create))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route(
+            "/v1/batches/{id}/cancel",
+            axum::routing::post(batches::cancel),
+        )
         .route("/v1/{*rest}", any(routes::passthrough))
         // Every other /v1 route needs a client key too; this runs before
         // the handlers and puts the caller in the request's extensions.

@@ -117,6 +117,44 @@ pub trait Store: Send + Sync {
     /// Delete a file and its parts; whether it was there.
     fn file_delete(&self, org: String, id: String) -> StoreFuture<'_, bool>;
 
+    /// Keep a batch's row (made or changed).
+    fn batch_save(&self, batch: BatchRow) -> StoreFuture<'_, ()>;
+    /// The batches of a project (every batch: `None`), oldest first.
+    fn batches(
+        &self,
+        org: Option<String>,
+        project: Option<String>,
+    ) -> StoreFuture<'_, Vec<BatchRow>>;
+    /// Add a batch's input lines (state `pending`).
+    fn batch_lines_add(
+        &self,
+        org: String,
+        id: String,
+        lines: Vec<BatchLine>,
+    ) -> StoreFuture<'_, ()>;
+    /// Claim up to `n` pending lines of a batch, first lines first: they are
+    /// `running` when this returns, and no other claim gets them.
+    fn batch_take(&self, org: String, id: String, n: i64) -> StoreFuture<'_, Vec<BatchLine>>;
+    /// Set a line's state and result (its output or error line, JSON).
+    fn batch_line_set(
+        &self,
+        org: String,
+        id: String,
+        line: i64,
+        state: String,
+        result: String,
+    ) -> StoreFuture<'_, ()>;
+    /// Lines `from..` of a batch in order, at most `n`.
+    fn batch_lines(
+        &self,
+        org: String,
+        id: String,
+        from: i64,
+        n: i64,
+    ) -> StoreFuture<'_, Vec<BatchLine>>;
+    /// How many lines of a batch are in each state.
+    fn batch_counts(&self, org: String, id: String) -> StoreFuture<'_, Vec<(String, u64)>>;
+
     /// The totals of `day`, every org and group.
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>>;
     /// Daily totals of days `from..=to`, oldest first.
@@ -172,6 +210,35 @@ pub trait Store: Send + Sync {
     /// flight at every replica (others' as of their last heartbeat);
     /// `None` where the gateway's own meter is the whole truth (SQLite).
     fn pools_everywhere<'a>(&'a self, day: Day) -> StoreFuture<'a, Option<Vec<PoolRow>>>;
+}
+
+/// A batch as the ledger keeps it: what it is found by, and OpenAI's batch
+/// object (JSON).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchRow {
+    pub org: String,
+    /// `batch_` and 24 characters.
+    pub id: String,
+    pub project: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub status: String,
+    pub object: String,
+}
+
+/// One input line of a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchLine {
+    /// From 1, as the input file numbers it.
+    pub line: i64,
+    pub custom_id: String,
+    /// The request's body, JSON.
+    pub body: String,
+    /// `pending`, `running`, `done` (an output line), `failed` (an error
+    /// line), `cancelled` or `expired`.
+    pub state: String,
+    /// The output or error line, JSON; empty until it ran.
+    pub result: String,
 }
 
 /// A file's parts are at most this large (the Files API reads and writes

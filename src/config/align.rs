@@ -87,6 +87,9 @@ impl Project {
             forward: Vec::new(),
             models: Vec::new(),
             retired: true,
+            batch_spend: super::BatchSpend::Free,
+            batch_reserve_percent: super::DEFAULT_BATCH_RESERVE_PERCENT,
+            batch_concurrency: super::DEFAULT_BATCH_CONCURRENCY,
         }
     }
 }

@@ -11,10 +11,10 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::{
-    Alerts, Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy, Project, Secret,
-    Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_CAPTURE_RETENTION_DAYS,
-    DEFAULT_LISTEN, DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE,
-    DEFAULT_UPSTREAM_TIMEOUT_SECS,
+    Alerts, BatchSpend, Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy,
+    Project, Secret, Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_BATCH_CONCURRENCY,
+    DEFAULT_BATCH_RESERVE_PERCENT, DEFAULT_CAPTURE_RETENTION_DAYS, DEFAULT_LISTEN,
+    DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
@@ -127,6 +127,10 @@ struct RawProject {
     forward: Vec<String>,
     #[serde(default)]
     models: Vec<String>,
+    #[serde(default)]
+    batch_spend: BatchSpend,
+    batch_reserve_percent: Option<u8>,
+    batch_concurrency: Option<u16>,
 }
 
 fn default_true() -> bool {
@@ -494,6 +498,29 @@ impl Config {
                     forward,
                     models: p.models.clone(),
                     retired: false,
+                    batch_spend: p.batch_spend,
+                    batch_reserve_percent: match p.batch_reserve_percent {
+                        Some(n) if n > 100 => {
+                            return Err(l.error(
+                                format!("{path}.batch_reserve_percent"),
+                                None,
+                                format!("{n} is not a percentage (0-100)"),
+                            ))
+                        }
+                        Some(n) => n,
+                        None => DEFAULT_BATCH_RESERVE_PERCENT,
+                    },
+                    batch_concurrency: match p.batch_concurrency {
+                        Some(n) if !(1..=256).contains(&n) => {
+                            return Err(l.error(
+                                format!("{path}.batch_concurrency"),
+                                None,
+                                format!("{n} is not from 1 to 256"),
+                            ))
+                        }
+                        Some(n) => n,
+                        None => DEFAULT_BATCH_CONCURRENCY,
+                    },
                 });
             }
             // reroute_to names a project of the same org that does not share.

@@ -24,6 +24,17 @@ pub struct Caller {
     pub key_id: std::sync::Arc<str>,
     /// The configuration of the call.
     pub live: Arc<Live>,
+    /// A batch's line, not a client's call: the batch's terms.
+    pub batch: Option<Arc<BatchTerms>>,
+}
+
+/// How a batch's lines spend (its project's `batch_spend`).
+#[derive(Clone, Debug)]
+pub struct BatchTerms {
+    /// Only free tokens beyond `reserve_percent` of the allowance: a line
+    /// that does not fit is refused (and waits), whatever the policy.
+    pub free_only: bool,
+    pub reserve_percent: u8,
 }
 
 impl std::fmt::Debug for Caller {
@@ -255,6 +266,7 @@ pub fn caller(gateway: &Gateway, headers: &HeaderMap) -> Result<Caller, ApiError
         project,
         key_id,
         live,
+        batch: None,
     })
 }
 

@@ -215,6 +215,31 @@ fn with_usage_asked(body: &[u8]) -> Option<Bytes> {
     Some(Bytes::from(out))
 }
 
+/// A batch's line on a live call's road (read, guard, count, meter,
+/// forward, settle), as `caller`, with no header of a client's.
+pub(crate) async fn batch_call(
+    gateway: Arc<Gateway>,
+    caller: Caller,
+    endpoint: Endpoint,
+    body: Bytes,
+) -> Response {
+    let (org, project) = (caller.org, caller.project);
+    let metrics_gateway = gateway.clone();
+    let response = metered(
+        gateway,
+        caller,
+        endpoint,
+        HeaderMap::new(),
+        Body::from(body),
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response);
+    metrics_gateway
+        .metrics
+        .request(org, project, response.status().as_u16());
+    response
+}
+
 /// A metered call's road: read, admit, forward, answer (tap or settle).
 async fn metered(
     gateway: Arc<Gateway>,

@@ -30,10 +30,11 @@ use crate::config::PostgresUrl;
 use crate::day::Day;
 use crate::meter::{Decision, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use crate::store::{
-    Admitted, ChangeRow, DailyTotal, Durable, FileMeta, Forwarded, PoolNames, Record, Settled,
-    Store, StoreError, StoreFuture, UsageRow,
+    Admitted, BatchLine, BatchRow, ChangeRow, DailyTotal, Durable, FileMeta, Forwarded, PoolNames,
+    Record, Settled, Store, StoreError, StoreFuture, UsageRow,
 };
 
+mod batches;
 mod files;
 mod lease;
 mod read;
@@ -282,6 +283,12 @@ impl PgStore {
             .queue
             .send(job)
             .map_err(|_| StoreError::from_message("the PostgreSQL writer has stopped".into()))
+    }
+
+    /// A connection of the pool, at once (files and batches: not the
+    /// writer's rows, so no wait for its queue).
+    async fn pooled(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        self.inner.pool.get().await.map_err(pool_error)
     }
 
     /// A connection to read with, once what this replica queued before is
@@ -744,6 +751,63 @@ impl Store for PgStore {
             let mut client = self.inner.pool.get().await.map_err(pool_error)?;
             files::delete(&mut client, &org, &id).await
         })
+    }
+
+    fn batch_save(&self, batch: BatchRow) -> StoreFuture<'_, ()> {
+        Box::pin(async move { batches::save(&*self.pooled().await?, &batch).await })
+    }
+
+    fn batches(
+        &self,
+        org: Option<String>,
+        project: Option<String>,
+    ) -> StoreFuture<'_, Vec<BatchRow>> {
+        Box::pin(async move {
+            batches::list(&*self.pooled().await?, org.as_deref(), project.as_deref()).await
+        })
+    }
+
+    fn batch_lines_add(
+        &self,
+        org: String,
+        id: String,
+        lines: Vec<BatchLine>,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut client = self.pooled().await?;
+            batches::add(&mut client, &org, &id, &lines).await
+        })
+    }
+
+    fn batch_take(&self, org: String, id: String, n: i64) -> StoreFuture<'_, Vec<BatchLine>> {
+        Box::pin(async move { batches::take(&*self.pooled().await?, &org, &id, n).await })
+    }
+
+    fn batch_line_set(
+        &self,
+        org: String,
+        id: String,
+        line: i64,
+        state: String,
+        result: String,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            batches::set(&*self.pooled().await?, &org, &id, line, &state, &result).await
+        })
+    }
+
+    fn batch_lines(
+        &self,
+        org: String,
+        id: String,
+        from: i64,
+        n: i64,
+    ) -> StoreFuture<'_, Vec<BatchLine>> {
+        Box::pin(async move { batches::lines(&*self.pooled().await?, &org, &id, from, n).await })
+    }
+
+    fn batch_counts(&self, org: String, id: String) -> StoreFuture<'_, Vec<(String, u64)>> {
+        Box::pin(async move { batches::counts(&*self.pooled().await?, &org, &id).await })
     }
 
     fn purge_captures<'a>(&'a self, org: &'a str, before_ms: i64) -> StoreFuture<'a, usize> {

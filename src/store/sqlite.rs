@@ -19,6 +19,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::{Admitted, DailyTotal, Record, Settled, StoreError, UsageRow};
 
 mod api;
+mod batches;
 mod files;
 mod journal;
 mod write;
@@ -142,6 +143,25 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         data BLOB NOT NULL,
         PRIMARY KEY (file_id, seq)
+    );",
+    // 8: batches and their lines.
+    "CREATE TABLE batches (
+        id TEXT PRIMARY KEY,
+        org TEXT NOT NULL,
+        project TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        object TEXT NOT NULL
+    );
+    CREATE INDEX batches_project ON batches(org, project, created_at);
+    CREATE TABLE batch_lines (
+        batch_id TEXT NOT NULL,
+        line INTEGER NOT NULL,
+        custom_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL,
+        result TEXT NOT NULL,
+        PRIMARY KEY (batch_id, line)
     );",
 ];
 

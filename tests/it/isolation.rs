@@ -73,7 +73,6 @@ async fn raw(h: &Harness, method: &str, path: &str, key: &str, body: &str) -> (u
 async fn nothing_is_forwarded_that_the_project_does_not_allow() {
     let h = start("isolation-default", &config()).await;
     for (method, path) in [
-        ("GET", "/v1/batches"),
         ("GET", "/v1/fine_tuning/jobs"),
         ("GET", "/v1/assistants"),
         ("GET", "/v1/vector_stores"),
@@ -81,7 +80,6 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
         ("POST", "/v1/images/generations"),
         ("POST", "/v1/audio/speech"),
         ("POST", "/v1/moderations"),
-        ("POST", "/v1/batches"),
         ("TRACE", "/v1/models"),
         ("TRACE", "/v1/files"),
         ("PUT", "/v1/files/file-abc123"),
@@ -107,7 +105,11 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
             }
         }
     }
-    // The Files API is the gateway's own (batch input), never forwarded.
+    // The Files and Batch APIs are the gateway's own, never forwarded.
+    let (status, body) = raw(&h, "GET", "/v1/batches", PLAIN, "").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = raw(&h, "POST", "/v1/batches", PLAIN, "{}").await;
+    assert_eq!(status, 400, "{body}");
     let (status, body) = raw(&h, "GET", "/v1/files", PLAIN, "").await;
     assert_eq!(status, 200, "{body}");
     let (status, body) = raw(&h, "DELETE", "/v1/files/file-abc123", PLAIN, "").await;

@@ -64,13 +64,29 @@ pub(super) async fn admit(
             day,
         })
     };
-    let cap_of = |m: &ModelRef<'_>| m.group().map_or(0, |g| g.daily_tokens_for_tier(org.tier));
+    // A batch's line that spends only free tokens sees the allowance less
+    // the reserve kept for live calls, and never goes past it.
+    let free_only = caller.batch.as_ref().filter(|t| t.free_only);
+    let (policy, fallback) = match free_only {
+        Some(_) => (crate::config::Policy::Block, crate::config::Fallback::Block),
+        None => (project.on_exhausted, project.downgrade_fallback),
+    };
+    let cap_of = |m: &ModelRef<'_>| {
+        let cap = m.group().map_or(0, |g| g.daily_tokens_for_tier(org.tier));
+        match free_only {
+            Some(t) => {
+                cap / 100 * u64::from(100 - t.reserve_percent.min(100))
+                    + cap % 100 * u64::from(100 - t.reserve_percent.min(100)) / 100
+            }
+            None => cap,
+        }
+    };
     // Only a project whose policy is downgrade needs the target's side.
     let target = model
         .model
         .downgrade
         .as_deref()
-        .filter(|_| project.on_exhausted == crate::config::Policy::Downgrade)
+        .filter(|_| policy == crate::config::Policy::Downgrade)
         .and_then(|name| catalog.lookup(name).ok().map(|t| (name, t)));
     let downgrade = target.and_then(|(name, t)| {
         let prompt = if t.model.encoding == model.model.encoding {
@@ -95,8 +111,8 @@ pub(super) async fn admit(
         cap: cap_of(&model),
         prompt: counted.prompt.tokens,
         output_cap: counted.output_cap,
-        policy: project.on_exhausted,
-        fallback: project.downgrade_fallback,
+        policy,
+        fallback,
         downgrade,
     };
     let decision = gateway.store.reserve(&request).await.map_err(|e| {

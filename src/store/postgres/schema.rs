@@ -150,6 +150,28 @@ const MIGRATIONS: &[&str] = &[
         data BYTEA NOT NULL,
         PRIMARY KEY (org, file_id, seq)
     );",
+    // 4: batches and their lines; keyed by org.
+    "CREATE TABLE batches (
+        org TEXT NOT NULL,
+        id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        status TEXT NOT NULL,
+        object TEXT NOT NULL,
+        made BIGSERIAL,
+        PRIMARY KEY (org, id)
+    );
+    CREATE INDEX batches_project ON batches (org, project, created_at);
+    CREATE TABLE batch_lines (
+        org TEXT NOT NULL,
+        batch_id TEXT NOT NULL,
+        line BIGINT NOT NULL,
+        custom_id TEXT NOT NULL,
+        body TEXT NOT NULL,
+        state TEXT NOT NULL,
+        result TEXT NOT NULL,
+        PRIMARY KEY (org, batch_id, line)
+    );",
 ];
 
 /// The schema version this tokenwarden writes.

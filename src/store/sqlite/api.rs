@@ -8,8 +8,8 @@ use crate::alerts::Fired;
 use crate::day::Day;
 use crate::meter::{Decision, Ledger, PoolKey, PoolState, Request, Settlement, Ticket, Usage};
 use crate::store::{
-    Admitted, ChangeRow, DailyTotal, Durable, FileMeta, Forwarded, PoolNames, Record, Settled,
-    Store, StoreError, StoreFuture, UsageRow,
+    Admitted, BatchLine, BatchRow, ChangeRow, DailyTotal, Durable, FileMeta, Forwarded, PoolNames,
+    Record, Settled, Store, StoreError, StoreFuture, UsageRow,
 };
 
 /// The meter's lock, poisoned or not: the ledger holds only counters, each
@@ -190,6 +190,60 @@ impl Store for SqliteStore {
 
     fn file_delete(&self, org: String, id: String) -> StoreFuture<'_, bool> {
         off_worker(self, move |s| SqliteStore::file_delete(s, org, id))
+    }
+
+    fn batch_save(&self, batch: BatchRow) -> StoreFuture<'_, ()> {
+        off_worker(self, move |s| SqliteStore::batch_save(s, batch))
+    }
+
+    fn batches(
+        &self,
+        org: Option<String>,
+        project: Option<String>,
+    ) -> StoreFuture<'_, Vec<BatchRow>> {
+        off_worker(self, move |s| {
+            SqliteStore::batches(s, org.as_deref(), project.as_deref())
+        })
+    }
+
+    fn batch_lines_add(
+        &self,
+        _org: String,
+        id: String,
+        lines: Vec<BatchLine>,
+    ) -> StoreFuture<'_, ()> {
+        off_worker(self, move |s| SqliteStore::batch_lines_add(s, id, lines))
+    }
+
+    fn batch_take(&self, _org: String, id: String, n: i64) -> StoreFuture<'_, Vec<BatchLine>> {
+        off_worker(self, move |s| SqliteStore::batch_take(s, id, n))
+    }
+
+    fn batch_line_set(
+        &self,
+        _org: String,
+        id: String,
+        line: i64,
+        state: String,
+        result: String,
+    ) -> StoreFuture<'_, ()> {
+        off_worker(self, move |s| {
+            SqliteStore::batch_line_set(s, id, line, state, result)
+        })
+    }
+
+    fn batch_lines(
+        &self,
+        _org: String,
+        id: String,
+        from: i64,
+        n: i64,
+    ) -> StoreFuture<'_, Vec<BatchLine>> {
+        off_worker(self, move |s| SqliteStore::batch_lines(s, &id, from, n))
+    }
+
+    fn batch_counts(&self, _org: String, id: String) -> StoreFuture<'_, Vec<(String, u64)>> {
+        off_worker(self, move |s| SqliteStore::batch_counts(s, &id))
     }
 
     fn daily(&self, day: Day) -> StoreFuture<'_, Vec<DailyTotal>> {

@@ -9,7 +9,7 @@ use super::{as_i64, as_u64, SqliteStore, StoreError};
 use crate::store::FileMeta;
 
 impl SqliteStore {
-    fn run(&self, statements: super::write::RunFn) -> Result<usize, StoreError> {
+    pub(super) fn run(&self, statements: super::write::RunFn) -> Result<usize, StoreError> {
         self.ask_blocking(|reply| Job::Run(statements, reply))
     }
 

@@ -1,0 +1,579 @@
+//! The batch runner: one task per gateway that takes each batch's pending
+//! lines from the ledger, as many at once as its project's
+//! `batch_concurrency`, and sends each down a live call's road
+//! ([`crate::gateway::routes::batch_call`]): counted, metered, guarded,
+//! captured, recorded (the batch's id as its key id).
+//!
+//! Pacing: under `batch_spend = "free"` a line is metered with the
+//! allowance less `batch_reserve_percent` and refused rather than billed; a
+//! refused line goes back to pending and its batch waits for 00:00 UTC. An
+//! upstream 429 or 5xx is tried again, at most [`ATTEMPTS`] times, after
+//! `Retry-After` or a backoff. When no line is pending or running, the
+//! output and error files are written and the batch is `completed`
+//! (`cancelled`, `expired`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+
+use super::{store_error, Batch};
+use crate::config::BatchSpend;
+use crate::gateway::auth::{BatchTerms, Caller};
+use crate::gateway::error::ApiError;
+use crate::gateway::Gateway;
+use crate::store::{BatchLine, BatchRow, FileMeta, FILE_PART};
+
+/// How often the runner looks at the batches when nothing wakes it.
+const TICK: Duration = Duration::from_millis(500);
+/// Tries of a line the upstream refused with a 429 or a 5xx.
+pub const ATTEMPTS: u32 = 3;
+/// Lines read from the ledger at a time (finalizing).
+const PAGE: i64 = 1000;
+
+/// What the runner keeps in memory: batches waiting for the allowance, and
+/// each project's running lines.
+#[derive(Default)]
+pub struct Runner {
+    wake: Arc<tokio::sync::Notify>,
+    /// Batch id -> Unix seconds it waits until.
+    paused: Mutex<HashMap<String, i64>>,
+    /// (org, project) -> its lines' turns.
+    turns: Mutex<HashMap<(String, String), Arc<tokio::sync::Semaphore>>>,
+}
+
+impl Runner {
+    /// A batch was made or cancelled: look now.
+    pub fn notify_one(&self) {
+        self.wake.notify_one();
+    }
+
+    fn paused(&self, id: &str, now_s: i64) -> bool {
+        self.paused
+            .lock()
+            .is_ok_and(|p| p.get(id).is_some_and(|until| *until > now_s))
+    }
+
+    fn pause(&self, id: &str, until_s: i64) {
+        if let Ok(mut p) = self.paused.lock() {
+            p.insert(id.to_owned(), until_s);
+        }
+    }
+
+    fn turns(&self, org: &str, project: &str, n: u16) -> Arc<tokio::sync::Semaphore> {
+        let mut turns = self
+            .turns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        turns
+            .entry((org.to_owned(), project.to_owned()))
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(usize::from(n))))
+            .clone()
+    }
+}
+
+/// The runner's task: until the gateway goes.
+pub async fn run(weak: Weak<Gateway>) {
+    if let Some(gateway) = weak.upgrade() {
+        if let Err(e) = interrupted(&gateway).await {
+            tracing::error!(error = ?e, "could not settle the batch lines a stop interrupted");
+        }
+    }
+    loop {
+        let Some(gateway) = weak.upgrade() else {
+            return;
+        };
+        let wake = gateway.batches.wake.clone();
+        let woken = wake.notified();
+        if let Err(e) = tick(&gateway).await {
+            tracing::warn!(error = ?e, "the batch runner could not read the ledger");
+        }
+        drop(gateway);
+        tokio::select! {
+            () = woken => {}
+            () = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+/// Lines left running by a stop (SQLite's one gateway): they may have gone
+/// upstream, so they are not run again; each is an error line.
+async fn interrupted(gateway: &Gateway) -> Result<(), ApiError> {
+    if gateway.store.shared() {
+        return Ok(());
+    }
+    for row in active(gateway).await? {
+        let mut from = 1;
+        loop {
+            let lines = gateway
+                .store
+                .batch_lines(row.org.clone(), row.id.clone(), from, PAGE)
+                .await
+                .map_err(store_error)?;
+            for l in lines.iter().filter(|l| l.state == "running") {
+                let error = error_line(
+                    &row.id,
+                    l,
+                    "interrupted",
+                    "The gateway stopped while this request ran; it was not run again.",
+                );
+                set(gateway, &row, l.line, "failed", error).await?;
+            }
+            match lines.last() {
+                Some(last) if lines.len() as i64 == PAGE => from = last.line + 1,
+                _ => break,
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn active(gateway: &Gateway) -> Result<Vec<BatchRow>, ApiError> {
+    Ok(gateway
+        .store
+        .batches(None, None)
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|b| {
+            matches!(
+                b.status.as_str(),
+                "in_progress" | "cancelling" | "finalizing"
+            )
+        })
+        .collect())
+}
+
+async fn set(
+    gateway: &Gateway,
+    row: &BatchRow,
+    line: i64,
+    state: &str,
+    result: Value,
+) -> Result<(), ApiError> {
+    gateway
+        .store
+        .batch_line_set(
+            row.org.clone(),
+            row.id.clone(),
+            line,
+            state.to_owned(),
+            result.to_string(),
+        )
+        .await
+        .map_err(store_error)
+}
+
+fn error_line(batch: &str, l: &BatchLine, code: &str, message: &str) -> Value {
+    json!({
+        "id": format!("{batch}_req_{}", l.line),
+        "custom_id": l.custom_id,
+        "response": null,
+        "error": {"code": code, "message": message},
+    })
+}
+
+/// One look at every active batch.
+async fn tick(gateway: &Arc<Gateway>) -> Result<(), ApiError> {
+    let now_s = gateway.clock.now_ms().div_euclid(1000);
+    for row in active(gateway).await? {
+        let Some(batch) = Batch::from_row(&row) else {
+            continue;
+        };
+        let ends = match batch.status.as_str() {
+            "cancelling" => Some((
+                "cancelled",
+                "batch_cancelled",
+                "The batch was cancelled before this request ran.",
+            )),
+            "in_progress" if batch.expires_at.is_some_and(|t| t <= now_s) => Some((
+                "expired",
+                "batch_expired",
+                "This request could not be executed before the completion window expired.",
+            )),
+            "finalizing" => {
+                finalize(gateway, &row, batch, "completed").await?;
+                continue;
+            }
+            _ => None,
+        };
+        if let Some((status, code, message)) = ends {
+            drain(gateway, &row, code, message).await?;
+            if running(gateway, &row).await? == 0 {
+                finalize(gateway, &row, batch, status).await?;
+            }
+            continue;
+        }
+        if !gateway.batches.paused(&row.id, now_s) {
+            start_lines(gateway, &row, &batch).await?;
+        }
+        let counts = counts(gateway, &row).await?;
+        if !counts.contains_key("pending") && !counts.contains_key("running") {
+            finalize(gateway, &row, batch, "completed").await?;
+        }
+    }
+    Ok(())
+}
+
+async fn counts(gateway: &Gateway, row: &BatchRow) -> Result<HashMap<String, u64>, ApiError> {
+    Ok(gateway
+        .store
+        .batch_counts(row.org.clone(), row.id.clone())
+        .await
+        .map_err(store_error)?
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .collect())
+}
+
+async fn running(gateway: &Gateway, row: &BatchRow) -> Result<u64, ApiError> {
+    Ok(counts(gateway, row)
+        .await?
+        .get("running")
+        .copied()
+        .unwrap_or(0))
+}
+
+/// The lines not yet run of an ending batch: error lines.
+async fn drain(
+    gateway: &Gateway,
+    row: &BatchRow,
+    code: &str,
+    message: &str,
+) -> Result<(), ApiError> {
+    loop {
+        let lines = gateway
+            .store
+            .batch_take(row.org.clone(), row.id.clone(), PAGE)
+            .await
+            .map_err(store_error)?;
+        if lines.is_empty() {
+            return Ok(());
+        }
+        for l in &lines {
+            let state = if code == "batch_cancelled" {
+                "cancelled"
+            } else {
+                "expired"
+            };
+            set(
+                gateway,
+                row,
+                l.line,
+                state,
+                error_line(&row.id, l, code, message),
+            )
+            .await?;
+        }
+    }
+}
+
+/// Start as many of a batch's pending lines as its project has turns free.
+async fn start_lines(
+    gateway: &Arc<Gateway>,
+    row: &BatchRow,
+    batch: &Batch,
+) -> Result<(), ApiError> {
+    let live = gateway.live();
+    let Some((org, project)) = locate(&live, &row.org, &row.project) else {
+        return Ok(());
+    };
+    let p = &live.config.orgs[org].projects[project];
+    let turns = gateway
+        .batches
+        .turns(&row.org, &row.project, p.batch_concurrency);
+    let free = turns.available_permits();
+    if free == 0 {
+        return Ok(());
+    }
+    let lines = gateway
+        .store
+        .batch_take(row.org.clone(), row.id.clone(), free as i64)
+        .await
+        .map_err(store_error)?;
+    let Some(endpoint) = crate::gateway::routes::metered_endpoint(&batch.endpoint) else {
+        return Ok(());
+    };
+    let terms = Arc::new(BatchTerms {
+        free_only: p.batch_spend == BatchSpend::Free,
+        reserve_percent: p.batch_reserve_percent,
+    });
+    for line in lines {
+        let Ok(turn) = turns.clone().try_acquire_owned() else {
+            set(
+                gateway,
+                row,
+                line.line,
+                "pending",
+                Value::String(String::new()),
+            )
+            .await?;
+            continue;
+        };
+        let caller = Caller {
+            org,
+            project,
+            key_id: row.id.as_str().into(),
+            live: live.clone(),
+            batch: Some(terms.clone()),
+        };
+        let (gateway, row) = (gateway.clone(), row.clone());
+        tokio::spawn(async move {
+            if let Err(e) = run_line(&gateway, &row, caller, endpoint, line).await {
+                tracing::warn!(error = ?e, batch = %row.id, "a batch line could not be recorded");
+            }
+            drop(turn);
+            gateway.batches.notify_one();
+        });
+    }
+    Ok(())
+}
+
+/// The positions of org `org` and project `project` (by id), if they are there.
+fn locate(live: &crate::gateway::Live, org: &str, project: &str) -> Option<(usize, usize)> {
+    let o = live
+        .config
+        .orgs
+        .iter()
+        .position(|o| *o.name == *org && !o.retired)?;
+    let p = live.config.orgs[o]
+        .projects
+        .iter()
+        .position(|p| *p.id == *project && p.active())?;
+    Some((o, p))
+}
+
+/// Run one line (tries included) and record its output or error line.
+async fn run_line(
+    gateway: &Arc<Gateway>,
+    row: &BatchRow,
+    caller: Caller,
+    endpoint: crate::tokens::request::Endpoint,
+    line: BatchLine,
+) -> Result<(), ApiError> {
+    let limit = caller.live.config.server.max_answer_bytes;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let response = crate::gateway::routes::batch_call(
+            gateway.clone(),
+            caller.clone(),
+            endpoint,
+            Bytes::from(line.body.clone()),
+        )
+        .await;
+        let status = response.status().as_u16();
+        let (parts, body) = response.into_parts();
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let (request_id, retry_after) = (header("x-request-id"), header("retry-after"));
+        drop(parts);
+        let body = match http_body_util::Limited::new(body, limit).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => Bytes::from_static(
+                b"{\"error\": {\"message\": \"The answer was too large or cut.\"}}",
+            ),
+        };
+        let body: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        if status == 429 && body["error"]["code"] == "free_tokens_exhausted" {
+            // Paced: back to pending, and the batch waits for 00:00 UTC.
+            let now_s = gateway.clock.now_ms().div_euclid(1000);
+            gateway.batches.pause(
+                &row.id,
+                now_s + i64::try_from(gateway.seconds_to_reset()).unwrap_or(86_400),
+            );
+            return set(
+                gateway,
+                row,
+                line.line,
+                "pending",
+                Value::String(String::new()),
+            )
+            .await;
+        }
+        if (status == 429 || status >= 500) && attempt < ATTEMPTS {
+            let wait = retry_after
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(1 << attempt)
+                .min(60);
+            tokio::time::sleep(Duration::from_secs(wait)).await;
+            continue;
+        }
+        let result = json!({
+            "id": format!("{}_req_{}", row.id, line.line),
+            "custom_id": line.custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": null,
+        });
+        let state = if (200..300).contains(&status) {
+            "done"
+        } else {
+            "failed"
+        };
+        return set(gateway, row, line.line, state, result).await;
+    }
+}
+
+/// Write the output and error files, count, and end the batch as `status`.
+async fn finalize(
+    gateway: &Gateway,
+    row: &BatchRow,
+    mut batch: Batch,
+    status: &str,
+) -> Result<(), ApiError> {
+    let now_s = gateway.clock.now_ms().div_euclid(1000);
+    if batch.status != "finalizing" && status == "completed" {
+        batch.status = "finalizing".into();
+        batch.finalizing_at = Some(now_s);
+        save(gateway, row, &batch).await?;
+    }
+    let mut output = Writer::new(gateway, row, format!("{}_output.jsonl", row.id));
+    let mut errors = Writer::new(gateway, row, format!("{}_error.jsonl", row.id));
+    let (mut completed, mut failed) = (0u64, 0u64);
+    let (mut input, mut output_tokens) = (0u64, 0u64);
+    let mut from = 1;
+    loop {
+        let lines = gateway
+            .store
+            .batch_lines(row.org.clone(), row.id.clone(), from, PAGE)
+            .await
+            .map_err(store_error)?;
+        for l in &lines {
+            match l.state.as_str() {
+                "done" => {
+                    completed += 1;
+                    let result: Value = serde_json::from_str(&l.result).unwrap_or_default();
+                    let usage = &result["response"]["body"]["usage"];
+                    input += usage["prompt_tokens"]
+                        .as_u64()
+                        .or(usage["input_tokens"].as_u64())
+                        .unwrap_or(0);
+                    output_tokens += usage["completion_tokens"]
+                        .as_u64()
+                        .or(usage["output_tokens"].as_u64())
+                        .unwrap_or(0);
+                    output.line(&l.result).await?;
+                }
+                "failed" | "expired" | "cancelled" => {
+                    failed += 1;
+                    errors.line(&l.result).await?;
+                }
+                _ => {}
+            }
+        }
+        match lines.last() {
+            Some(last) if lines.len() as i64 == PAGE => from = last.line + 1,
+            _ => break,
+        }
+    }
+    batch.output_file_id = output.end().await?;
+    batch.error_file_id = errors.end().await?;
+    batch.request_counts.completed = completed;
+    batch.request_counts.failed = failed;
+    batch.usage.input_tokens = input;
+    batch.usage.output_tokens = output_tokens;
+    batch.usage.total_tokens = input.saturating_add(output_tokens);
+    batch.status = status.into();
+    match status {
+        "cancelled" => batch.cancelled_at = Some(now_s),
+        "expired" => batch.expired_at = Some(now_s),
+        _ => batch.completed_at = Some(now_s),
+    }
+    save(gateway, row, &batch).await
+}
+
+async fn save(gateway: &Gateway, row: &BatchRow, batch: &Batch) -> Result<(), ApiError> {
+    gateway
+        .store
+        .batch_save(batch.row(&row.org, &row.project))
+        .await
+        .map_err(store_error)
+}
+
+/// A result file written a part at a time (none if no line is written).
+struct Writer<'a> {
+    gateway: &'a Gateway,
+    meta: FileMeta,
+    part: BytesMut,
+    seq: i64,
+    begun: bool,
+}
+
+impl<'a> Writer<'a> {
+    fn new(gateway: &'a Gateway, row: &BatchRow, filename: String) -> Self {
+        Writer {
+            gateway,
+            meta: FileMeta {
+                id: format!("file-{}", &crate::gateway::auth::new_key("")[..24]),
+                org: row.org.clone(),
+                project: row.project.clone(),
+                purpose: "batch_output".into(),
+                filename,
+                bytes: 0,
+                created_at: gateway.clock.now_ms().div_euclid(1000),
+            },
+            part: BytesMut::new(),
+            seq: 0,
+            begun: false,
+        }
+    }
+
+    async fn line(&mut self, text: &str) -> Result<(), ApiError> {
+        if !self.begun {
+            self.gateway
+                .store
+                .file_begin(self.meta.clone())
+                .await
+                .map_err(store_error)?;
+            self.begun = true;
+        }
+        self.part.extend_from_slice(text.as_bytes());
+        self.part.extend_from_slice(b"\n");
+        self.meta.bytes += text.len() as u64 + 1;
+        if self.part.len() >= FILE_PART {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), ApiError> {
+        let data = self.part.split().freeze();
+        self.gateway
+            .store
+            .file_part(self.meta.org.clone(), self.meta.id.clone(), self.seq, data)
+            .await
+            .map_err(store_error)?;
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// The file's id, if a line was written.
+    async fn end(mut self) -> Result<Option<String>, ApiError> {
+        if !self.begun {
+            return Ok(None);
+        }
+        if !self.part.is_empty() {
+            self.flush().await?;
+        }
+        self.gateway
+            .store
+            .file_end(
+                self.meta.org.clone(),
+                self.meta.id.clone(),
+                self.meta.purpose.clone(),
+                self.meta.bytes,
+            )
+            .await
+            .map_err(store_error)?;
+        Ok(Some(self.meta.id))
+    }
+}
