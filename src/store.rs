@@ -134,7 +134,13 @@ pub trait Store: Send + Sync {
     ) -> StoreFuture<'_, ()>;
     /// Claim up to `n` pending lines of a batch, first lines first: they are
     /// `running` when this returns, and no other claim gets them.
-    fn batch_take(&self, org: String, id: String, n: i64) -> StoreFuture<'_, Vec<BatchLine>>;
+    fn batch_take(
+        &self,
+        org: String,
+        id: String,
+        n: i64,
+        now_ms: i64,
+    ) -> StoreFuture<'_, Vec<BatchLine>>;
     /// Set a line's state and result (its output or error line, JSON).
     fn batch_line_set(
         &self,
@@ -239,6 +245,8 @@ pub struct BatchLine {
     pub state: String,
     /// The output or error line, JSON; empty until it ran.
     pub result: String,
+    /// When it was last claimed to run (Unix ms; 0: never).
+    pub claimed_ms: i64,
 }
 
 /// A file's parts are at most this large (the Files API reads and writes

@@ -779,8 +779,14 @@ impl Store for PgStore {
         })
     }
 
-    fn batch_take(&self, org: String, id: String, n: i64) -> StoreFuture<'_, Vec<BatchLine>> {
-        Box::pin(async move { batches::take(&*self.pooled().await?, &org, &id, n).await })
+    fn batch_take(
+        &self,
+        org: String,
+        id: String,
+        n: i64,
+        now_ms: i64,
+    ) -> StoreFuture<'_, Vec<BatchLine>> {
+        Box::pin(async move { batches::take(&*self.pooled().await?, &org, &id, n, now_ms).await })
     }
 
     fn batch_line_set(

@@ -161,6 +161,7 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL,
         state TEXT NOT NULL,
         result TEXT NOT NULL,
+        claimed_ms INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (batch_id, line)
     );",
 ];

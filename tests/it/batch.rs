@@ -222,3 +222,135 @@ async fn a_free_only_batch_stops_at_the_cap_and_goes_on_the_next_day() {
         .unwrap_or_else(|| panic!("no daily row"));
     assert_eq!(next.billed_tokens, 0, "nothing billed the next day either");
 }
+
+/// `kill -9` while a batch runs, then a restart: every line is in the
+/// output or error file exactly once, and none went upstream twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_batch_and_restart_every_line_exactly_once() {
+    use std::process::Stdio;
+    let dir = crate::harness::temp_dir("batch-kill");
+    let sim = tokenwarden::simulator::Simulator::new(
+        crate::catalog(),
+        tokenwarden::simulator::SimConfig {
+            ttft: std::time::Duration::from_millis(20),
+            token_delay: std::time::Duration::from_millis(5),
+            output_tokens: 8,
+        },
+    );
+    let (sim_addr, _sim_stop) =
+        crate::harness::spawn(tokenwarden::simulator::router(sim.clone())).await;
+    let file = dir.join("tokenwarden.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n\n[store]\nurl = \"sqlite://{}\"\n\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n{}",
+            dir.join("ledger.db").display(),
+            config()
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let serve = || {
+        crate::harness::serve_process(
+            Command::new(env!("CARGO_BIN_EXE_tokenwarden"))
+                .args(["serve", "--config"])
+                .arg(&file)
+                .env("UPSTREAM_KEY", crate::harness::UPSTREAM_KEY)
+                .stderr(Stdio::null()),
+        )
+    };
+    let (mut gateway, base) = serve();
+    let lines = 200;
+    let (python, start_base) = (python(), base.clone());
+    let started = tokio::task::spawn_blocking(move || {
+        Command::new(&python)
+            .arg(repo("tests/sdk/python_batch_start.py"))
+            .args([&start_base, WEB_KEY, &lines.to_string()])
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("python: {e}"));
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let id = String::from_utf8_lossy(&started.stdout).trim().to_owned();
+    // Kill it once some lines have run and the rest have not.
+    let served = |sim: &std::sync::Arc<tokenwarden::simulator::Simulator>| {
+        sim.stats()
+            .get(crate::harness::UPSTREAM_KEY)
+            .map_or(0, |s| s.requests)
+    };
+    for _ in 0..400 {
+        if served(&sim) >= 30 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    gateway.kill().unwrap_or_else(|e| panic!("kill -9: {e}"));
+    let _ = gateway.wait();
+    let at_kill = served(&sim);
+    assert!(
+        at_kill >= 30 && at_kill < lines,
+        "{at_kill} served when killed"
+    );
+
+    let (mut gateway, base) = serve();
+    let client = crate::harness::http_client();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get(path)
+                .bearer_auth(WEB_KEY)
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    let mut batch = serde_json::Value::Null;
+    for _ in 0..600 {
+        batch = get(format!("{base}/batches/{id}"))
+            .await
+            .json()
+            .await
+            .unwrap_or_default();
+        if batch["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(batch["status"], "completed", "{batch}");
+    let mut seen = std::collections::HashMap::new();
+    for key in ["output_file_id", "error_file_id"] {
+        let Some(file_id) = batch[key].as_str() else {
+            continue;
+        };
+        let text = get(format!("{base}/files/{file_id}/content"))
+            .await
+            .text()
+            .await
+            .unwrap_or_default();
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+            *seen
+                .entry(v["custom_id"].as_str().unwrap_or_default().to_owned())
+                .or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen.len(), lines as usize, "every line is in a file");
+    assert!(seen.values().all(|n| *n == 1), "each exactly once");
+    assert!(
+        served(&sim) <= lines,
+        "no line went upstream twice: {}",
+        served(&sim)
+    );
+    assert_eq!(
+        batch["request_counts"]["completed"].as_u64().unwrap_or(0)
+            + batch["request_counts"]["failed"].as_u64().unwrap_or(0),
+        lines
+    );
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+}

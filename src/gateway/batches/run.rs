@@ -43,6 +43,8 @@ pub struct Runner {
     paused: Mutex<HashMap<String, i64>>,
     /// (org, project) -> its lines' turns.
     turns: Mutex<HashMap<(String, String), Arc<tokio::sync::Semaphore>>>,
+    /// When lines left running by a gone runner were last looked for.
+    swept_ms: std::sync::atomic::AtomicI64,
 }
 
 impl Runner {
@@ -77,8 +79,10 @@ impl Runner {
 
 /// The runner's task: until the gateway goes.
 pub async fn run(weak: Weak<Gateway>) {
-    if let Some(gateway) = weak.upgrade() {
-        if let Err(e) = interrupted(&gateway).await {
+    // SQLite's one gateway: every line left running was this gateway's
+    // before a stop.
+    if let Some(gateway) = weak.upgrade().filter(|g| !g.store.shared()) {
+        if let Err(e) = interrupted(&gateway, i64::MAX).await {
             tracing::error!(error = ?e, "could not settle the batch lines a stop interrupted");
         }
     }
@@ -99,12 +103,15 @@ pub async fn run(weak: Weak<Gateway>) {
     }
 }
 
-/// Lines left running by a stop (SQLite's one gateway): they may have gone
-/// upstream, so they are not run again; each is an error line.
-async fn interrupted(gateway: &Gateway) -> Result<(), ApiError> {
-    if gateway.store.shared() {
-        return Ok(());
-    }
+/// How often lines left running by a runner that is gone (a replica that
+/// died) are looked for.
+const SWEEP_EVERY_MS: i64 = 60_000;
+
+/// Lines left running, claimed before `before_ms`, by a runner that stopped:
+/// they may have gone upstream, so they are not run again; each is an error
+/// line. A line is taken for interrupted once it was claimed longer ago
+/// than any call may take (the upstream timeout, and two minutes more).
+async fn interrupted(gateway: &Gateway, before_ms: i64) -> Result<(), ApiError> {
     for row in active(gateway).await? {
         let mut from = 1;
         loop {
@@ -113,7 +120,10 @@ async fn interrupted(gateway: &Gateway) -> Result<(), ApiError> {
                 .batch_lines(row.org.clone(), row.id.clone(), from, PAGE)
                 .await
                 .map_err(store_error)?;
-            for l in lines.iter().filter(|l| l.state == "running") {
+            for l in lines
+                .iter()
+                .filter(|l| l.state == "running" && l.claimed_ms < before_ms)
+            {
                 let error = error_line(
                     &row.id,
                     l,
@@ -178,7 +188,14 @@ fn error_line(batch: &str, l: &BatchLine, code: &str, message: &str) -> Value {
 
 /// One look at every active batch.
 async fn tick(gateway: &Arc<Gateway>) -> Result<(), ApiError> {
-    let now_s = gateway.clock.now_ms().div_euclid(1000);
+    let now_ms = gateway.clock.now_ms();
+    let now_s = now_ms.div_euclid(1000);
+    let swept = &gateway.batches.swept_ms;
+    if now_ms - swept.load(std::sync::atomic::Ordering::Relaxed) >= SWEEP_EVERY_MS {
+        swept.store(now_ms, std::sync::atomic::Ordering::Relaxed);
+        let longest = gateway.live().config.server.upstream_timeout.as_millis() as i64;
+        interrupted(gateway, now_ms - longest - 120_000).await?;
+    }
     for row in active(gateway).await? {
         let Some(batch) = Batch::from_row(&row) else {
             continue;
@@ -247,7 +264,12 @@ async fn drain(
     loop {
         let lines = gateway
             .store
-            .batch_take(row.org.clone(), row.id.clone(), PAGE)
+            .batch_take(
+                row.org.clone(),
+                row.id.clone(),
+                PAGE,
+                gateway.clock.now_ms(),
+            )
             .await
             .map_err(store_error)?;
         if lines.is_empty() {
@@ -291,7 +313,12 @@ async fn start_lines(
     }
     let lines = gateway
         .store
-        .batch_take(row.org.clone(), row.id.clone(), free as i64)
+        .batch_take(
+            row.org.clone(),
+            row.id.clone(),
+            free as i64,
+            gateway.clock.now_ms(),
+        )
         .await
         .map_err(store_error)?;
     let Some(endpoint) = crate::gateway::routes::metered_endpoint(&batch.endpoint) else {

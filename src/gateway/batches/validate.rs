@@ -133,6 +133,7 @@ impl Check {
                 body: body.to_string(),
                 state: "pending".into(),
                 result: String::new(),
+                claimed_ms: 0,
             });
         }
     }

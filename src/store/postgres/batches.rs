@@ -13,6 +13,7 @@ fn line(r: &Row) -> BatchLine {
         body: r.get(2),
         state: r.get(3),
         result: r.get(4),
+        claimed_ms: r.get(5),
     }
 }
 
@@ -80,15 +81,16 @@ pub(super) async fn take(
     org: &str,
     id: &str,
     n: i64,
+    now_ms: i64,
 ) -> Result<Vec<BatchLine>, StoreError> {
     let rows = client
         .query(
-            "UPDATE batch_lines SET state = 'running'
+            "UPDATE batch_lines SET state = 'running', claimed_ms = $4
              WHERE org = $1 AND batch_id = $2 AND line IN (
                 SELECT line FROM batch_lines WHERE org = $1 AND batch_id = $2 AND state = 'pending'
                 ORDER BY line LIMIT $3 FOR UPDATE SKIP LOCKED)
-             RETURNING line, custom_id, body, state, result",
-            &[&org, &id, &n],
+             RETURNING line, custom_id, body, state, result, claimed_ms",
+            &[&org, &id, &n, &now_ms],
         )
         .await?;
     let mut lines: Vec<BatchLine> = rows.iter().map(line).collect();
@@ -122,7 +124,7 @@ pub(super) async fn lines(
 ) -> Result<Vec<BatchLine>, StoreError> {
     let rows = client
         .query(
-            "SELECT line, custom_id, body, state, result FROM batch_lines
+            "SELECT line, custom_id, body, state, result, claimed_ms FROM batch_lines
              WHERE org = $1 AND batch_id = $2 AND line >= $3 ORDER BY line LIMIT $4",
             &[&org, &id, &from, &n],
         )

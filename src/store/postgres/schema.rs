@@ -170,6 +170,7 @@ const MIGRATIONS: &[&str] = &[
         body TEXT NOT NULL,
         state TEXT NOT NULL,
         result TEXT NOT NULL,
+        claimed_ms BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (org, batch_id, line)
     );",
 ];

@@ -215,8 +215,14 @@ impl Store for SqliteStore {
         off_worker(self, move |s| SqliteStore::batch_lines_add(s, id, lines))
     }
 
-    fn batch_take(&self, _org: String, id: String, n: i64) -> StoreFuture<'_, Vec<BatchLine>> {
-        off_worker(self, move |s| SqliteStore::batch_take(s, id, n))
+    fn batch_take(
+        &self,
+        _org: String,
+        id: String,
+        n: i64,
+        now_ms: i64,
+    ) -> StoreFuture<'_, Vec<BatchLine>> {
+        off_worker(self, move |s| SqliteStore::batch_take(s, id, n, now_ms))
     }
 
     fn batch_line_set(

@@ -13,6 +13,7 @@ fn line(r: &rusqlite::Row<'_>) -> rusqlite::Result<BatchLine> {
         body: r.get(2)?,
         state: r.get(3)?,
         result: r.get(4)?,
+        claimed_ms: r.get(5)?,
     })
 }
 
@@ -68,19 +69,24 @@ impl SqliteStore {
         .map(drop)
     }
 
-    pub fn batch_take(&self, id: String, n: i64) -> Result<Vec<BatchLine>, StoreError> {
+    pub fn batch_take(
+        &self,
+        id: String,
+        n: i64,
+        now_ms: i64,
+    ) -> Result<Vec<BatchLine>, StoreError> {
         let taken = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let out = taken.clone();
         self.run(Box::new(move |tx| {
             let lines: Vec<BatchLine> = tx
                 .prepare_cached(
-                    "UPDATE batch_lines SET state = 'running'
+                    "UPDATE batch_lines SET state = 'running', claimed_ms = ?3
                      WHERE batch_id = ?1 AND line IN (
                         SELECT line FROM batch_lines WHERE batch_id = ?1 AND state = 'pending'
                         ORDER BY line LIMIT ?2)
-                     RETURNING line, custom_id, body, state, result",
+                     RETURNING line, custom_id, body, state, result, claimed_ms",
                 )?
-                .query_map(params![id, n], line)?
+                .query_map(params![id, n, now_ms], line)?
                 .collect::<Result<_, _>>()?;
             let count = lines.len();
             if let Ok(mut out) = out.lock() {
@@ -115,7 +121,7 @@ impl SqliteStore {
     pub fn batch_lines(&self, id: &str, from: i64, n: i64) -> Result<Vec<BatchLine>, StoreError> {
         self.with(|conn| {
             conn.prepare_cached(
-                "SELECT line, custom_id, body, state, result FROM batch_lines
+                "SELECT line, custom_id, body, state, result, claimed_ms FROM batch_lines
                  WHERE batch_id = ?1 AND line >= ?2 ORDER BY line LIMIT ?3",
             )?
             .query_map(params![id, from, n], line)?
