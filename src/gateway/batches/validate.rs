@@ -229,3 +229,86 @@ async fn keep(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check() -> Check {
+        Check {
+            endpoint: "/v1/chat/completions",
+            seen: HashSet::new(),
+            errors: Vec::new(),
+            good: Vec::new(),
+            lines: 0,
+            max_line: 1024,
+        }
+    }
+
+    fn line(id: &str) -> String {
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+               "body": {"model": "gpt-4o-mini", "messages": []}})
+        .to_string()
+    }
+
+    #[test]
+    fn each_bad_line_is_named_by_its_number() {
+        let mut c = check();
+        let lines = [
+            line("a"),
+            "not json".into(),
+            "[1, 2]".into(),
+            line("a"),
+            line("b").replace("POST", "GET"),
+            line("c").replace("chat/completions", "embeddings"),
+            json!({"custom_id": "d", "method": "POST", "url": "/v1/chat/completions", "body": {}})
+                .to_string(),
+            json!({"method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}})
+                .to_string(),
+            "   ".into(),
+            "x".repeat(2000),
+            line("e"),
+        ];
+        for (i, l) in lines.iter().enumerate() {
+            c.line(i as i64 + 1, l.as_bytes());
+        }
+        let found: Vec<(i64, String)> = c
+            .errors
+            .iter()
+            .map(|e| {
+                (
+                    e["line"].as_i64().unwrap_or(0),
+                    e["code"].as_str().unwrap_or("").to_owned(),
+                )
+            })
+            .collect();
+        let want = [
+            (2, "invalid_json_line"),
+            (3, "invalid_json_line"),
+            (4, "duplicate_custom_id"),
+            (5, "invalid_method"),
+            (6, "invalid_url"),
+            (7, "missing_required_parameter"),
+            (8, "missing_required_parameter"),
+            (10, "request_too_large"),
+        ];
+        assert_eq!(
+            found,
+            want.iter()
+                .map(|(n, c)| (*n, (*c).to_owned()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(c.lines, 10, "the blank line is not a request");
+    }
+
+    #[test]
+    fn past_fifty_thousand_lines_is_one_error() {
+        let mut c = check();
+        for n in 1..=MAX_LINES + 2 {
+            c.line(n, line(&n.to_string()).as_bytes());
+        }
+        assert_eq!(c.errors.len(), 1);
+        assert_eq!(c.errors[0]["code"], "too_many_tasks");
+        assert_eq!(c.errors[0]["line"], MAX_LINES + 1);
+    }
+}
