@@ -524,6 +524,9 @@ pub struct UsageRow {
     pub lane: Option<String>,
     /// `shared` or `private`, when grouped by sharing.
     pub sharing: Option<String>,
+    /// `true` for a batch's calls (recorded with the batch's id as their
+    /// key id), `false` for live calls, when grouped by batch.
+    pub batch: Option<String>,
     pub input_tokens: u64,
     pub input_cached_tokens: u64,
     pub output_tokens: u64,

@@ -4,8 +4,9 @@
 //!
 //! Parameters as OpenAI's: `start_time` (required, Unix seconds),
 //! `end_time`, `bucket_width` (`1m`, `1h`, `1d`), `group_by` (repeatable:
-//! `project_id`, `api_key_id`, `model`; and ours, `lane`, which splits free
-//! from billed, and `sharing`, which splits shared from private traffic),
+//! `project_id`, `api_key_id`, `model`, `batch`; and ours, `lane`, which
+//! splits free from billed, and `sharing`, which splits shared from private
+//! traffic),
 //! `limit` (buckets per page) and `page` (the cursor a page's `next_page`
 //! gives). Ours too: `org`, to keep to one organization. Every result also
 //! names its `org`, grouped by lane its `lane`, and by sharing its `sharing`.
@@ -221,7 +222,14 @@ pub async fn completions(
     let q = parse(
         raw.as_deref(),
         now_s,
-        &["project_id", "api_key_id", "model", "lane", "sharing"],
+        &[
+            "project_id",
+            "api_key_id",
+            "model",
+            "lane",
+            "sharing",
+            "batch",
+        ],
     )?;
     let body = page(&gateway, &admin, &q, |r| {
         json!({
@@ -236,7 +244,7 @@ pub async fn completions(
             "user_id": null,
             "api_key_id": r.api_key_id,
             "model": r.model,
-            "batch": null,
+            "batch": r.batch.as_deref().map(|b| b == "true"),
             "org": r.org,
             "lane": r.lane,
             "sharing": r.sharing,

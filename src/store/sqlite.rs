@@ -816,12 +816,13 @@ impl SqliteStore {
                         model: r.get(3)?,
                         lane: r.get(4)?,
                         sharing: r.get(5)?,
-                        org: r.get(6)?,
-                        input_tokens: num(r, 7)?,
-                        input_cached_tokens: num(r, 8)?,
-                        output_tokens: num(r, 9)?,
-                        num_model_requests: num(r, 10)?,
-                        cost_pico: num(r, 11)?,
+                        batch: r.get(6)?,
+                        org: r.get(7)?,
+                        input_tokens: num(r, 8)?,
+                        input_cached_tokens: num(r, 9)?,
+                        output_tokens: num(r, 10)?,
+                        num_model_requests: num(r, 11)?,
+                        cost_pico: num(r, 12)?,
                     })
                 })?
                 .collect()
@@ -878,10 +879,18 @@ fn usage_sql(group_by: &[&str]) -> String {
         "model" => Some("requested_model"),
         "lane" => Some("CASE WHEN free = 1 THEN 'free' ELSE 'billed' END"),
         "sharing" => Some("CASE WHEN shared = 1 THEN 'shared' ELSE 'private' END"),
+        "batch" => Some("CASE WHEN substr(key_id, 1, 6) = 'batch_' THEN 'true' ELSE 'false' END"),
         _ => None,
     };
     let mut select = Vec::new();
-    for name in ["project_id", "api_key_id", "model", "lane", "sharing"] {
+    for name in [
+        "project_id",
+        "api_key_id",
+        "model",
+        "lane",
+        "sharing",
+        "batch",
+    ] {
         let expr = if group_by.contains(&name) {
             column(name).unwrap_or("NULL")
         } else {
@@ -894,8 +903,8 @@ fn usage_sql(group_by: &[&str]) -> String {
                 ssum(input_tokens), ssum(cached_tokens), ssum(output_tokens), COUNT(*), ssum(cost_pico)
          FROM requests
          WHERE started_ms >= ?1 AND started_ms < ?2 AND state != 'pending' AND decision != 'refused'
-         GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing
-         ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing",
+         GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing, batch
+         ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing, batch",
         select.join(", ")
     )
 }

@@ -88,6 +88,29 @@ async fn the_python_sdk_runs_a_batch_to_completed() {
     assert_eq!(of_batch.len(), 40, "{batch}: {records:?}");
     assert!(of_batch.iter().all(|r| r.state == "settled" && r.free));
     assert_eq!(h.served().requests, 40);
+    // The usage API tells batch calls from live ones (group_by=batch).
+    let live = h
+        .post("/chat/completions", WEB_KEY)
+        .json(&serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(live, 200);
+    h.settled().await;
+    let start = h.today().start_unix() * 1000;
+    let rows = h
+        .gateway
+        .store
+        .usage_rows(start, start + 86_400_000, 86_400_000, &["batch"])
+        .await
+        .unwrap_or_default();
+    let requests = |batch: &str| {
+        rows.iter()
+            .filter(|r| r.batch.as_deref() == Some(batch))
+            .map(|r| r.num_model_requests)
+            .sum::<u64>()
+    };
+    assert_eq!((requests("true"), requests("false")), (40, 1), "{rows:?}");
 }
 
 /// Put a batch input file of `lines` chat lines in the ledger, as an upload

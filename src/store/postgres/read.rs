@@ -165,10 +165,18 @@ pub(super) async fn usage_rows(
         "model" => Some("requested_model"),
         "lane" => Some("CASE WHEN free THEN 'free' ELSE 'billed' END"),
         "sharing" => Some("CASE WHEN shared THEN 'shared' ELSE 'private' END"),
+        "batch" => Some("CASE WHEN left(key_id, 6) = 'batch_' THEN 'true' ELSE 'false' END"),
         _ => None,
     };
     let mut select = Vec::new();
-    for name in ["project_id", "api_key_id", "model", "lane", "sharing"] {
+    for name in [
+        "project_id",
+        "api_key_id",
+        "model",
+        "lane",
+        "sharing",
+        "batch",
+    ] {
         let expr = if group_by.contains(&name) {
             column(name).unwrap_or("NULL::TEXT")
         } else {
@@ -182,8 +190,8 @@ pub(super) async fn usage_rows(
                 {}, {}, {}, COUNT(*), {}
          FROM requests
          WHERE started_ms >= $1 AND started_ms < $2 AND state <> 'pending' AND decision <> 'refused'
-         GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing
-         ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing",
+         GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing, batch
+         ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing, batch",
         select.join(", "),
         sum("input_tokens"),
         sum("cached_tokens"),
@@ -200,12 +208,13 @@ pub(super) async fn usage_rows(
             model: r.get(3),
             lane: r.get(4),
             sharing: r.get(5),
-            org: r.get(6),
-            input_tokens: u(r.get(7)),
-            input_cached_tokens: u(r.get(8)),
-            output_tokens: u(r.get(9)),
-            num_model_requests: u(r.get(10)),
-            cost_pico: u(r.get(11)),
+            batch: r.get(6),
+            org: r.get(7),
+            input_tokens: u(r.get(8)),
+            input_cached_tokens: u(r.get(9)),
+            output_tokens: u(r.get(10)),
+            num_model_requests: u(r.get(11)),
+            cost_pico: u(r.get(12)),
         })
         .collect())
 }
