@@ -225,7 +225,8 @@ async fn create_batch(
         .await
         .map_err(store_error)?;
     match validate::lines(gateway, &file, &batch.id, endpoint_kind).await {
-        Ok(total) => {
+        Ok((total, model)) => {
+            batch.model = model;
             batch.status = "in_progress".into();
             batch.in_progress_at = Some(now_s);
             batch.expires_at = Some(now_s + seconds);

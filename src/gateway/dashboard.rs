@@ -38,6 +38,7 @@ const MAX_SESSIONS: usize = 256;
 const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
 
+mod batches;
 mod origin;
 mod render;
 mod settings;

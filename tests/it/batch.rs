@@ -175,7 +175,14 @@ async fn batch_status(h: &crate::harness::Harness, id: &str) -> serde_json::Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_free_only_batch_stops_at_the_cap_and_goes_on_the_next_day() {
     let config = format!("{}\n[program.groups.mini]\ndaily_tokens = 1000\n", config());
-    let h = start("batch-free-only", &config).await;
+    const ADMIN: &str = "tw-batch-admin-token-0001";
+    let h = crate::harness::start_with_server(
+        "batch-free-only",
+        &config,
+        &format!("admin_token = \"{ADMIN}\"\n"),
+    )
+    .await;
+    let root = h.base.trim_end_matches("/v1").to_owned();
     let file = input_file(&h, 140).await;
     let created: serde_json::Value = h
         .post("/batches", WEB_KEY)
@@ -226,6 +233,14 @@ async fn a_free_only_batch_stops_at_the_cap_and_goes_on_the_next_day() {
         day.free_tokens
     );
     assert_eq!(batch_status(&h, &id).await["status"], "in_progress");
+    // The dashboard shows it waiting, with what it has done.
+    let page = crate::harness::dashboard_page(&root, ADMIN).await;
+    let row = format!("data-batch=\"{id}\" data-done=\"{done}\" data-total=\"140\"");
+    assert!(page.contains(&row), "no {row} in the page");
+    assert!(
+        page.contains("in_progress") && page.contains("days at today&#39;s allowance"),
+        "no estimate"
+    );
     // The next day: it goes on to the end, still free.
     h.clock.set(crate::harness::NOON_MS + 86_400_000);
     let mut status = serde_json::Value::Null;

@@ -32,6 +32,8 @@ struct Check {
     good: Vec<BatchLine>,
     lines: i64,
     max_line: usize,
+    /// The first line's model.
+    model: Option<String>,
 }
 
 impl Check {
@@ -126,6 +128,9 @@ impl Check {
                 n,
             );
         }
+        if self.model.is_none() {
+            self.model = body["model"].as_str().map(str::to_owned);
+        }
         if self.errors.is_empty() {
             self.good.push(BatchLine {
                 line: n,
@@ -139,13 +144,14 @@ impl Check {
     }
 }
 
-/// Check `file`'s lines for batch `batch` and keep them; their count.
+/// Check `file`'s lines for batch `batch` and keep them; their count, and
+/// the first line's model.
 pub async fn lines(
     gateway: &Gateway,
     file: &FileMeta,
     batch: &str,
     endpoint: Endpoint,
-) -> Result<u64, Invalid> {
+) -> Result<(u64, Option<String>), Invalid> {
     let mut check = Check {
         endpoint: endpoint.path(),
         seen: HashSet::new(),
@@ -153,6 +159,7 @@ pub async fn lines(
         good: Vec::new(),
         lines: 0,
         max_line: gateway.live().config.server.max_body_bytes,
+        model: None,
     };
     let (mut carry, mut n, mut part) = (Vec::new(), 0i64, 0i64);
     loop {
@@ -201,7 +208,7 @@ pub async fn lines(
     }
     keep(gateway, file, batch, &mut check, true).await?;
     if check.errors.is_empty() {
-        Ok(u64::try_from(check.lines).unwrap_or(0))
+        Ok((u64::try_from(check.lines).unwrap_or(0), check.model))
     } else {
         Err(Invalid::Lines(check.errors))
     }
@@ -242,6 +249,7 @@ mod tests {
             good: Vec::new(),
             lines: 0,
             max_line: 1024,
+            model: None,
         }
     }
 

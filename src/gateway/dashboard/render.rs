@@ -239,6 +239,7 @@ pub struct LiveData {
     /// Captured calls kept, per org (0 for an org that does not capture).
     captured: Vec<u64>,
     forwarded: Vec<crate::store::Forwarded>,
+    batches: Vec<super::batches::Shown>,
 }
 
 /// Read what the live part shows `admin` (a part that cannot be read shows
@@ -268,6 +269,13 @@ pub async fn live_data(gateway: &Gateway, admin: &Admin) -> LiveData {
             0
         });
     }
+    let seen: Vec<String> = live
+        .config
+        .orgs
+        .iter()
+        .filter(|o| !o.retired && admin.sees(&o.name))
+        .map(|o| o.name.to_string())
+        .collect();
     LiveData {
         by_project: usage(&["project_id", "lane"]).await,
         by_key: usage(&["api_key_id", "lane"]).await,
@@ -284,6 +292,7 @@ pub async fn live_data(gateway: &Gateway, admin: &Admin) -> LiveData {
             .recent_forwarded_for(20, only)
             .await
             .unwrap_or_default(),
+        batches: super::batches::read(gateway, &seen).await,
     }
 }
 
@@ -305,6 +314,7 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
         recent,
         captured,
         forwarded: forwarded_rows,
+        batches,
     } = data;
     let mut alerts = gateway.alerts.today(today);
     alerts.retain(|a| admin.sees(&a.org));
@@ -459,6 +469,22 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
             out.push_str(&parts.join(" · "));
             out.push_str("</p>");
         }
+        let free_left = |s: &super::batches::Shown| {
+            let group = s
+                .batch
+                .model
+                .as_deref()
+                .and_then(|m| config.catalog.lookup(m).ok())
+                .and_then(|m| m.group_index());
+            group.map_or(0, |g| {
+                let state = gateway.pool_state(config, o, g);
+                let reserve = s
+                    .reserve_percent
+                    .map_or(0, |r| state.cap / 100 * u64::from(r));
+                state.left().saturating_sub(reserve)
+            })
+        };
+        super::batches::render(&mut out, name, batches, by_key, free_left);
         let _ = write!(
             out,
             "<figure><figcaption>Last 30 days: <span class=\"key c-free\">free tokens</span> \
