@@ -25,7 +25,7 @@ SIM=$(free_port)
 "$bin" simulate --listen "127.0.0.1:$SIM" >/dev/null 2>&1 &
 pids+=($!)
 KEY=tw-bench-batch-key-0000001
-run_gateway() { # name -> base URL; the gateway's pid in $gw
+run_gateway() { # name -> the base URL in $base, the gateway's pid in $gw
   local port; port=$(free_port)
   mkdir -p "$dir/$1"
   cat > "$dir/$1/tokenwarden.toml" <<TOML
@@ -49,12 +49,12 @@ TOML
   gw=$!
   pids+=("$gw")
   for _ in $(seq 100); do grep -q listening "$dir/$1/out" 2>/dev/null && break; sleep 0.1; done
-  echo "http://127.0.0.1:$port/v1"
+  base="http://127.0.0.1:$port/v1"
 }
 peak_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status"; }
 
 cat > "$dir/bench.py" <<'PY'
-import io, json, sys, time, concurrent.futures, httpx, openai
+import io, json, sys, time, concurrent.futures, httpx2 as httpx, openai
 mode, base, key, n, conc = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 body = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "Say something short."}]}
 if mode == "batch":
@@ -82,7 +82,7 @@ echo "| run | lines | lines/s | seconds | gateway peak RSS (MiB) |"
 echo "|---|---:|---:|---:|---:|"
 for run in "live:$LINES" "batch:$SMALL" "batch:$LINES"; do
   mode=${run%%:*}; n=${run##*:}
-  base=$(run_gateway "$mode-$n")
+  run_gateway "$mode-$n"
   read -r rate took < <("$python" "$dir/bench.py" "$mode" "$base" "$KEY" "$n" "$CONCURRENCY")
   echo "| $mode | $n | $rate | $took | $(( $(peak_kib "$gw") / 1024 )) |"
   kill "$gw"; wait "$gw" 2>/dev/null || true

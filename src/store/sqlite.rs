@@ -163,7 +163,8 @@ const MIGRATIONS: &[&str] = &[
         result TEXT NOT NULL,
         claimed_ms INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (batch_id, line)
-    );",
+    );
+    CREATE INDEX batch_lines_state ON batch_lines(batch_id, state, line);",
 ];
 
 /// Which captured calls an export reads.

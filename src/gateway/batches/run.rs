@@ -45,6 +45,8 @@ pub struct Runner {
     turns: Mutex<HashMap<(String, String), Arc<tokio::sync::Semaphore>>>,
     /// When lines left running by a gone runner were last looked for.
     swept_ms: std::sync::atomic::AtomicI64,
+    /// Batch id -> its workers here.
+    workers: Mutex<HashMap<String, usize>>,
 }
 
 impl Runner {
@@ -63,6 +65,22 @@ impl Runner {
         if let Ok(mut p) = self.paused.lock() {
             p.insert(id.to_owned(), until_s);
         }
+    }
+
+    fn worker(&self, id: &str, change: isize) {
+        let mut workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = workers.entry(id.to_owned()).or_default();
+        *n = n.saturating_add_signed(change);
+        if *n == 0 {
+            workers.remove(id);
+        }
+    }
+
+    fn working(&self, id: &str) -> bool {
+        self.workers.lock().is_ok_and(|w| w.contains_key(id))
     }
 
     fn turns(&self, org: &str, project: &str, n: u16) -> Arc<tokio::sync::Semaphore> {
@@ -224,12 +242,21 @@ async fn tick(gateway: &Arc<Gateway>) -> Result<(), ApiError> {
             }
             continue;
         }
-        if !gateway.batches.paused(&row.id, now_s) {
-            start_lines(gateway, &row, &batch).await?;
+        let paused = gateway.batches.paused(&row.id, now_s);
+        // Counting reads every line of the batch: only when no worker here
+        // runs one (another replica's may: the counts say so).
+        if !gateway.batches.working(&row.id) {
+            let counts = counts(gateway, &row).await?;
+            if !counts.contains_key("pending") && !counts.contains_key("running") {
+                finalize(gateway, &row, batch, "completed").await?;
+                continue;
+            }
+            if !counts.contains_key("pending") {
+                continue;
+            }
         }
-        let counts = counts(gateway, &row).await?;
-        if !counts.contains_key("pending") && !counts.contains_key("running") {
-            finalize(gateway, &row, batch, "completed").await?;
+        if !paused {
+            start_lines(gateway, &row, &batch).await?;
         }
     }
     Ok(())
@@ -293,7 +320,9 @@ async fn drain(
     }
 }
 
-/// Start as many of a batch's pending lines as its project has turns free.
+/// Start as many workers on a batch as its project has turns free; each
+/// takes the batch's next pending line, runs it, and takes the next, until
+/// none is left (or the batch waits for the allowance).
 async fn start_lines(
     gateway: &Arc<Gateway>,
     row: &BatchRow,
@@ -303,43 +332,18 @@ async fn start_lines(
     let Some((org, project)) = locate(&live, &row.org, &row.project) else {
         return Ok(());
     };
+    let Some(endpoint) = crate::gateway::routes::metered_endpoint(&batch.endpoint) else {
+        return Ok(());
+    };
     let p = &live.config.orgs[org].projects[project];
     let turns = gateway
         .batches
         .turns(&row.org, &row.project, p.batch_concurrency);
-    let free = turns.available_permits();
-    if free == 0 {
-        return Ok(());
-    }
-    let lines = gateway
-        .store
-        .batch_take(
-            row.org.clone(),
-            row.id.clone(),
-            free as i64,
-            gateway.clock.now_ms(),
-        )
-        .await
-        .map_err(store_error)?;
-    let Some(endpoint) = crate::gateway::routes::metered_endpoint(&batch.endpoint) else {
-        return Ok(());
-    };
     let terms = Arc::new(BatchTerms {
         free_only: p.batch_spend == BatchSpend::Free,
         reserve_percent: p.batch_reserve_percent,
     });
-    for line in lines {
-        let Ok(turn) = turns.clone().try_acquire_owned() else {
-            set(
-                gateway,
-                row,
-                line.line,
-                "pending",
-                Value::String(String::new()),
-            )
-            .await?;
-            continue;
-        };
+    while let Ok(turn) = turns.clone().try_acquire_owned() {
         let caller = Caller {
             org,
             project,
@@ -348,15 +352,54 @@ async fn start_lines(
             batch: Some(terms.clone()),
         };
         let (gateway, row) = (gateway.clone(), row.clone());
+        gateway.batches.worker(&row.id, 1);
         tokio::spawn(async move {
-            if let Err(e) = run_line(&gateway, &row, caller, endpoint, line).await {
-                tracing::warn!(error = ?e, batch = %row.id, "a batch line could not be recorded");
-            }
+            let ran = match work(&gateway, &row, caller, endpoint).await {
+                Ok(ran) => ran,
+                Err(e) => {
+                    tracing::warn!(error = ?e, batch = %row.id, "a batch worker stopped");
+                    true
+                }
+            };
+            gateway.batches.worker(&row.id, -1);
             drop(turn);
-            gateway.batches.notify_one();
+            // A worker that ran a line may have ended the batch: look now
+            // (one that found none waits for the next look).
+            if ran {
+                gateway.batches.notify_one();
+            }
         });
     }
     Ok(())
+}
+
+/// A worker: the batch's next line, one at a time, until none is pending;
+/// whether it ran one.
+async fn work(
+    gateway: &Arc<Gateway>,
+    row: &BatchRow,
+    caller: Caller,
+    endpoint: crate::tokens::request::Endpoint,
+) -> Result<bool, ApiError> {
+    let mut ran = false;
+    loop {
+        if gateway
+            .batches
+            .paused(&row.id, gateway.clock.now_ms().div_euclid(1000))
+        {
+            return Ok(ran);
+        }
+        let mut lines = gateway
+            .store
+            .batch_take(row.org.clone(), row.id.clone(), 1, gateway.clock.now_ms())
+            .await
+            .map_err(store_error)?;
+        let Some(line) = lines.pop() else {
+            return Ok(ran);
+        };
+        run_line(gateway, row, caller.clone(), endpoint, line).await?;
+        ran = true;
+    }
 }
 
 /// The positions of org `org` and project `project` (by id), if they are there.

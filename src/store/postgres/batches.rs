@@ -1,5 +1,6 @@
 //! Batches in PostgreSQL: a row each (OpenAI's object as JSON) and their
-//! lines, keyed by org. A line is claimed with `FOR UPDATE SKIP LOCKED`, so
+//! lines, keyed by org. A line is claimed with `FOR UPDATE SKIP LOCKED` (in
+//! a CTE, which runs once: a subquery in `IN` may run again per row), so
 //! replicas sharing the ledger never run the same line.
 
 use tokio_postgres::{Client, Row};
@@ -85,11 +86,12 @@ pub(super) async fn take(
 ) -> Result<Vec<BatchLine>, StoreError> {
     let rows = client
         .query(
-            "UPDATE batch_lines SET state = 'running', claimed_ms = $4
-             WHERE org = $1 AND batch_id = $2 AND line IN (
+            "WITH picked AS (
                 SELECT line FROM batch_lines WHERE org = $1 AND batch_id = $2 AND state = 'pending'
                 ORDER BY line LIMIT $3 FOR UPDATE SKIP LOCKED)
-             RETURNING line, custom_id, body, state, result, claimed_ms",
+             UPDATE batch_lines b SET state = 'running', claimed_ms = $4
+             FROM picked WHERE b.org = $1 AND b.batch_id = $2 AND b.line = picked.line
+             RETURNING b.line, b.custom_id, b.body, b.state, b.result, b.claimed_ms",
             &[&org, &id, &n, &now_ms],
         )
         .await?;

@@ -172,7 +172,8 @@ const MIGRATIONS: &[&str] = &[
         result TEXT NOT NULL,
         claimed_ms BIGINT NOT NULL DEFAULT 0,
         PRIMARY KEY (org, batch_id, line)
-    );",
+    );
+    CREATE INDEX batch_lines_state ON batch_lines (org, batch_id, state, line);",
 ];
 
 /// The schema version this tokenwarden writes.
