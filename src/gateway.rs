@@ -412,14 +412,21 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         );
     let v1 = Router::new()
         .route("/v1/models", get(routes::models))
-        .route(
-            "/v1/files",
-            get(files::list)
-                .post(files::upload)
-                .layer(axum::extract::DefaultBodyLimit::disable()),
+        .merge(
+            Router::new()
+                .route(
+                    "/v1/files",
+                    get(files::list)
+                        .post(files::upload)
+                        .layer(axum::extract::DefaultBodyLimit::disable()),
+                )
+                .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+                .route("/v1/files/{id}/content", get(files::content))
+                .layer(axum::middleware::from_fn_with_state(
+                    gateway.clone(),
+                    files::forward_opened,
+                )),
         )
-        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
-        .route("/v1/files/{id}/content", get(files::content))
         .route("/v1/batches", get(batches::list).post(batches::create))
         .route("/v1/batches/{id}", get(batches::retrieve))
         .route(

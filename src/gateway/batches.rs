@@ -201,6 +201,15 @@ async fn create_batch(
     let metadata = body.get("metadata").cloned().filter(|m| !m.is_null());
     check_metadata(metadata.as_ref())?;
     let file = super::files::find(gateway, caller, &file_id).await?;
+    if file.purpose != "batch" {
+        return Err(bad(
+            format!(
+                "The input file must have purpose batch, not {}.",
+                file.purpose
+            ),
+            "input_file_id",
+        ));
+    }
     let (org, project_id) = owner(caller)?;
     let now_s = gateway.clock.now_ms().div_euclid(1000);
     let mut batch = Batch {

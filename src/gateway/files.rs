@@ -78,6 +78,20 @@ fn forwarded(caller: &Caller, request: &Request) -> bool {
     })
 }
 
+/// Middleware on the `/v1/files` routes: a project whose `forward` rules
+/// open the call sends it upstream, as before tokenwarden kept files.
+pub async fn forward_opened(
+    State(gateway): State<Arc<Gateway>>,
+    Extension(caller): Extension<Caller>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if forwarded(&caller, &request) {
+        return super::routes::passthrough(State(gateway), Extension(caller), request).await;
+    }
+    next.run(request).await
+}
+
 /// The caller's file `id`, or the 404 of a file that is nowhere.
 pub async fn find(gateway: &Gateway, caller: &Caller, id: &str) -> Result<FileMeta, ApiError> {
     let (org, project) = owner(caller)?;
@@ -97,9 +111,6 @@ pub async fn upload(
     Extension(caller): Extension<Caller>,
     request: Request,
 ) -> Response {
-    if forwarded(&caller, &request) {
-        return super::routes::passthrough(State(gateway), Extension(caller), request).await;
-    }
     match receive(&gateway, &caller, request).await {
         Ok(file) => Json(object(&file)).into_response(),
         Err(e) => e.into_response(),
@@ -280,11 +291,7 @@ pub async fn list(
     State(gateway): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
-    request: Request,
 ) -> Response {
-    if forwarded(&caller, &request) {
-        return super::routes::passthrough(State(gateway), Extension(caller), request).await;
-    }
     listing(&gateway, &caller, raw.as_deref())
         .await
         .map_or_else(IntoResponse::into_response, |v| Json(v).into_response())
@@ -338,11 +345,7 @@ pub async fn retrieve(
     State(gateway): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    request: Request,
 ) -> Response {
-    if forwarded(&caller, &request) {
-        return super::routes::passthrough(State(gateway), Extension(caller), request).await;
-    }
     find(&gateway, &caller, &id)
         .await
         .map_or_else(IntoResponse::into_response, |f| {
@@ -355,11 +358,7 @@ pub async fn delete(
     State(gateway): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    request: Request,
 ) -> Response {
-    if forwarded(&caller, &request) {
-        return super::routes::passthrough(State(gateway), Extension(caller), request).await;
-    }
     let deleted = async {
         let f = find(&gateway, &caller, &id).await?;
         gateway
@@ -382,11 +381,7 @@ pub async fn content(
     State(gateway): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    request: Request,
 ) -> Response {
-    if forwarded(&caller, &request) {
-        return super::routes::passthrough(State(gateway), Extension(caller), request).await;
-    }
     let f = match find(&gateway, &caller, &id).await {
         Ok(f) => f,
         Err(e) => return e.into_response(),

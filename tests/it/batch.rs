@@ -392,3 +392,40 @@ async fn kill_9_mid_batch_and_restart_every_line_exactly_once() {
     let _ = gateway.kill();
     let _ = gateway.wait();
 }
+
+/// A project whose `forward` rules open `/files` upstream keeps sending
+/// its file calls there; the others' are the gateway's own.
+#[tokio::test]
+async fn files_go_upstream_where_the_project_forwards_them() {
+    let config = format!(
+        "{}\n[[orgs]]\nname = \"fwd\"\n\n[[orgs.projects]]\nname = \"open\"\nforward = [\"GET /files\"]\nkeys = [\"tw-batch-forward-key-00001\"]\n",
+        config()
+    );
+    let h = start("batch-files-forwarded", &config).await;
+    let get = |key: &'static str| {
+        h.client
+            .get(format!("{}/files", h.base))
+            .bearer_auth(key)
+            .send()
+    };
+    let _ = get("tw-batch-forward-key-00001").await.map(|r| r.status());
+    let forwarded = h
+        .gateway
+        .store
+        .recent_forwarded(10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+    assert_eq!(forwarded[0].path, "/files");
+    let own = get(WEB_KEY).await.map_or(0, |r| r.status().as_u16());
+    assert_eq!(own, 200);
+    assert_eq!(
+        h.gateway
+            .store
+            .recent_forwarded(10)
+            .await
+            .unwrap_or_default()
+            .len(),
+        1
+    );
+}

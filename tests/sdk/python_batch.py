@@ -95,5 +95,11 @@ try:
 except openai.BadRequestError:
     pass
 
+try:
+    web.batches.create(input_file_id=batch.output_file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    raise AssertionError("a batch of an output file")
+except openai.BadRequestError as e:
+    assert "purpose batch" in str(e), e
+
 print("python batch sdk ok")
 print(batch.id)
