@@ -26,7 +26,11 @@
 //!    ([`gateway::dashboard`]).
 //!
 //! [`config`] turns the TOML file into the orgs, projects, keys, upstreams
-//! and program settings all of this reads; [`simulator`] is the
+//! and program settings all of this reads, and [`changes`] applies on top
+//! of it what organizations changed at runtime (the admin API,
+//! [`gateway::admin`]); each call runs on the configuration of its arrival
+//! (`gateway::Live`). Batches ([`gateway::batches`]) send their lines down
+//! the same road, paced into the free allowance. [`simulator`] is the
 //! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
 //! them. [`capture`] keeps shared traffic for export. The [`store`] is
 //! SQLite for one gateway, or PostgreSQL for replicas that share one ledger
