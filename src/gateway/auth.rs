@@ -48,6 +48,13 @@ impl std::fmt::Debug for Caller {
 }
 
 impl Caller {
+    /// The caller's org name and project id (what the ledger's files and
+    /// batches are kept under).
+    pub fn owner(&self) -> Result<(String, String), ApiError> {
+        let (org, project) = self.org_project().ok_or(ApiError::Internal)?;
+        Ok((org.name.to_string(), project.id.to_string()))
+    }
+
     /// The caller's org and project.
     pub fn org_project(&self) -> Option<(&crate::config::Org, &crate::config::Project)> {
         let org = self.live.config.orgs.get(self.org)?;

@@ -104,29 +104,18 @@ fn bad(message: impl Into<String>, param: &str) -> ApiError {
     }
 }
 
-pub(crate) fn store_error(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "the batches of the ledger could not be read or written");
-    ApiError::StoreUnavailable
-}
-
 fn no_batch(id: &str) -> ApiError {
     ApiError::NoSuchObject(format!("No such Batch object: {}", crate::excerpt(id, 64)))
 }
 
-/// The caller's org and project ids.
-fn owner(caller: &Caller) -> Result<(String, String), ApiError> {
-    let (org, project) = caller.org_project().ok_or(ApiError::Internal)?;
-    Ok((org.name.to_string(), project.id.to_string()))
-}
-
 /// The caller's batch `id`, or the 404 of a batch that is nowhere.
 async fn find(gateway: &Gateway, caller: &Caller, id: &str) -> Result<Batch, ApiError> {
-    let (org, project) = owner(caller)?;
+    let (org, project) = caller.owner()?;
     gateway
         .store
         .batches(Some(org), Some(project))
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::store)?
         .iter()
         .find(|b| b.id == id)
         .and_then(Batch::from_row)
@@ -210,7 +199,7 @@ async fn create_batch(
             "input_file_id",
         ));
     }
-    let (org, project_id) = owner(caller)?;
+    let (org, project_id) = caller.owner()?;
     let now_s = gateway.clock.now_ms().div_euclid(1000);
     let mut batch = Batch {
         id: format!("batch_{}", &super::auth::new_key("")[..24]),
@@ -232,7 +221,7 @@ async fn create_batch(
         .store
         .batch_save(batch.row(&org, &project_id))
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::store)?;
     match validate::lines(gateway, &file, &batch.id, endpoint_kind).await {
         Ok((total, model)) => {
             batch.model = model;
@@ -246,13 +235,13 @@ async fn create_batch(
             batch.failed_at = Some(now_s);
             batch.errors = Some(json!({"object": "list", "data": errors}));
         }
-        Err(validate::Invalid::Store(e)) => return Err(store_error(e)),
+        Err(validate::Invalid::Store(e)) => return Err(ApiError::store(e)),
     }
     gateway
         .store
         .batch_save(batch.row(&org, &project_id))
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::store)?;
     gateway.batches.notify_one();
     Ok(batch)
 }
@@ -297,12 +286,12 @@ pub async fn cancel(
     if matches!(batch.status.as_str(), "validating" | "in_progress") {
         batch.status = "cancelling".into();
         batch.cancelling_at = Some(gateway.clock.now_ms().div_euclid(1000));
-        let (org, project) = owner(&caller)?;
+        let (org, project) = caller.owner()?;
         gateway
             .store
             .batch_save(batch.row(&org, &project))
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         gateway.batches.notify_one();
     }
     Ok(Json(batch))
@@ -314,12 +303,12 @@ pub async fn list(
     Extension(caller): Extension<Caller>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let (org, project) = owner(&caller)?;
+    let (org, project) = caller.owner()?;
     let mut batches: Vec<Batch> = gateway
         .store
         .batches(Some(org), Some(project))
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::store)?
         .iter()
         .filter_map(Batch::from_row)
         .collect();

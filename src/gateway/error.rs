@@ -75,6 +75,12 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The ledger failed a read or a write a route needs (logged): 503.
+    pub fn store(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "the ledger could not be read or written");
+        ApiError::StoreUnavailable
+    }
+
     /// OpenAI's 404 for a URL it does not serve, echoing a short prefix of it.
     pub fn unknown_route(method: &str, path: &str) -> Self {
         ApiError::UnknownRoute {

@@ -56,17 +56,6 @@ fn bad(message: impl Into<String>, param: &str) -> ApiError {
     }
 }
 
-fn store_error(e: crate::store::StoreError) -> ApiError {
-    tracing::error!(error = %e, "the files of the ledger could not be read or written");
-    ApiError::StoreUnavailable
-}
-
-/// The org and project ids of a caller.
-fn owner(caller: &Caller) -> Result<(String, String), ApiError> {
-    let (org, project) = caller.org_project().ok_or(ApiError::Internal)?;
-    Ok((org.name.to_string(), project.id.to_string()))
-}
-
 /// Whether the project's `forward` rules send this call upstream instead.
 fn forwarded(caller: &Caller, request: &Request) -> bool {
     let path = request.uri().path();
@@ -94,12 +83,12 @@ pub async fn forward_opened(
 
 /// The caller's file `id`, or the 404 of a file that is nowhere.
 pub async fn find(gateway: &Gateway, caller: &Caller, id: &str) -> Result<FileMeta, ApiError> {
-    let (org, project) = owner(caller)?;
+    let (org, project) = caller.owner()?;
     gateway
         .store
         .files(org, project)
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::store)?
         .into_iter()
         .find(|f| f.id == id)
         .ok_or_else(|| no_file(id))
@@ -136,12 +125,12 @@ async fn receive(
     caller: &Caller,
     request: Request,
 ) -> Result<FileMeta, ApiError> {
-    let (org, project) = owner(caller)?;
+    let (org, project) = caller.owner()?;
     if gateway
         .store
         .files(org.clone(), project.clone())
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::store)?
         .len()
         >= MAX_FILES
     {
@@ -172,7 +161,7 @@ async fn receive(
                         bytes: 0,
                         created_at: gateway.clock.now_ms().div_euclid(1000),
                     };
-                    gateway.store.file_begin(meta.clone()).await.map_err(store_error)?;
+                    gateway.store.file_begin(meta.clone()).await.map_err(ApiError::store)?;
                     let id = meta.id.clone();
                     file = Some(meta);
                     let bytes = store_parts(gateway, &org, &id, &mut field).await?;
@@ -206,7 +195,7 @@ async fn receive(
             .store
             .file_end(org.clone(), done.id.clone(), purpose.clone(), done.bytes)
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         done.purpose = purpose;
         Ok(done)
     }
@@ -261,7 +250,7 @@ async fn store_parts(
             store
                 .file_part(org, id, this, data)
                 .await
-                .map_err(store_error)
+                .map_err(ApiError::store)
         }
     };
     while let Some(mut chunk) = next_chunk(field).await? {
@@ -298,12 +287,12 @@ pub async fn list(
 }
 
 async fn listing(gateway: &Gateway, caller: &Caller, raw: Option<&str>) -> Result<Value, ApiError> {
-    let (org, project) = owner(caller)?;
+    let (org, project) = caller.owner()?;
     let mut files = gateway
         .store
         .files(org, project)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::store)?;
     let (mut limit, mut after, mut purpose, mut asc) = (10_000usize, None, None, false);
     for pair in raw.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -365,7 +354,7 @@ pub async fn delete(
             .store
             .file_delete(f.org, f.id.clone())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         Ok::<_, ApiError>(json!({"object": "file", "id": f.id, "deleted": true}))
     };
     deleted

@@ -2,7 +2,6 @@
 //! OpenAI's Admin API shape: the official Python SDK's admin resources, and
 //! raw HTTP where it has none (data sharing, project policies).
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{json, Value};
@@ -24,27 +23,8 @@ async fn gateway(label: &str) -> Harness {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_manages_projects_and_keys() {
-    let python = std::env::var_os("TOKENWARDEN_SDK_PYTHON")
-        .map_or_else(|| repo("target/sdk/venv/bin/python"), PathBuf::from);
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test, which installs the SDKs",
-        python.display()
-    );
     let h = gateway("admin-sdk").await;
-    let base = h.base.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(repo("tests/sdk/python_admin.py"))
-            .args([&base, ACME_ADMIN, PLATFORM])
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("python: {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let stdout = crate::harness::python("python_admin.py", &[&h.base, ACME_ADMIN, PLATFORM]).await;
     assert!(stdout.contains("python admin sdk ok"), "{stdout}");
     // Every change is in the ledger, with who made it; beta saw none of them.
     let changes = h.gateway.changes_of(Some("acme")).await;

@@ -1,9 +1,8 @@
 //! OpenAI's Files and Batch APIs, run by tokenwarden.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use crate::harness::{repo, start};
+use crate::harness::start;
 
 const WEB_KEY: &str = "tw-batch-web-key-00000001";
 const LAB_KEY: &str = "tw-batch-lab-key-00000001";
@@ -14,33 +13,10 @@ fn config() -> String {
     )
 }
 
-fn python() -> PathBuf {
-    let python = std::env::var_os("TOKENWARDEN_SDK_PYTHON")
-        .map_or_else(|| repo("target/sdk/venv/bin/python"), PathBuf::from);
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test, which installs the SDKs",
-        python.display()
-    );
-    python
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_uploads_lists_reads_and_deletes_files() {
     let h = start("batch-files", &config()).await;
-    let (python, base) = (python(), h.base.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(repo("tests/sdk/python_files.py"))
-            .args([&base, WEB_KEY, LAB_KEY])
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("python: {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let stdout = crate::harness::python("python_files.py", &[&h.base, WEB_KEY, LAB_KEY]).await;
     assert!(stdout.contains("python files sdk ok"), "{stdout}");
     assert_eq!(h.served().requests, 0, "no file went upstream");
     // What is left in the ledger: the second file only, in one part.
@@ -66,19 +42,8 @@ async fn the_python_sdk_uploads_lists_reads_and_deletes_files() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_sdk_runs_a_batch_to_completed() {
     let h = start("batch-run", &config()).await;
-    let (python, base) = (python(), h.base.clone());
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(repo("tests/sdk/python_batch.py"))
-            .args([&base, WEB_KEY, LAB_KEY, "40"])
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("python: {e}"));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
+    let stdout =
+        crate::harness::python("python_batch.py", &[&h.base, WEB_KEY, LAB_KEY, "40"]).await;
     assert!(stdout.contains("python batch sdk ok"), "{stdout}");
     let batch = stdout.lines().last().unwrap_or_default().to_owned();
     // Each line was a call on the metered road, recorded with the batch's id.
@@ -298,22 +263,12 @@ async fn kill_9_mid_batch_and_restart_every_line_exactly_once() {
     };
     let (mut gateway, base) = serve();
     let lines = 200;
-    let (python, start_base) = (python(), base.clone());
-    let started = tokio::task::spawn_blocking(move || {
-        Command::new(&python)
-            .arg(repo("tests/sdk/python_batch_start.py"))
-            .args([&start_base, WEB_KEY, &lines.to_string()])
-            .output()
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("python: {e}"));
-    assert!(
-        started.status.success(),
-        "{}",
-        String::from_utf8_lossy(&started.stderr)
-    );
-    let id = String::from_utf8_lossy(&started.stdout).trim().to_owned();
+    let started = crate::harness::python(
+        "python_batch_start.py",
+        &[&base, WEB_KEY, &lines.to_string()],
+    )
+    .await;
+    let id = started.trim().to_owned();
     // Kill it once some lines have run and the rest have not.
     let served = |sim: &std::sync::Arc<tokenwarden::simulator::Simulator>| {
         sim.stats()

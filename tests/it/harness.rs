@@ -79,6 +79,35 @@ pub async fn dashboard_page(root: &str, admin: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Run `tests/sdk/SCRIPT` with the Python of the SDK venv that
+/// `scripts/test` installs (or `TOKENWARDEN_SDK_PYTHON`), off the runtime's
+/// workers; its standard output. A failing script fails the test with both
+/// outputs.
+pub async fn python(script: &str, args: &[&str]) -> String {
+    let python = std::env::var_os("TOKENWARDEN_SDK_PYTHON")
+        .map_or_else(|| repo("target/sdk/venv/bin/python"), PathBuf::from);
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/test, which installs the SDKs",
+        python.display()
+    );
+    let script = repo(&format!("tests/sdk/{script}"));
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(&python)
+            .arg(&script)
+            .args(&args)
+            .output()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
+    .unwrap_or_else(|e| panic!("python: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    stdout
+}
+
 /// A path in the repository (fixtures, test scripts, target/).
 pub fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)

@@ -20,7 +20,7 @@ use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 
-use super::{store_error, Batch};
+use super::Batch;
 use crate::config::BatchSpend;
 use crate::gateway::auth::{BatchTerms, Caller};
 use crate::gateway::error::ApiError;
@@ -137,7 +137,7 @@ async fn interrupted(gateway: &Gateway, before_ms: i64) -> Result<(), ApiError> 
                 .store
                 .batch_lines(row.org.clone(), row.id.clone(), from, PAGE)
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::store)?;
             for l in lines
                 .iter()
                 .filter(|l| l.state == "running" && l.claimed_ms < before_ms)
@@ -164,7 +164,7 @@ async fn active(gateway: &Gateway) -> Result<Vec<BatchRow>, ApiError> {
         .store
         .batches(None, None)
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::store)?
         .into_iter()
         .filter(|b| {
             matches!(
@@ -192,7 +192,7 @@ async fn set(
             result.to_string(),
         )
         .await
-        .map_err(store_error)
+        .map_err(ApiError::store)
 }
 
 fn error_line(batch: &str, l: &BatchLine, code: &str, message: &str) -> Value {
@@ -267,7 +267,7 @@ async fn counts(gateway: &Gateway, row: &BatchRow) -> Result<HashMap<String, u64
         .store
         .batch_counts(row.org.clone(), row.id.clone())
         .await
-        .map_err(store_error)?
+        .map_err(ApiError::store)?
         .into_iter()
         .filter(|(_, n)| *n > 0)
         .collect())
@@ -298,7 +298,7 @@ async fn drain(
                 gateway.clock.now_ms(),
             )
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         if lines.is_empty() {
             return Ok(());
         }
@@ -393,7 +393,7 @@ async fn work(
             .store
             .batch_take(row.org.clone(), row.id.clone(), 1, gateway.clock.now_ms())
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         let Some(line) = lines.pop() else {
             return Ok(ran);
         };
@@ -516,7 +516,7 @@ async fn finalize(
             .store
             .batch_lines(row.org.clone(), row.id.clone(), from, PAGE)
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         for l in &lines {
             match l.state.as_str() {
                 "done" => {
@@ -566,7 +566,7 @@ async fn save(gateway: &Gateway, row: &BatchRow, batch: &Batch) -> Result<(), Ap
         .store
         .batch_save(batch.row(&row.org, &row.project))
         .await
-        .map_err(store_error)
+        .map_err(ApiError::store)
 }
 
 /// A result file written a part at a time (none if no line is written).
@@ -603,7 +603,7 @@ impl<'a> Writer<'a> {
                 .store
                 .file_begin(self.meta.clone())
                 .await
-                .map_err(store_error)?;
+                .map_err(ApiError::store)?;
             self.begun = true;
         }
         self.part.extend_from_slice(text.as_bytes());
@@ -621,7 +621,7 @@ impl<'a> Writer<'a> {
             .store
             .file_part(self.meta.org.clone(), self.meta.id.clone(), self.seq, data)
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         self.seq += 1;
         Ok(())
     }
@@ -643,7 +643,7 @@ impl<'a> Writer<'a> {
                 self.meta.bytes,
             )
             .await
-            .map_err(store_error)?;
+            .map_err(ApiError::store)?;
         Ok(Some(self.meta.id))
     }
 }
