@@ -1,6 +1,8 @@
 //! What the `serve` and `simulate` commands start: the gateway from a
 //! configuration, the demo (gateway, simulated upstream, demo org and key in
-//! one process), or the simulated upstream alone.
+//! one process), or the simulated upstream alone; and `batch` ([`batch`]).
+
+pub mod batch;
 
 use std::net::SocketAddr;
 use std::path::Path;

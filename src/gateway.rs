@@ -130,6 +130,17 @@ impl Gateway {
         store: Arc<dyn Store>,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Gateway>, StoreError> {
+        Gateway::with_runner(config, store, clock, batches::run::Runner::default()).await
+    }
+
+    /// A gateway whose batch runner is `runner` (`tokenwarden batch` runs
+    /// one batch: [`batches::run::Runner::for_one_batch`]).
+    pub async fn with_runner(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        runner: batches::run::Runner,
+    ) -> Result<Arc<Gateway>, StoreError> {
         let today = Day::from_unix(clock.now_ms().div_euclid(1000));
         let recovered = store.start(&PoolNames::of(&config), today).await?;
         if recovered > 0 {
@@ -187,7 +198,7 @@ impl Gateway {
             delivery,
             sessions: dashboard::Sessions::default(),
             dashboard_cache: dashboard::Cache::default(),
-            batches: batches::run::Runner::default(),
+            batches: runner,
             heavy_turns: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -422,16 +433,16 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
                 )
                 .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
                 .route("/v1/files/{id}/content", get(files::content))
+                .route("/v1/batches", get(batches::list).post(batches::create))
+                .route("/v1/batches/{id}", get(batches::retrieve))
+                .route(
+                    "/v1/batches/{id}/cancel",
+                    axum::routing::post(batches::cancel),
+                )
                 .layer(axum::middleware::from_fn_with_state(
                     gateway.clone(),
                     files::forward_opened,
                 )),
-        )
-        .route("/v1/batches", get(batches::list).post(batches::create))
-        .route("/v1/batches/{id}", get(batches::retrieve))
-        .route(
-            "/v1/batches/{id}/cancel",
-            axum::routing::post(batches::cancel),
         )
         .route("/v1/{*rest}", any(routes::passthrough))
         // Every other /v1 route needs a client key too; this runs before

@@ -102,6 +102,32 @@ enum Command {
         /// The file (- for stdin).
         file: PathBuf,
     },
+    /// Run a JSON-lines file of requests as one of a project's batches: the
+    /// output and error lines to stdout, progress to stderr.
+    ///
+    /// The lines take the gateway's own road (metered, paced into the free
+    /// allowance by the project's `batch_spend`), with no server; the batch
+    /// is kept in the ledger. Interrupted, the same command goes on where it
+    /// stopped; run after the batch ended, it prints the same output again.
+    /// With a SQLite ledger, stop `serve` first (one process owns it).
+    Batch {
+        #[arg(long, default_value = "tokenwarden.toml")]
+        config: PathBuf,
+        /// The project, by name or id.
+        #[arg(long)]
+        project: String,
+        /// The org, when projects of several orgs have that name.
+        #[arg(long)]
+        org: Option<String>,
+        /// The lines' endpoint (default: the first line's url).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// 24h, or longer for free-only work (48h, 7d, up to 30d).
+        #[arg(long, default_value = "24h")]
+        completion_window: String,
+        /// The input: lines of {custom_id, method, url, body}.
+        input: PathBuf,
+    },
     /// Validate a configuration file; exits non-zero with the key and line at fault.
     CheckConfig {
         #[arg(long, default_value = "tokenwarden.toml")]
@@ -143,11 +169,28 @@ fn main() -> ExitCode {
             format,
         } => export(&config, org, project, since, until, &format),
         Command::CheckFinetune { file } => check_finetune(&file),
+        Command::Batch {
+            config,
+            project,
+            org,
+            endpoint,
+            completion_window,
+            input,
+        } => batch(
+            &config,
+            tokenwarden::cli::batch::Args {
+                project,
+                org,
+                input,
+                endpoint,
+                completion_window,
+            },
+        ),
         Command::Serve {
             config,
             demo,
             listen,
-        } => runtime().and_then(|rt| {
+        } => runtime(tracing::Level::INFO).and_then(|rt| {
             rt.block_on(tokenwarden::cli::serve(
                 config.as_deref(),
                 demo,
@@ -159,7 +202,7 @@ fn main() -> ExitCode {
             ttft_ms,
             token_ms,
             output_tokens,
-        } => runtime().and_then(|rt| {
+        } => runtime(tracing::Level::INFO).and_then(|rt| {
             let config = SimConfig {
                 ttft: Duration::from_millis(ttft_ms),
                 token_delay: Duration::from_millis(token_ms),
@@ -177,12 +220,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    // TOKENWARDEN_LOG: error, warn, info (the default), debug (adds a line per settled call) or trace.
+/// The runtime, and logs to stderr at `default` or `TOKENWARDEN_LOG`.
+fn runtime(default: tracing::Level) -> anyhow::Result<tokio::runtime::Runtime> {
+    // TOKENWARDEN_LOG: error, warn, info, debug (adds a line per settled call) or trace.
     let level = std::env::var("TOKENWARDEN_LOG")
         .ok()
         .and_then(|v| v.parse::<tracing::Level>().ok())
-        .unwrap_or(tracing::Level::INFO);
+        .unwrap_or(default);
     // Colours only for a terminal: a log file or journald gets plain text.
     let colours = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
@@ -270,6 +314,28 @@ fn export(
             filter.org
         );
     }
+    Ok(())
+}
+
+fn batch(path: &std::path::Path, args: tokenwarden::cli::batch::Args) -> anyhow::Result<()> {
+    let config = Config::load(path, &ProcessEnv)?;
+    // Warnings and errors only: progress has stderr.
+    let summary = runtime(tracing::Level::WARN)?.block_on(tokenwarden::cli::batch::run(
+        config,
+        &args,
+        std::io::stdout().lock(),
+    ))?;
+    let b = &summary.batch;
+    eprintln!(
+        "batch {} {}: {} lines, {} completed, {} failed; {} input and {} output tokens",
+        b.id,
+        b.status,
+        b.request_counts.total,
+        b.request_counts.completed,
+        b.request_counts.failed,
+        b.usage.input_tokens,
+        b.usage.output_tokens
+    );
     Ok(())
 }
 

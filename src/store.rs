@@ -116,6 +116,9 @@ pub trait Store: Send + Sync {
     ) -> StoreFuture<'_, Vec<bytes::Bytes>>;
     /// Delete a file and its parts; whether it was there.
     fn file_delete(&self, org: String, id: String) -> StoreFuture<'_, bool>;
+    /// The files begun before `before_s` (Unix seconds) and never complete
+    /// (an upload a stop cut): (org, id).
+    fn files_abandoned(&self, before_s: i64) -> StoreFuture<'_, Vec<(String, String)>>;
 
     /// Keep a batch's row (made or changed).
     fn batch_save(&self, batch: BatchRow) -> StoreFuture<'_, ()>;

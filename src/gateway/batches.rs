@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use super::auth::Caller;
 use super::error::ApiError;
 use super::Gateway;
-use crate::store::BatchRow;
+use crate::store::{BatchRow, FileMeta};
 
 pub mod run;
 mod validate;
@@ -163,11 +163,45 @@ async fn create_batch(
                 code: Some("missing_required_parameter"),
             })
     };
-    let (file_id, endpoint, window) = (
-        text("input_file_id")?,
-        text("endpoint")?,
-        text("completion_window")?,
-    );
+    let order = Order {
+        endpoint: text("endpoint")?,
+        completion_window: text("completion_window")?,
+        metadata: body.get("metadata").cloned().filter(|m| !m.is_null()),
+    };
+    let file_id = text("input_file_id")?;
+    let file = super::files::find(gateway, caller, &file_id).await?;
+    if file.purpose != "batch" {
+        return Err(bad(
+            format!(
+                "The input file must have purpose batch, not {}.",
+                file.purpose
+            ),
+            "input_file_id",
+        ));
+    }
+    start(gateway, caller, &file, order).await
+}
+
+/// What a batch is asked to do with its input file.
+pub struct Order {
+    pub endpoint: String,
+    pub completion_window: String,
+    pub metadata: Option<Value>,
+}
+
+/// Check `order`, validate `file`'s lines and start the batch (or keep it
+/// `failed`, with the lines' errors).
+pub async fn start(
+    gateway: &Gateway,
+    caller: &Caller,
+    file: &FileMeta,
+    order: Order,
+) -> Result<Batch, ApiError> {
+    let Order {
+        endpoint,
+        completion_window: window,
+        metadata,
+    } = order;
     let Some(endpoint_kind) = super::routes::metered_endpoint(&endpoint) else {
         return Err(bad(
             "'endpoint' must be /v1/chat/completions, /v1/responses, /v1/completions or /v1/embeddings.",
@@ -187,18 +221,7 @@ async fn create_batch(
             "completion_window",
         ));
     }
-    let metadata = body.get("metadata").cloned().filter(|m| !m.is_null());
     check_metadata(metadata.as_ref())?;
-    let file = super::files::find(gateway, caller, &file_id).await?;
-    if file.purpose != "batch" {
-        return Err(bad(
-            format!(
-                "The input file must have purpose batch, not {}.",
-                file.purpose
-            ),
-            "input_file_id",
-        ));
-    }
     let (org, project_id) = caller.owner()?;
     let now_s = gateway.clock.now_ms().div_euclid(1000);
     let mut batch = Batch {
@@ -222,7 +245,7 @@ async fn create_batch(
         .batch_save(batch.row(&org, &project_id))
         .await
         .map_err(ApiError::store)?;
-    match validate::lines(gateway, &file, &batch.id, endpoint_kind).await {
+    match validate::lines(gateway, file, &batch.id, endpoint_kind).await {
         Ok((total, model)) => {
             batch.model = model;
             batch.status = "in_progress".into();

@@ -26,6 +26,10 @@ use crate::store::{FileMeta, FILE_PART};
 pub const MAX_FILE_BYTES: u64 = 200 * 1024 * 1024;
 /// Files a project keeps at most.
 pub const MAX_FILES: usize = 1000;
+/// An upload not complete this long after it began was cut by a stop (a
+/// slow one may take a while: at most [`MAX_FILE_BYTES`], each piece within
+/// [`PIECE_TIMEOUT`]); its parts are deleted.
+const ABANDONED_AFTER_S: i64 = 6 * 3600;
 /// How long the upload may wait for its next piece.
 const PIECE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -67,8 +71,9 @@ fn forwarded(caller: &Caller, request: &Request) -> bool {
     })
 }
 
-/// Middleware on the `/v1/files` routes: a project whose `forward` rules
-/// open the call sends it upstream, as before tokenwarden kept files.
+/// Middleware on the `/v1/files` and `/v1/batches` routes: a project whose
+/// `forward` rules open the call sends it upstream (OpenAI keeps its files
+/// and runs its batches), as before tokenwarden did.
 pub async fn forward_opened(
     State(gateway): State<Arc<Gateway>>,
     Extension(caller): Extension<Caller>,
@@ -126,19 +131,7 @@ async fn receive(
     request: Request,
 ) -> Result<FileMeta, ApiError> {
     let (org, project) = caller.owner()?;
-    if gateway
-        .store
-        .files(org.clone(), project.clone())
-        .await
-        .map_err(ApiError::store)?
-        .len()
-        >= MAX_FILES
-    {
-        return Err(bad(
-            format!("A project keeps at most {MAX_FILES} files: delete some first."),
-            "file",
-        ));
-    }
+    room(gateway, &org, &project).await?;
     let mut multipart = Multipart::from_request(request, &())
         .await
         .map_err(|e| bad(format!("The body must be multipart/form-data: {e}"), "file"))?;
@@ -164,7 +157,10 @@ async fn receive(
                     gateway.store.file_begin(meta.clone()).await.map_err(ApiError::store)?;
                     let id = meta.id.clone();
                     file = Some(meta);
-                    let bytes = store_parts(gateway, &org, &id, &mut field).await?;
+                    let chunks = futures_util::stream::unfold(&mut field, |field| async {
+                        next_chunk(field).await.transpose().map(|chunk| (chunk, field))
+                    });
+                    let bytes = store_parts(gateway, &org, &id, chunks).await?;
                     if let Some(f) = file.as_mut() {
                         f.bytes = bytes;
                     }
@@ -210,6 +206,88 @@ async fn receive(
     result
 }
 
+/// Refused when the project keeps [`MAX_FILES`] already.
+async fn room(gateway: &Gateway, org: &str, project: &str) -> Result<(), ApiError> {
+    let kept = gateway
+        .store
+        .files(org.to_owned(), project.to_owned())
+        .await
+        .map_err(ApiError::store)?
+        .len();
+    if kept >= MAX_FILES {
+        return Err(bad(
+            format!("A project keeps at most {MAX_FILES} files: delete some first."),
+            "file",
+        ));
+    }
+    Ok(())
+}
+
+/// Keep a batch input file given piece by piece (`tokenwarden batch`
+/// reading a local file), as an upload would.
+pub async fn keep(
+    gateway: &Gateway,
+    caller: &Caller,
+    filename: &str,
+    chunks: impl futures_util::Stream<Item = Result<Bytes, ApiError>>,
+) -> Result<FileMeta, ApiError> {
+    let (org, project) = caller.owner()?;
+    room(gateway, &org, &project).await?;
+    let mut meta = FileMeta {
+        id: format!("file-{}", &super::auth::new_key("")[..24]),
+        org: org.clone(),
+        project,
+        purpose: "batch".into(),
+        filename: crate::excerpt(filename, 256),
+        bytes: 0,
+        created_at: gateway.clock.now_ms().div_euclid(1000),
+    };
+    gateway
+        .store
+        .file_begin(meta.clone())
+        .await
+        .map_err(ApiError::store)?;
+    let stored = async {
+        meta.bytes = store_parts(gateway, &org, &meta.id, chunks).await?;
+        gateway
+            .store
+            .file_end(
+                org.clone(),
+                meta.id.clone(),
+                meta.purpose.clone(),
+                meta.bytes,
+            )
+            .await
+            .map_err(ApiError::store)
+    }
+    .await;
+    if let Err(e) = stored {
+        if let Err(e) = gateway.store.file_delete(org, meta.id).await {
+            tracing::error!(error = %e, "could not remove a file not kept whole");
+        }
+        return Err(e);
+    }
+    Ok(meta)
+}
+
+/// Delete the uploads a stop cut (begun [`ABANDONED_AFTER_S`] before
+/// `now_s` and never complete).
+pub async fn purge_abandoned(gateway: &Gateway, now_s: i64) -> Result<(), ApiError> {
+    let abandoned = gateway
+        .store
+        .files_abandoned(now_s - ABANDONED_AFTER_S)
+        .await
+        .map_err(ApiError::store)?;
+    for (org, id) in abandoned {
+        gateway
+            .store
+            .file_delete(org, id)
+            .await
+            .map_err(ApiError::store)?;
+    }
+    Ok(())
+}
+
 /// A text field of at most 64 bytes.
 async fn small_text(field: &mut axum::extract::multipart::Field<'_>) -> Result<String, ApiError> {
     let mut text = Vec::new();
@@ -232,13 +310,15 @@ async fn next_chunk(
     }
 }
 
-/// Store a file field's bytes in parts as they come; its size.
+/// Store a file's bytes in parts as they come; its size.
 async fn store_parts(
     gateway: &Gateway,
     org: &str,
     id: &str,
-    field: &mut axum::extract::multipart::Field<'_>,
+    chunks: impl futures_util::Stream<Item = Result<Bytes, ApiError>>,
 ) -> Result<u64, ApiError> {
+    use futures_util::StreamExt;
+    let mut chunks = std::pin::pin!(chunks);
     let mut part = BytesMut::with_capacity(FILE_PART);
     let (mut seq, mut total) = (0i64, 0u64);
     let mut flush = |part: &mut BytesMut| {
@@ -253,7 +333,7 @@ async fn store_parts(
                 .map_err(ApiError::store)
         }
     };
-    while let Some(mut chunk) = next_chunk(field).await? {
+    while let Some(mut chunk) = chunks.next().await.transpose()? {
         total += chunk.len() as u64;
         if total > MAX_FILE_BYTES {
             return Err(ApiError::PayloadTooLarge {

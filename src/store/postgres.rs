@@ -753,6 +753,10 @@ impl Store for PgStore {
         })
     }
 
+    fn files_abandoned(&self, before_s: i64) -> StoreFuture<'_, Vec<(String, String)>> {
+        Box::pin(async move { files::abandoned(&*self.pooled().await?, before_s).await })
+    }
+
     fn batch_save(&self, batch: BatchRow) -> StoreFuture<'_, ()> {
         Box::pin(async move { batches::save(&*self.pooled().await?, &batch).await })
     }

@@ -78,6 +78,14 @@ async fn the_python_sdk_runs_a_batch_to_completed() {
     assert_eq!((requests("true"), requests("false")), (40, 1), "{rows:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_sdk_runs_a_batch_of_embeddings_to_completed() {
+    let h = start("batch-node", &config()).await;
+    let stdout = crate::harness::node("batch.mjs", &[&h.base, WEB_KEY, LAB_KEY, "25"]).await;
+    assert!(stdout.contains("node batch sdk ok"), "{stdout}");
+    assert!(h.served().requests >= 25, "the lines went upstream");
+}
+
 /// Put a batch input file of `lines` chat lines in the ledger, as an upload
 /// of project `web` would.
 async fn input_file(h: &crate::harness::Harness, lines: usize) -> String {
@@ -348,12 +356,12 @@ async fn kill_9_mid_batch_and_restart_every_line_exactly_once() {
     let _ = gateway.wait();
 }
 
-/// A project whose `forward` rules open `/files` upstream keeps sending
-/// its file calls there; the others' are the gateway's own.
+/// A project whose `forward` rules open `/files` (or `/batches`) upstream
+/// keeps sending those calls there; the others' are the gateway's own.
 #[tokio::test]
 async fn files_go_upstream_where_the_project_forwards_them() {
     let config = format!(
-        "{}\n[[orgs]]\nname = \"fwd\"\n\n[[orgs.projects]]\nname = \"open\"\nforward = [\"GET /files\"]\nkeys = [\"tw-batch-forward-key-00001\"]\n",
+        "{}\n[[orgs]]\nname = \"fwd\"\n\n[[orgs.projects]]\nname = \"open\"\nforward = [\"GET /files\", \"POST /batches\"]\nkeys = [\"tw-batch-forward-key-00001\"]\n",
         config()
     );
     let h = start("batch-files-forwarded", &config).await;
@@ -372,6 +380,21 @@ async fn files_go_upstream_where_the_project_forwards_them() {
         .unwrap_or_default();
     assert_eq!(forwarded.len(), 1, "{forwarded:?}");
     assert_eq!(forwarded[0].path, "/files");
+    let _ = h
+        .client
+        .post(format!("{}/batches", h.base))
+        .bearer_auth("tw-batch-forward-key-00001")
+        .json(&serde_json::json!({"input_file_id": "file-abc", "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+        .send()
+        .await;
+    let forwarded = h
+        .gateway
+        .store
+        .recent_forwarded(10)
+        .await
+        .unwrap_or_default();
+    assert_eq!(forwarded.len(), 2, "{forwarded:?}");
+    assert!(forwarded.iter().any(|f| f.path == "/batches"));
     let own = get(WEB_KEY).await.map_or(0, |r| r.status().as_u16());
     assert_eq!(own, 200);
     assert_eq!(
@@ -381,6 +404,66 @@ async fn files_go_upstream_where_the_project_forwards_them() {
             .await
             .unwrap_or_default()
             .len(),
-        1
+        2
     );
+}
+
+/// An upload a stop cut (begun, never complete) is deleted, parts and all,
+/// once it is older than any upload may take; a recent one is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_a_stop_cut_are_deleted_after_six_hours() {
+    let h = start("batch-abandoned", &config()).await;
+    let store = &h.gateway.store;
+    fn fail<T>(e: tokenwarden::store::StoreError) -> T {
+        panic!("{e}")
+    }
+    let now_s = crate::harness::NOON_MS / 1000;
+    for (id, age_s) in [
+        ("file-cut-long-ago", 6 * 3600 + 1),
+        ("file-cut-just-now", 60),
+    ] {
+        let meta = tokenwarden::store::FileMeta {
+            id: id.into(),
+            org: "acme".into(),
+            project: "web".into(),
+            purpose: String::new(),
+            filename: "input.jsonl".into(),
+            bytes: 0,
+            created_at: now_s - age_s,
+        };
+        store.file_begin(meta).await.unwrap_or_else(fail);
+        store
+            .file_part(
+                "acme".into(),
+                id.into(),
+                0,
+                bytes::Bytes::from_static(b"{}\n"),
+            )
+            .await
+            .unwrap_or_else(fail);
+    }
+    let left = || async {
+        store
+            .files_abandoned(i64::MAX)
+            .await
+            .unwrap_or_else(fail)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect::<Vec<_>>()
+    };
+    // The runner looks every minute.
+    h.clock.set(crate::harness::NOON_MS + 61_000);
+    h.gateway.batches.notify_one();
+    for _ in 0..200 {
+        if left().await.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(left().await, vec!["file-cut-just-now".to_owned()]);
+    let parts = store
+        .file_parts("acme".into(), "file-cut-long-ago".into(), 0, 4)
+        .await
+        .unwrap_or_else(fail);
+    assert!(parts.is_empty(), "its parts are gone");
 }

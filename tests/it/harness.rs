@@ -91,17 +91,34 @@ pub async fn python(script: &str, args: &[&str]) -> String {
         "{} is missing: run scripts/test, which installs the SDKs",
         python.display()
     );
-    let script = repo(&format!("tests/sdk/{script}"));
+    script_output(python, repo(&format!("tests/sdk/{script}")), args).await
+}
+
+/// Run `tests/sdk/node/{script}` with the Node SDK, as [`python`] does.
+pub async fn node(script: &str, args: &[&str]) -> String {
+    assert!(
+        repo("tests/sdk/node/node_modules/openai").exists(),
+        "tests/sdk/node/node_modules is missing: run scripts/test, which installs the Node SDK"
+    );
+    script_output(
+        PathBuf::from("node"),
+        repo(&format!("tests/sdk/node/{script}")),
+        args,
+    )
+    .await
+}
+
+async fn script_output(program: PathBuf, script: PathBuf, args: &[&str]) -> String {
     let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
     let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&python)
+        std::process::Command::new(&program)
             .arg(&script)
             .args(&args)
             .output()
     })
     .await
     .unwrap_or_else(|e| panic!("{e}"))
-    .unwrap_or_else(|e| panic!("python: {e}"));
+    .unwrap_or_else(|e| panic!("{e}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");

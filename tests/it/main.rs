@@ -3,6 +3,7 @@
 mod admin;
 mod alerts;
 mod batch;
+mod batch_cli;
 mod capture;
 mod cli;
 mod crash;

@@ -47,9 +47,39 @@ pub struct Runner {
     swept_ms: std::sync::atomic::AtomicI64,
     /// Batch id -> its workers here.
     workers: Mutex<HashMap<String, usize>>,
+    /// `Some(id)`: run only that batch (`tokenwarden batch`); an empty id
+    /// runs none until one is given.
+    only: Mutex<Option<String>>,
 }
 
 impl Runner {
+    /// A runner that runs no batch until [`Runner::run_only`] names one.
+    pub fn for_one_batch() -> Runner {
+        Runner {
+            only: Mutex::new(Some(String::new())),
+            ..Runner::default()
+        }
+    }
+
+    /// Run only batch `id` from now on.
+    pub fn run_only(&self, id: &str) {
+        if let Ok(mut only) = self.only.lock() {
+            *only = Some(id.to_owned());
+        }
+        self.notify_one();
+    }
+
+    fn runs(&self, id: &str) -> bool {
+        self.only
+            .lock()
+            .is_ok_and(|only| only.as_deref().is_none_or(|only| only == id))
+    }
+
+    /// Until when batch `id` waits for the allowance (Unix seconds), if it does.
+    pub fn waits_until(&self, id: &str) -> Option<i64> {
+        self.paused.lock().ok().and_then(|p| p.get(id).copied())
+    }
+
     /// A batch was made or cancelled: look now.
     pub fn notify_one(&self) {
         self.wake.notify_one();
@@ -100,7 +130,7 @@ pub async fn run(weak: Weak<Gateway>) {
     // SQLite's one gateway: every line left running was this gateway's
     // before a stop.
     if let Some(gateway) = weak.upgrade().filter(|g| !g.store.shared()) {
-        if let Err(e) = interrupted(&gateway, i64::MAX).await {
+        if let Err(e) = interrupted(&gateway, i64::MAX, Every::Batch).await {
             tracing::error!(error = ?e, "could not settle the batch lines a stop interrupted");
         }
     }
@@ -129,8 +159,8 @@ const SWEEP_EVERY_MS: i64 = 60_000;
 /// they may have gone upstream, so they are not run again; each is an error
 /// line. A line is taken for interrupted once it was claimed longer ago
 /// than any call may take (the upstream timeout, and two minutes more).
-async fn interrupted(gateway: &Gateway, before_ms: i64) -> Result<(), ApiError> {
-    for row in active(gateway).await? {
+async fn interrupted(gateway: &Gateway, before_ms: i64, which: Every) -> Result<(), ApiError> {
+    for row in active(gateway, which).await? {
         let mut from = 1;
         loop {
             let lines = gateway
@@ -159,7 +189,16 @@ async fn interrupted(gateway: &Gateway, before_ms: i64) -> Result<(), ApiError> 
     Ok(())
 }
 
-async fn active(gateway: &Gateway) -> Result<Vec<BatchRow>, ApiError> {
+/// Which batches [`active`] lists.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Every {
+    /// Every batch in the ledger.
+    Batch,
+    /// The ones this runner runs.
+    Run,
+}
+
+async fn active(gateway: &Gateway, which: Every) -> Result<Vec<BatchRow>, ApiError> {
     Ok(gateway
         .store
         .batches(None, None)
@@ -170,7 +209,7 @@ async fn active(gateway: &Gateway) -> Result<Vec<BatchRow>, ApiError> {
             matches!(
                 b.status.as_str(),
                 "in_progress" | "cancelling" | "finalizing"
-            )
+            ) && (which == Every::Batch || gateway.batches.runs(&b.id))
         })
         .collect())
 }
@@ -212,9 +251,10 @@ async fn tick(gateway: &Arc<Gateway>) -> Result<(), ApiError> {
     if now_ms - swept.load(std::sync::atomic::Ordering::Relaxed) >= SWEEP_EVERY_MS {
         swept.store(now_ms, std::sync::atomic::Ordering::Relaxed);
         let longest = gateway.live().config.server.upstream_timeout.as_millis() as i64;
-        interrupted(gateway, now_ms - longest - 120_000).await?;
+        interrupted(gateway, now_ms - longest - 120_000, Every::Run).await?;
+        crate::gateway::files::purge_abandoned(gateway, now_s).await?;
     }
-    for row in active(gateway).await? {
+    for row in active(gateway, Every::Run).await? {
         let Some(batch) = Batch::from_row(&row) else {
             continue;
         };

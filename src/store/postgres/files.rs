@@ -86,6 +86,19 @@ pub(super) async fn list(
         .collect())
 }
 
+pub(super) async fn abandoned(
+    client: &Client,
+    before_s: i64,
+) -> Result<Vec<(String, String)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT org, id FROM files WHERE NOT complete AND created_at < $1",
+            &[&before_s],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 pub(super) async fn parts(
     client: &Client,
     org: &str,

@@ -192,6 +192,10 @@ impl Store for SqliteStore {
         off_worker(self, move |s| SqliteStore::file_delete(s, org, id))
     }
 
+    fn files_abandoned(&self, before_s: i64) -> StoreFuture<'_, Vec<(String, String)>> {
+        off_worker(self, move |s| SqliteStore::files_abandoned(s, before_s))
+    }
+
     fn batch_save(&self, batch: BatchRow) -> StoreFuture<'_, ()> {
         off_worker(self, move |s| SqliteStore::batch_save(s, batch))
     }

@@ -71,6 +71,14 @@ impl SqliteStore {
         })
     }
 
+    pub fn files_abandoned(&self, before_s: i64) -> Result<Vec<(String, String)>, StoreError> {
+        self.with(|conn| {
+            conn.prepare_cached("SELECT org, id FROM files WHERE NOT complete AND created_at < ?1")?
+                .query_map(params![before_s], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
+    }
+
     pub fn file_parts(
         &self,
         org: &str,
