@@ -203,6 +203,8 @@ pub struct Upstream {
     /// Roots trusted for this upstream besides the platform's (`ca_file`,
     /// a private CA's, say).
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// Batch lines of every project running against it at once.
+    pub batch_concurrency: u16,
 }
 
 #[derive(Clone, Debug)]
@@ -305,6 +307,9 @@ pub enum BatchSpend {
 
 pub const DEFAULT_BATCH_RESERVE_PERCENT: u8 = 10;
 pub const DEFAULT_BATCH_CONCURRENCY: u16 = 8;
+/// Batch lines running against one upstream at once (`[upstreams.NAME]
+/// batch_concurrency`), whatever the projects'.
+pub const DEFAULT_UPSTREAM_BATCH_CONCURRENCY: u16 = 32;
 
 impl Project {
     /// Whether this project may call `model` (a name as the client sent it).

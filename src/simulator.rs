@@ -103,6 +103,9 @@ pub struct Simulator {
     stats: Mutex<HashMap<String, KeyStats>>,
     /// Makes response ids unique and deterministic in order.
     next_id: AtomicU64,
+    /// Requests being answered now, and the most there were at once.
+    open: AtomicU64,
+    peak_open: AtomicU64,
 }
 
 impl Simulator {
@@ -112,7 +115,15 @@ impl Simulator {
             config,
             stats: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            open: AtomicU64::new(0),
+            peak_open: AtomicU64::new(0),
         })
+    }
+
+    /// The most requests it was answering at once (until each answer's
+    /// head was made: a stream's body runs on after).
+    pub fn peak_open(&self) -> u64 {
+        self.peak_open.load(Ordering::Relaxed)
     }
 
     pub fn stats(&self) -> HashMap<String, KeyStats> {
@@ -144,7 +155,30 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/models", get(models))
         .route("/stats", get(stats))
         .fallback(unknown_route)
+        .layer(axum::middleware::from_fn_with_state(
+            sim.clone(),
+            count_open,
+        ))
         .with_state(sim)
+}
+
+/// Keeps [`Simulator::peak_open`].
+async fn count_open(
+    State(sim): State<Arc<Simulator>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    /// Counts the request closed however it ends (a hang-up drops it).
+    struct Open<'a>(&'a AtomicU64);
+    impl Drop for Open<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let now = sim.open.fetch_add(1, Ordering::Relaxed) + 1;
+    sim.peak_open.fetch_max(now, Ordering::Relaxed);
+    let _open = Open(&sim.open);
+    next.run(request).await
 }
 
 /// The faults and latency one request asks for.

@@ -14,7 +14,8 @@ use super::{
     Alerts, BatchSpend, Config, ConfigError, Env, Fallback, Guard, Org, OrgSharing, Policy,
     Project, Secret, Server, StoreUrl, Upstream, DEFAULT_ALERT_PERCENTS, DEFAULT_BATCH_CONCURRENCY,
     DEFAULT_BATCH_RESERVE_PERCENT, DEFAULT_CAPTURE_RETENTION_DAYS, DEFAULT_LISTEN,
-    DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE, DEFAULT_UPSTREAM_TIMEOUT_SECS,
+    DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE,
+    DEFAULT_UPSTREAM_BATCH_CONCURRENCY, DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
@@ -78,6 +79,7 @@ struct RawUpstream {
     organization: Option<Text>,
     project: Option<Text>,
     ca_file: Option<Text>,
+    batch_concurrency: Option<u16>,
 }
 
 #[derive(Deserialize)]
@@ -406,6 +408,17 @@ impl Config {
                     organization: optional("organization", &u.organization)?,
                     project: optional("project", &u.project)?,
                     extra_roots,
+                    batch_concurrency: match u.batch_concurrency {
+                        Some(n) if !(1..=1024).contains(&n) => {
+                            return Err(l.error(
+                                format!("{path}.batch_concurrency"),
+                                None,
+                                format!("{n} is not from 1 to 1024"),
+                            ))
+                        }
+                        Some(n) => n,
+                        None => DEFAULT_UPSTREAM_BATCH_CONCURRENCY,
+                    },
                 },
             );
         }

@@ -89,6 +89,12 @@ async fn the_node_sdk_runs_a_batch_of_embeddings_to_completed() {
 /// Put a batch input file of `lines` chat lines in the ledger, as an upload
 /// of project `web` would.
 async fn input_file(h: &crate::harness::Harness, lines: usize) -> String {
+    input_file_of(h, "web", lines).await
+}
+
+/// Put a batch input file of `lines` chat lines in the ledger, as an upload
+/// of `project` would.
+async fn input_file_of(h: &crate::harness::Harness, project: &str, lines: usize) -> String {
     let text: String = (0..lines)
         .map(|i| {
             serde_json::json!({"custom_id": format!("req-{i}"), "method": "POST", "url": "/v1/chat/completions",
@@ -98,9 +104,9 @@ async fn input_file(h: &crate::harness::Harness, lines: usize) -> String {
         })
         .collect();
     let meta = tokenwarden::store::FileMeta {
-        id: "file-test000000000000000000001".into(),
+        id: format!("file-test-{project}"),
         org: "acme".into(),
-        project: "web".into(),
+        project: project.into(),
         purpose: String::new(),
         filename: "input.jsonl".into(),
         bytes: 0,
@@ -131,9 +137,13 @@ async fn input_file(h: &crate::harness::Harness, lines: usize) -> String {
 }
 
 async fn batch_status(h: &crate::harness::Harness, id: &str) -> serde_json::Value {
+    batch_status_as(h, WEB_KEY, id).await
+}
+
+async fn batch_status_as(h: &crate::harness::Harness, key: &str, id: &str) -> serde_json::Value {
     h.client
         .get(format!("{}/batches/{id}", h.base))
-        .bearer_auth(WEB_KEY)
+        .bearer_auth(key)
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"))
@@ -466,4 +476,52 @@ async fn uploads_a_stop_cut_are_deleted_after_six_hours() {
         .await
         .unwrap_or_else(fail);
     assert!(parts.is_empty(), "its parts are gone");
+}
+
+/// Two projects' batches on one upstream run at most the upstream's
+/// `batch_concurrency` lines at once, though each project allows more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_runs_at_most_its_batch_concurrency_lines_at_once() {
+    let config = config().replace("keys = [", "batch_concurrency = 6\nkeys = [");
+    let slow = tokenwarden::simulator::SimConfig {
+        ttft: std::time::Duration::from_millis(30),
+        ..tokenwarden::simulator::SimConfig::default()
+    };
+    let h = crate::harness::start_upstream(
+        "batch-upstream-turns",
+        &config,
+        slow,
+        "",
+        "batch_concurrency = 3\n",
+    )
+    .await;
+    let web = input_file_of(&h, "web", 20).await;
+    let lab = input_file_of(&h, "lab", 20).await;
+    let mut ids = Vec::new();
+    for (key, file) in [(WEB_KEY, web), (LAB_KEY, lab)] {
+        let batch: serde_json::Value = h
+            .post("/batches", key)
+            .json(&serde_json::json!({"input_file_id": file, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+            .json()
+            .await
+            .unwrap_or_default();
+        ids.push((key, batch["id"].as_str().unwrap_or_default().to_owned()));
+    }
+    for (key, id) in &ids {
+        let mut status = serde_json::Value::Null;
+        for _ in 0..400 {
+            status = batch_status_as(&h, key, id).await;
+            if status["status"] == "completed" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        assert_eq!(status["request_counts"]["completed"], 20, "{status}");
+    }
+    assert_eq!(h.served().requests, 40);
+    let peak = h.sim.peak_open();
+    assert!((2..=3).contains(&peak), "{peak} lines at once");
 }

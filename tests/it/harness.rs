@@ -258,6 +258,17 @@ pub async fn start_inner(
     sim_config: SimConfig,
     server: &str,
 ) -> Harness {
+    start_upstream(label, config, sim_config, server, "").await
+}
+
+/// A harness with extra `[server]` and `[upstreams.sim]` lines.
+pub async fn start_upstream(
+    label: &str,
+    config: &str,
+    sim_config: SimConfig,
+    server: &str,
+    upstream: &str,
+) -> Harness {
     let dir = temp_dir(label);
     let sim = Simulator::new(
         Catalog::builtin().unwrap_or_else(|e| panic!("{e}")),
@@ -265,7 +276,7 @@ pub async fn start_inner(
     );
     let (sim_addr, sim_stop) = spawn(simulator::router(sim.clone())).await;
     let head = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n\n"
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server}\n[upstreams.sim]\nbase_url = \"http://{sim_addr}/v1\"\napi_key = \"${{UPSTREAM_KEY}}\"\n{upstream}\n"
     );
     let text = format!("{head}{config}");
     let config =

@@ -41,8 +41,10 @@ pub struct Runner {
     wake: Arc<tokio::sync::Notify>,
     /// Batch id -> Unix seconds it waits until.
     paused: Mutex<HashMap<String, i64>>,
-    /// (org, project) -> its lines' turns.
-    turns: Mutex<HashMap<(String, String), Arc<tokio::sync::Semaphore>>>,
+    /// `project/ORG/PROJECT/N` or `upstream/NAME/N` -> its lines' N turns
+    /// (a new N, after a reload or a change, starts new turns: the lines
+    /// running on the old ones end as they would have).
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     /// When lines left running by a gone runner were last looked for.
     swept_ms: std::sync::atomic::AtomicI64,
     /// Batch id -> its workers here.
@@ -113,13 +115,15 @@ impl Runner {
         self.workers.lock().is_ok_and(|w| w.contains_key(id))
     }
 
-    fn turns(&self, org: &str, project: &str, n: u16) -> Arc<tokio::sync::Semaphore> {
+    /// The `n` turns named `key`.
+    fn turns(&self, key: String, n: u16) -> Arc<tokio::sync::Semaphore> {
+        let key = format!("{key}/{n}");
         let mut turns = self
             .turns
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         turns
-            .entry((org.to_owned(), project.to_owned()))
+            .entry(key)
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(usize::from(n))))
             .clone()
     }
@@ -376,14 +380,26 @@ async fn start_lines(
         return Ok(());
     };
     let p = &live.config.orgs[org].projects[project];
-    let turns = gateway
-        .batches
-        .turns(&row.org, &row.project, p.batch_concurrency);
+    let Some(upstream) = live.config.upstreams.get(&p.upstream) else {
+        return Ok(());
+    };
+    // A line runs on a turn of its project's and one of its upstream's.
+    let turns = gateway.batches.turns(
+        format!("project/{}/{}", row.org, row.project),
+        p.batch_concurrency,
+    );
+    let upstream_turns = gateway.batches.turns(
+        format!("upstream/{}", upstream.name),
+        upstream.batch_concurrency,
+    );
     let terms = Arc::new(BatchTerms {
         free_only: p.batch_spend == BatchSpend::Free,
         reserve_percent: p.batch_reserve_percent,
     });
-    while let Ok(turn) = turns.clone().try_acquire_owned() {
+    while let (Ok(turn), Ok(upstream_turn)) = (
+        turns.clone().try_acquire_owned(),
+        upstream_turns.clone().try_acquire_owned(),
+    ) {
         let caller = Caller {
             org,
             project,
@@ -402,7 +418,7 @@ async fn start_lines(
                 }
             };
             gateway.batches.worker(&row.id, -1);
-            drop(turn);
+            drop((turn, upstream_turn));
             // A worker that ran a line may have ended the batch: look now
             // (one that found none waits for the next look).
             if ran {
