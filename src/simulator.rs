@@ -37,8 +37,10 @@ use crate::catalog::Catalog;
 use crate::gateway::error::ApiError;
 use crate::tokens::request::{count_request, parse_body, Endpoint};
 
+mod answer;
 mod embeddings;
 pub mod limits;
+mod schema;
 mod shapes;
 mod stream;
 
@@ -251,11 +253,11 @@ struct Call {
     endpoint: Endpoint,
     model: String,
     prompt_tokens: u64,
-    output: Vec<&'static str>,
-    truncated: bool,
+    output: Vec<answer::Choice>,
+    /// Alternatives per token when log probabilities are asked for.
+    logprobs: Option<usize>,
     stream: bool,
     include_usage: bool,
-    max_output_tokens: Option<u64>,
     faults: Faults,
     ttft: Duration,
     token_delay: Duration,
@@ -269,10 +271,16 @@ impl Call {
             id,
             created,
             model: &self.model,
-            tokens: &self.output,
+            choices: &self.output,
             prompt_tokens: self.prompt_tokens,
-            truncated: self.truncated,
+            logprobs: self.logprobs,
+            request: &self.body,
         }
+    }
+
+    /// Output tokens of every choice.
+    fn output_tokens(&self) -> u64 {
+        self.output.iter().map(|c| c.tokens).sum()
     }
 }
 
@@ -313,11 +321,17 @@ impl Simulator {
             .min(limits::output_limit(model.model.max_output));
         let wanted =
             header_u64(headers, "x-sim-output-tokens").unwrap_or(self.config.output_tokens);
-        let length = wanted.min(cap);
-        let seed = counted.prompt.tokens as usize;
-        let output = (0..length as usize)
-            .map(|i| WORDS[(seed + i) % WORDS.len()])
-            .collect();
+        let output = answer::choices(
+            &answer::Plan {
+                endpoint,
+                body: &value,
+                encoding: model.model.encoding,
+                seed: counted.prompt.tokens as usize,
+                wanted,
+                cap,
+            },
+            &|| self.next_id.fetch_add(1, Ordering::Relaxed),
+        );
         let ms = |name: &str, default: Duration| {
             header_u64(headers, name).map_or(default, limits::delay)
         };
@@ -327,7 +341,7 @@ impl Simulator {
             model: served,
             prompt_tokens: counted.prompt.tokens,
             output,
-            truncated: cap < wanted,
+            logprobs: logprobs(endpoint, &value),
             stream: value
                 .get("stream")
                 .and_then(Value::as_bool)
@@ -336,7 +350,6 @@ impl Simulator {
                 .pointer("/stream_options/include_usage")
                 .and_then(Value::as_bool)
                 .unwrap_or(false),
-            max_output_tokens: value.get("max_output_tokens").and_then(Value::as_u64),
             faults,
             ttft: ms("x-sim-ttft-ms", self.config.ttft),
             token_delay: ms("x-sim-token-ms", self.config.token_delay),
@@ -353,6 +366,26 @@ impl Simulator {
             Endpoint::Embeddings => "emb-",
         };
         format!("{prefix}sim{n:016x}")
+    }
+}
+
+/// How many alternatives each token lists, when log probabilities are
+/// asked for: chat `logprobs: true` with `top_logprobs` (0-20), completions
+/// `logprobs` (0-5).
+fn logprobs(endpoint: Endpoint, body: &Value) -> Option<usize> {
+    let n = |key: &str, max: u64| {
+        body.get(key)
+            .and_then(Value::as_u64)
+            .map(|n| n.min(max) as usize)
+    };
+    match endpoint {
+        Endpoint::ChatCompletions
+            if body.get("logprobs").and_then(Value::as_bool) == Some(true) =>
+        {
+            Some(n("top_logprobs", 20).unwrap_or(0))
+        }
+        Endpoint::Completions => n("logprobs", 5),
+        _ => None,
     }
 }
 
@@ -396,13 +429,13 @@ async fn serve_call(
         tokio::time::sleep(limits::answer_time(
             call.ttft,
             call.token_delay,
-            call.output.len(),
+            call.output_tokens() as usize,
         ))
         .await;
     }
     let mut body = match endpoint {
         Endpoint::ChatCompletions => output.chat_completion(),
-        Endpoint::Responses => output.response(true, call.max_output_tokens),
+        Endpoint::Responses => output.response(true),
         Endpoint::Completions => output.text_completion(),
         Endpoint::Embeddings => return with_headers(embeddings_answer(&sim, &call), started),
     };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::shapes::Output;
 use super::{Call, Simulator};
@@ -17,7 +17,7 @@ use crate::tokens::request::Endpoint;
 /// Every event of a Responses stream, each a complete SSE frame.
 pub(super) fn response_events(call: &Call, output: &Output<'_>) -> Vec<Bytes> {
     output
-        .response_events(call.max_output_tokens)
+        .response_events()
         .into_iter()
         .map(|(name, mut data)| {
             if call.faults.no_usage {
@@ -30,40 +30,65 @@ pub(super) fn response_events(call: &Call, output: &Output<'_>) -> Vec<Bytes> {
         .collect()
 }
 
-/// How many events a chat or completions stream has: a chunk per token
-/// (chat first sends the role), the finishing chunk, the usage chunk when
-/// asked for, and `[DONE]`.
-fn chunk_count(call: &Call) -> usize {
-    let usage = call.include_usage && !call.faults.no_usage;
-    let role = usize::from(call.endpoint != Endpoint::Completions);
-    role + call.output.len() + 1 + usize::from(usage) + 1
+/// One event of a chat or completions stream, by what it carries.
+#[derive(Clone, Copy)]
+enum Step {
+    /// Chat: a choice's first chunk (its role).
+    Role(usize),
+    /// A choice's text piece.
+    Piece(usize, usize),
+    /// Chat: a choice's function call begins (its id and name), or a piece
+    /// of its arguments.
+    Call(usize, usize, Option<usize>),
+    /// A choice's finishing chunk.
+    Finish(usize),
+    Usage,
+    Done,
 }
 
-/// Event `i` of a chat or completions stream, a complete SSE frame.
-fn chunk_event(call: &Call, output: &Output<'_>, i: usize) -> Bytes {
-    let frame = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
-    let tokens = call.output.len();
-    if i + 1 == chunk_count(call) {
-        return Bytes::from_static(b"data: [DONE]\n\n");
+/// A chat or completions stream's events in order: each choice's role (chat),
+/// its text or calls a token at a time, its finish; the usage chunk when
+/// asked for; `[DONE]`.
+fn steps(call: &Call) -> Vec<Step> {
+    let chat = call.endpoint != Endpoint::Completions;
+    let mut steps = Vec::new();
+    for (index, choice) in call.output.iter().enumerate() {
+        if chat {
+            steps.push(Step::Role(index));
+        }
+        steps.extend((0..choice.pieces.len()).map(|i| Step::Piece(index, i)));
+        for (k, c) in choice.calls.iter().enumerate() {
+            steps.push(Step::Call(index, k, None));
+            steps.extend((0..c.pieces.len()).map(|i| Step::Call(index, k, Some(i))));
+        }
+        steps.push(Step::Finish(index));
     }
+    if call.include_usage && !call.faults.no_usage {
+        steps.push(Step::Usage);
+    }
+    steps.push(Step::Done);
+    steps
+}
+
+/// A step of a chat or completions stream, a complete SSE frame.
+fn chunk_event(call: &Call, output: &Output<'_>, step: Step) -> Bytes {
+    let frame = |data: &Value| Bytes::from(format!("data: {data}\n\n"));
+    let usage = call.include_usage;
     if call.endpoint == Endpoint::Completions {
-        return match call.output.get(i) {
-            Some(token) => frame(&output.text_chunk(token, None)),
-            None if i == tokens => frame(&output.text_finish()),
-            None => frame(&output.text_usage_chunk()),
+        return match step {
+            Step::Piece(index, i) => frame(&output.text_chunk(index, Some(i))),
+            Step::Finish(index) => frame(&output.text_chunk(index, None)),
+            Step::Usage => frame(&output.text_usage_chunk()),
+            _ => Bytes::from_static(b"data: [DONE]\n\n"),
         };
     }
-    match i.checked_sub(1).map(|t| call.output.get(t)) {
-        None => frame(&output.chat_chunk(
-            json!({"role": "assistant", "content": "", "refusal": null}),
-            None,
-            call.include_usage,
-        )),
-        Some(Some(token)) => {
-            frame(&output.chat_chunk(json!({"content": token}), None, call.include_usage))
-        }
-        Some(None) if i == tokens + 1 => frame(&output.finish_chunk(call.include_usage)),
-        Some(None) => frame(&output.chat_usage_chunk()),
+    match step {
+        Step::Role(index) => frame(&output.chat_role_chunk(index, usage)),
+        Step::Piece(index, i) => frame(&output.chat_piece_chunk(index, i, usage)),
+        Step::Call(index, k, piece) => frame(&output.chat_call_chunk(index, k, piece, usage)),
+        Step::Finish(index) => frame(&output.finish_chunk(index, usage)),
+        Step::Usage => frame(&output.chat_usage_chunk()),
+        Step::Done => Bytes::from_static(b"data: [DONE]\n\n"),
     }
 }
 
@@ -78,10 +103,15 @@ pub(super) fn stream_response(
 ) -> Response {
     let reports_usage =
         !call.faults.no_usage && (call.include_usage || call.endpoint == Endpoint::Responses);
-    let total = made.as_ref().map_or_else(|| chunk_count(&call), Vec::len);
+    let steps = if made.is_none() {
+        steps(&call)
+    } else {
+        Vec::new()
+    };
+    let total = made.as_ref().map_or(steps.len(), Vec::len);
     let stream = futures_util::stream::unfold(
-        (0usize, sim, call, id, made),
-        move |(i, sim, call, id, made)| async move {
+        (0usize, sim, call, id, made, steps),
+        move |(i, sim, call, id, made, steps)| async move {
             if i == total {
                 return None;
             }
@@ -94,11 +124,11 @@ pub(super) fn stream_response(
                 // usual delay, so the events before it have left).
                 return Some((
                     Err(std::io::Error::other("simulated cut")),
-                    (total, sim, call, id, made),
+                    (total, sim, call, id, made, steps),
                 ));
             }
             if i + 1 == total {
-                let completion = call.output.len() as u64;
+                let completion: u64 = call.output.iter().map(|c| c.tokens).sum();
                 sim.record(&call.key, |s| {
                     s.completed += 1;
                     if reports_usage {
@@ -110,9 +140,9 @@ pub(super) fn stream_response(
             }
             let event = match &made {
                 Some(events) => events.get(i).cloned().unwrap_or_default(),
-                None => chunk_event(&call, &call.output(&id, created), i),
+                None => chunk_event(&call, &call.output(&id, created), steps[i]),
             };
-            Some((Ok(event), (i + 1, sim, call, id, made)))
+            Some((Ok(event), (i + 1, sim, call, id, made, steps)))
         },
     );
     let mut response = Response::new(Body::from_stream(stream));

@@ -72,3 +72,22 @@ async fn node_openai_sdk() {
     )
     .await;
 }
+
+/// Structured outputs, tool calls (streamed too), `n` choices and log
+/// probabilities through the gateway, in the shapes the SDK's helpers
+/// parse; every call settled with the usage the simulator reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_parses_structured_outputs_and_tool_calls() {
+    let h = start("sdk-fidelity", &config()).await;
+    let stdout = crate::harness::python("python_fidelity.py", &[&h.base, KEY]).await;
+    assert!(stdout.contains("python fidelity ok"), "{stdout}");
+    h.settled().await;
+    let records = h.gateway.store.recent(100).await.unwrap_or_default();
+    assert!(records.len() >= 15, "{} calls", records.len());
+    assert!(records.iter().all(|r| r.state == "settled"), "{records:?}");
+    // The ledger's output tokens are the simulator's, call for call.
+    let served = h.served();
+    let ledger: u64 = records.iter().map(|r| r.output).sum();
+    assert_eq!(ledger, served.completion_tokens);
+    assert!(records.iter().all(|r| !r.estimated), "{records:?}");
+}
