@@ -423,6 +423,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         );
     let v1 = Router::new()
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
         .merge(
             Router::new()
                 .route(

@@ -155,6 +155,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/completions", endpoint_route(Endpoint::Completions))
         .route("/v1/embeddings", endpoint_route(Endpoint::Embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/stats", get(stats))
         .fallback(unknown_route)
         .layer(axum::middleware::from_fn_with_state(
@@ -491,6 +492,26 @@ async fn models(State(sim): State<Arc<Simulator>>, headers: HeaderMap) -> Respon
         .map(|m| json!({"id": m.name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}`: a model of the catalog, else OpenAI's 404.
+async fn model(
+    State(sim): State<Arc<Simulator>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = bearer(&headers) {
+        return e.into_response();
+    }
+    if id.contains('*') || sim.catalog.lookup(&id).is_err() {
+        return ApiError::ModelNotFound(format!(
+            "The model '{}' does not exist or you do not have access to it.",
+            crate::excerpt(&id, 128)
+        ))
+        .into_response();
+    }
+    Json(json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "system"}))
+        .into_response()
 }
 
 /// Any other path: OpenAI's 404, counted against the key that asked.

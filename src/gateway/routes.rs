@@ -144,6 +144,25 @@ pub async fn models(axum::Extension(caller): axum::Extension<Caller>) -> Json<Va
     Json(json!({"object": "list", "data": data}))
 }
 
+/// `GET /v1/models/{id}`: a model of the catalog the key's project may use
+/// (an exact name or a snapshot), else OpenAI's 404.
+pub async fn model(
+    axum::Extension(caller): axum::Extension<Caller>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let project = caller.org_project().map(|(_, p)| p);
+    let known = caller.live.config.catalog.lookup(&id).is_ok() && !id.contains('*');
+    if !known || !project.is_some_and(|p| p.allows(&id)) {
+        return Err(ApiError::ModelNotFound(format!(
+            "The model '{}' does not exist or you do not have access to it.",
+            crate::excerpt(&id, 128)
+        )));
+    }
+    Ok(Json(
+        json!({"id": id, "object": "model", "created": 0, "owned_by": "tokenwarden"}),
+    ))
+}
+
 /// The free-token headers of a call's group: limit, remaining, seconds to reset.
 fn free_token_headers(gateway: &Gateway, headers: &mut HeaderMap, pool: Option<PoolKey>, cap: u64) {
     let remaining = pool.map_or(0, |pool| gateway.store.pool_state(pool, cap).left());

@@ -83,9 +83,10 @@ async fn nothing_is_forwarded_that_the_project_does_not_allow() {
         ("TRACE", "/v1/models"),
         ("TRACE", "/v1/files"),
         ("PUT", "/v1/files/file-abc123"),
-        // A GET rule lets no HEAD through; an absolute-form target is
-        // judged by its path; `*` is no path.
-        ("HEAD", "/v1/models/gpt-4o"),
+        // A GET rule lets no HEAD through (/v1/models/{id} is the
+        // gateway's own; a longer path is the rule's); an absolute-form
+        // target is judged by its path; `*` is no path.
+        ("HEAD", "/v1/models/gpt-4o/versions"),
         ("GET", "http://upstream.example/v1/vector_stores"),
         ("POST", "http://upstream.example/v1/moderations/../files"),
         ("OPTIONS", "*"),

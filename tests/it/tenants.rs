@@ -76,6 +76,39 @@ async fn a_project_calls_only_the_models_it_lists() {
     );
     let open = list(OPEN).await;
     assert!(open.contains(&"gpt-4o".to_owned()) && open.len() > limited.len());
+
+    // /v1/models/{id} answers a model the key may use, else OpenAI's 404.
+    let one = |key: &'static str, model: &'static str| async move {
+        let r = h
+            .client
+            .get(format!("{}/models/{model}", h.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        (
+            r.status().as_u16(),
+            r.json::<Value>().await.unwrap_or_default(),
+        )
+    };
+    let (status, body) = one(LIMITED, "gpt-4.1-mini").await;
+    assert_eq!(
+        (status, &body["id"], &body["object"]),
+        (200, &json!("gpt-4.1-mini"), &json!("model"))
+    );
+    for (key, model) in [(LIMITED, "gpt-4o"), (OPEN, "no-such-model")] {
+        let (status, body) = one(key, model).await;
+        assert_eq!(status, 404, "{model}");
+        assert_eq!(body["error"]["code"], "model_not_found", "{body}");
+    }
+    // A catalog pattern is no model.
+    assert_eq!(one(OPEN, "gpt-4.1-*").await.0, 404);
+    assert_eq!(one(OPEN, "gpt-4o").await.0, 200);
+    assert_eq!(
+        h.served().requests,
+        served + 1,
+        "nothing more went upstream"
+    );
 }
 
 const PLATFORM: &str = "tw-tenants-platform-admin-01";

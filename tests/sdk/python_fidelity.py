@@ -151,4 +151,12 @@ events = [e.type for e in client.responses.create(
 )]
 assert "response.function_call_arguments.delta" in events and events[-1] == "response.completed", events
 
+# One model, as the catalog has it; OpenAI's 404 for one it does not.
+assert client.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+try:
+    client.models.retrieve("no-such-model")
+    raise AssertionError("a model that is nowhere")
+except openai.NotFoundError as e:
+    assert e.code == "model_not_found", e
+
 print("python fidelity ok")

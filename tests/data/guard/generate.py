@@ -96,6 +96,10 @@ def fill(template, **kw):
     return re.sub(r"<<(\w+)>>", sub, template)
 
 
+def only_digits(s):
+    return re.sub(r"\D", "", s)
+
+
 def luhn_sum(digits):
     total = 0
     for i, ch in enumerate(reversed(digits)):
@@ -122,6 +126,8 @@ def luhn_complete(body):
 def group(s, sizes, sep=" "):
     out, i = [], 0
     for n in sizes:
+        if i >= len(s):
+            break
         out.append(s[i : i + n])
         i += n
     if i < len(s):
@@ -282,7 +288,7 @@ def negative_problems(category, text):
     for m in GUARD_PATTERNS[9][1].finditer(text):
         if ssn_ok(m.group(0)):
             problems.append("ssn")
-    if PHONE_WORDS.search(text):
+    if PHONE_WORDS.search(text.replace("Mobile/", "").replace("Mobile Safari", "")):
         problems.append("phone word")
     if re.search(r"\+\d{1,3}[ .-]?\(?\d{2,4}\)?[ .-]?\d{3,4}[ .-]?\d{3,4}", text):
         problems.append("international phone shape")
@@ -945,7 +951,7 @@ def base62(n, width):
 def gen_github(rng):
     k = weighted(rng, [("ghp", 40), ("gho", 10), ("ghu", 8), ("ghs", 10), ("ghr", 7), ("pat", 25)])
     if k == "pat":
-        return "github_pat_" + "11" + rstr(rng, 20, UPPER + DIGITS) + "_" + rstr(rng, 59)
+        return "github_pat_" + "11" + rstr(rng, 7, UPPER + DIGITS) + "0" + rstr(rng, 12) + "_" + rstr(rng, 59)
     body = rstr(rng, 30)
     return f"{k}_{body}{base62(zlib.crc32(body.encode()), 6)}"
 
@@ -1038,7 +1044,8 @@ DOMAIN_WORDS = ["acme", "northwind", "bluefin", "copperleaf", "lumenpine", "stra
 
 
 def gen_email(rng):
-    f, l = rng.choice(FIRST).lower(), rng.choice(LAST).lower()
+    first, last = rng.choice(FIRST), rng.choice(LAST)
+    f, l = first.lower(), last.lower()
     local = weighted(rng, [
         (f"{f}.{l}", 25), (f"{f[0]}{l}", 12), (f"{f}_{l}", 6), (f"{f}+{rng.choice(['news', 'shop', 'github', 'invoices', 'test'])}", 8),
         (f"{f}.{l}+{rng.choice(['work', 'receipts', 'dev'])}", 5), (f"{f}{rng.randint(1, 99)}", 8), (f"{f[0]}.{l}", 6),
@@ -1053,11 +1060,11 @@ def gen_email(rng):
         e = e.upper()
     elif rng.random() < 0.1:
         e = local.capitalize() + "@" + dom
-    return e
+    return {"value": e, "name": f"{first} {last}"}
 
 
-def ctx_email(rng, e):
-    name = person(rng)
+def ctx_email(rng, item):
+    e, name = item["value"], item["name"]
     comp = rng.choice(COMPANIES)
     t = rng.randrange(18)
     if t == 0:
@@ -1546,7 +1553,7 @@ def gen_phone(rng):
             v = shape(nsn, rng.choice(nat))
         else:
             v = shape(nsn, rng.choice(intl))
-            if region in DOUBLE_ZERO and rng.random() < 0.25 and "(0)" not in v:
+            if region in DOUBLE_ZERO and rng.random() < 0.25 and "(0)" not in v and " " in v:
                 v = "00" + v[1:]
         return {"value": v, "region": region, "national": national}
 
@@ -1695,6 +1702,12 @@ def build_positives(report):
 # --------------------------------------------------------------------------
 # Negatives: one generator per category
 # --------------------------------------------------------------------------
+
+
+def jdump(rng, obj):
+    """Pretty JSON when it stays within ~15 lines, else one line."""
+    s = json.dumps(obj, indent=rng.choice([2, 2, 4, None]))
+    return s if s.count("\n") < 16 else json.dumps(obj)
 
 
 def src_path(rng, ext):
@@ -2148,17 +2161,17 @@ def neg_code_c(rng):
     t = rng.randrange(6)
     if t == 0:
         return fill("""typedef struct {
-    uint8_t *buf;
+    <<ty>> *buf;
     size_t head, tail, cap;
-} ring_t;
+} <<p>>_ring_t;
 
-static bool ring_push(ring_t *r, uint8_t byte) {
+static bool <<p>>_push(<<p>>_ring_t *r, <<ty>> item) {
     size_t next = (r->head + 1) % r->cap;
-    if (next == r->tail) return false; /* full */
-    r->buf[r->head] = byte;
+    if (next == r->tail) return false; /* full: drop, caller counts <<p>>_dropped */
+    r->buf[r->head] = item;
     r->head = next;
     return true;
-}""")
+}""", ty=rng.choice(["uint8_t", "uint16_t", "int32_t", "struct sample", "void *"]), p=rng.choice(NOUNS))
     if t == 1:
         return fill("""char *<<f>>(const char *src, size_t max) {
     size_t len = strnlen(src, max);
@@ -2597,7 +2610,7 @@ def neg_json_api_payload(rng):
                "updated_at": iso_ts(rng)}
     else:
         obj = {"metric": f"{svc(rng).replace('-', '_')}_requests_total", "window": "5m", "series": [{"labels": {"code": c, "route": rng.choice(HTTP_PATHS)}, "value": round(rng.uniform(0, 900), 2)} for c in rng.sample(["200", "404", "500", "503"], 2)]}
-    return json.dumps(obj, indent=rng.choice([2, 2, 4, None]))
+    return jdump(rng, obj)
 
 
 def nginx_line(rng, t):
@@ -2814,7 +2827,8 @@ def neg_unix_timestamp(rng):
 def neg_iso_datetime(rng):
     t = rng.randrange(6)
     if t == 0:
-        return f"Maintenance window: {iso_ts(rng, ms=False)} to {iso_ts(rng, ms=False)}. Expect elevated latency on {svc(rng)}."
+        start = epoch_s(rng)
+        return f"Maintenance window: {iso_ts(rng, start, ms=False)} to {iso_ts(rng, start + rng.choice([1800, 3600, 7200, 14400]), ms=False)}. Expect elevated latency on {svc(rng)}."
     if t == 1:
         return json.dumps({"created_at": iso_ts(rng), "updated_at": iso_ts(rng, z=False), "valid_from": date_only(rng), "valid_until": date_only(rng)}, indent=2)
     if t == 2:
@@ -2991,7 +3005,7 @@ def neg_coordinates(rng):
     t = rng.randrange(6)
     lat, lon = coord(rng)
     if t == 0:
-        return json.dumps({"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]}, "properties": {"name": f"{rng.choice(WORDS).capitalize()} depot", "capacity": rng.randint(10, 900)}}, indent=2)
+        return jdump(rng, {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lon, lat]}, "properties": {"name": f"{rng.choice(WORDS).capitalize()} depot", "capacity": rng.randint(10, 900)}})
     if t == 1:
         return f"const center = {{ lat: {lat}, lng: {lon} }};\nmap.setView([center.lat, center.lng], {rng.randint(3, 18)});"
     if t == 2:
@@ -3005,12 +3019,18 @@ def neg_coordinates(rng):
     return f"https://maps.example.net/?q={lat},{lon}&z={rng.randint(3, 18)} (bounding box {lat - 0.05:.4f},{lon - 0.05:.4f},{lat + 0.05:.4f},{lon + 0.05:.4f})"
 
 
+def df_row(rng, dev, mnt):
+    size = rng.randint(20, 2000)
+    used = rng.randint(1, size)
+    return f"/dev/{dev:<10} {size:>5}G {used:>5}G {size - used:>5}G {round(100 * used / size):>3}% /{mnt}"
+
+
 def neg_durations_bytes_ports(rng):
     t = rng.randrange(7)
     if t == 0:
         return "\n".join(f"{ident(rng)}/{rng.choice([64, 1024, 65536])}  time:   [{rng.uniform(1, 900):.2f} µs {rng.uniform(1, 900):.2f} µs {rng.uniform(1, 900):.2f} µs]\n                        thrpt:  [{rng.uniform(1, 900):.2f} MiB/s]" for _ in range(rng.randint(1, 3)))
     if t == 1:
-        return "Filesystem      Size  Used Avail Use% Mounted on\n" + "\n".join(f"/dev/{rng.choice(['nvme0n1p1', 'sda1', 'xvdf'])}  {rng.randint(20, 2000)}G  {rng.randint(1, 900)}G  {rng.randint(1, 900)}G  {rng.randint(1, 99)}% /{rng.choice(['', 'data', 'var/lib/docker'])}" for _ in range(rng.randint(2, 4)))
+        return "Filesystem      Size  Used Avail Use% Mounted on\n" + "\n".join(df_row(rng, dev, mnt) for dev, mnt in list(zip(['nvme0n1p1', 'nvme1n1', 'sda1', 'xvdf'], ['', 'data', 'var/lib/docker', 'srv']))[: rng.randint(2, 4)])
     if t == 2:
         return f"transferred {rng.randint(10**9, 10**11)} bytes in {rng.uniform(1, 600):.1f}s ({rng.uniform(10, 900):.1f} MB/s), {rng.randint(1000, 900000)} objects, peak RSS {rng.randint(10**8, 10**9)} bytes"
     if t == 3:
@@ -3039,9 +3059,13 @@ def neg_http_status(rng):
 def neg_k8s_resource(rng):
     t = rng.randrange(4)
     if t == 0:
-        lines = ["NAME                                   READY   STATUS    RESTARTS      AGE"]
+        rows = [("NAME", "READY", "STATUS", "RESTARTS", "AGE")]
         for _ in range(rng.randint(3, 7)):
-            lines.append(f"{svc(rng)}-{k8s_suffix(rng):<26} {rng.choice(['1/1', '2/2', '0/1'])}     {rng.choice(['Running', 'Running', 'Pending', 'CrashLoopBackOff', 'Completed'])}   {rng.randint(0, 40)} ({rng.randint(1, 59)}m ago)   {rng.randint(1, 90)}d")
+            r = rng.randint(0, 40)
+            rows.append((f"{svc(rng)}-{k8s_suffix(rng)}", rng.choice(['1/1', '2/2', '0/1']), rng.choice(['Running', 'Running', 'Pending', 'CrashLoopBackOff', 'Completed']),
+                         f"{r} ({rng.randint(1, 59)}m ago)" if r else "0", f"{rng.randint(1, 90)}d"))
+        w = [max(len(r[i]) for r in rows) for i in range(5)]
+        lines = ["   ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
         return "$ kubectl get pods -n " + rng.choice(ENVS) + "\n" + "\n".join(lines)
     if t == 1:
         return "LAST SEEN   TYPE      REASON      OBJECT                              MESSAGE\n" + "\n".join(
@@ -3057,16 +3081,23 @@ def digest(rng):
 
 
 def neg_docker_digest(rng):
-    img = rng.choice(["nginx", "postgres", "redis", "python", "node", "alpine", "debian"]) if rng.random() < 0.5 else f"ghcr.io/{rng.choice(WORDS)}/{svc(rng)}"
+    tags = {"nginx": ["1.25.4", "1.27-alpine", "stable"], "postgres": ["15.6", "16.3-bookworm", "16"], "redis": ["7.2.4", "7-alpine"],
+            "python": ["3.11-slim", "3.12.3-bookworm"], "node": ["20-alpine", "22.2.0"], "alpine": ["3.19", "3.20"], "debian": ["bookworm-slim", "12.5"]}
+    if rng.random() < 0.5:
+        img = rng.choice(sorted(tags))
+        tag = rng.choice(tags[img])
+    else:
+        img = f"ghcr.io/{rng.choice(WORDS)}/{svc(rng)}"
+        tag = rng.choice(["latest", semver(rng, False), f"sha-{rhex(rng, 7)}"])
     t = rng.randrange(5)
     if t == 0:
-        return f"$ docker pull {img}:{rng.choice(['latest', 'stable', semver(rng, False)])}\n{rng.choice(['latest', 'stable'])}: Pulling from {img.split('/')[-1]}\n{rhex(rng, 12)}: Pull complete\n{rhex(rng, 12)}: Pull complete\nDigest: {digest(rng)}\nStatus: Downloaded newer image"
+        return f"$ docker pull {img}:{tag}\n{tag}: Pulling from {img.split('/')[-1] if '/' not in img else img.split('/', 1)[1]}\n{rhex(rng, 12)}: Pull complete\n{rhex(rng, 12)}: Pull complete\nDigest: {digest(rng)}\nStatus: Downloaded newer image for {img}:{tag}"
     if t == 1:
-        return f"FROM {img}:{semver(rng, False)}@{digest(rng)}\nRUN echo pinned by digest"
+        return f"FROM {img}:{tag}@{digest(rng)}\nRUN echo pinned by digest"
     if t == 2:
-        return "REPOSITORY   TAG       DIGEST                                                                    IMAGE ID       SIZE\n" + "\n".join(f"{img}   {semver(rng, False)}   {digest(rng)}   {rhex(rng, 12)}   {rng.randint(5, 900)}MB" for _ in range(rng.randint(2, 4)))
+        return "$ docker images --digests\nREPOSITORY   TAG   DIGEST   IMAGE ID   SIZE\n" + "\n".join(f"{img}   {rng.choice(tags.get(img, [semver(rng, False)]))}   {digest(rng)}   {rhex(rng, 12)}   {rng.randint(5, 900)}MB" for _ in range(rng.randint(2, 4)))
     if t == 3:
-        return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(rng), "size": rng.randint(400, 2000), "platform": {"architecture": a, "os": "linux"}} for a in ["amd64", "arm64"]]}, indent=2)
+        return jdump(rng, {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest(rng), "size": rng.randint(400, 2000), "platform": {"architecture": a, "os": "linux"}} for a in ["amd64", "arm64"]]})
     return f"image: {img}@{digest(rng)}\nimagePullPolicy: IfNotPresent"
 
 
@@ -3099,8 +3130,8 @@ def neg_aws_arn(rng):
     acct, region = aws_acct(rng), rng.choice(REGIONS)
     t = rng.randrange(6)
     if t == 0:
-        return json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"arn:aws:s3:::{rng.choice(WORDS)}-{rng.choice(['assets', 'logs'])}/*"},
-                                                                   {"Effect": "Allow", "Action": "sqs:SendMessage", "Resource": f"arn:aws:sqs:{region}:{acct}:{svc(rng)}-queue"}]}, indent=2)
+        return jdump(rng, {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"arn:aws:s3:::{rng.choice(WORDS)}-{rng.choice(['assets', 'logs'])}/*"},
+                                                                   {"Effect": "Allow", "Action": "sqs:SendMessage", "Resource": f"arn:aws:sqs:{region}:{acct}:{svc(rng)}-queue"}]})
     if t == 1:
         return json.dumps({"UserId": "AROA" + rstr(rng, 17, UPPER + DIGITS) + ":" + svc(rng), "Account": acct, "Arn": f"arn:aws:sts::{acct}:assumed-role/{rng.choice(['deploy', 'ReadOnly', 'ci-runner'])}/{svc(rng)}"}, indent=4)
     if t == 2:
@@ -3119,7 +3150,15 @@ def neg_docs_example_key(rng):
     i = rng.randrange(2)
     key, secret = DOC_AWS_KEYS[i], AWS_DOC_SECRETS[i]
     region = rng.choice(REGIONS)
-    t = rng.randrange(7)
+    t = rng.randrange(11)
+    if t == 7:
+        return f"// Example from the SDK for Java developer guide\nAwsBasicCredentials creds = AwsBasicCredentials.create(\n    \"{key}\",\n    \"{secret}\");\nS3Client s3 = S3Client.builder().region(Region.of(\"{region}\")).credentialsProvider(StaticCredentialsProvider.create(creds)).build();"
+    if t == 8:
+        return f"// docs snippet - replace the placeholder values\nconst client = new S3Client({{\n  region: \"{region}\",\n  credentials: {{ accessKeyId: \"{key}\", secretAccessKey: \"{secret}\" }},\n}});"
+    if t == 9:
+        return f"docker run --rm \\\n  -e AWS_ACCESS_KEY_ID={key} \\\n  -e AWS_SECRET_ACCESS_KEY={secret} \\\n  amazon/aws-cli s3 ls   # the README's example values"
+    if t == 10:
+        return f"GetSessionToken returns temporary credentials; in the API reference sample response the access key id is {key} and the expiration is 2011-07-11T19:55:29.611Z."
     if t == 0:
         return f"$ aws configure\nAWS Access Key ID [None]: {key}\nAWS Secret Access Key [None]: {secret}\nDefault region name [None]: {region}\nDefault output format [None]: json"
     if t == 1:
@@ -3151,15 +3190,15 @@ def neg_test_card_docs(rng):
     if t == 0:
         return f"Use Stripe's test card {c1} with any future expiry date and any 3-digit CVC. To simulate a decline, use {c2}."
     if t == 1:
-        return f"cy.get('[data-test=card-number]').type('{c1.replace(' ', '')}');\ncy.get('[data-test=card-expiry]').type('12/34');\ncy.get('[data-test=card-cvc]').type('123');"
+        return f"cy.get('[data-test=card-number]').type('{only_digits(c1)}');\ncy.get('[data-test=card-expiry]').type('12/34');\ncy.get('[data-test=card-cvc]').type('123');"
     if t == 2:
         return "| Brand | Test number |\n|---|---|\n" + "\n".join(f"| {b} | {c} |" for b, c in zip(["Visa", "Mastercard", "Amex", "Discover"], [test_card(rng) for _ in range(4)]))
     if t == 3:
-        return f"@pytest.fixture\ndef test_card():\n    # sandbox-only number from the gateway docs\n    return {{\"number\": \"{c1.replace(' ', '')}\", \"exp_month\": 12, \"exp_year\": 2034, \"cvc\": \"314\"}}"
+        return f"@pytest.fixture\ndef test_card():\n    # sandbox-only number from the gateway docs\n    return {{\"number\": \"{only_digits(c1)}\", \"exp_month\": 12, \"exp_year\": 2034, \"cvc\": \"314\"}}"
     if t == 4:
         return f"In sandbox mode, the payment gateway accepts the documented test PANs such as {c1} and {c2}; real cards are rejected."
     if t == 5:
-        return f"TEST_CARDS = [\n" + "".join(f"    \"{test_card(rng).replace(' ', '')}\",\n" for _ in range(rng.randint(3, 6))) + "]  # from the processor's testing docs"
+        return f"TEST_CARDS = [\n" + "".join(f"    \"{only_digits(test_card(rng))}\",\n" for _ in range(rng.randint(3, 6))) + "]  # from the processor's testing docs"
     return f"Reproduce: open checkout in test mode, enter {c1}, expiry 04/30, CVC 123, then click Pay. Expected: 3DS challenge. Actual: spinner forever."
 
 
@@ -3189,7 +3228,12 @@ def build_negatives(report):
         rejected = Counter()
         while len(seen) < PER_CATEGORY:
             text = gen(rng)
+            # Short snippets travel in twos or threes, as pasted lines do.
+            while len(text) < 80 or (len(text) < 160 and rng.random() < 0.4):
+                text += "\n" + gen(rng)
             problems = negative_problems(category, text)
+            if len(text) > 1500:
+                problems.append("too long")
             if problems or text in seen:
                 for p in problems or ["duplicate"]:
                     rejected[p] += 1
