@@ -9,6 +9,7 @@
 //! cards, the mod-97 check digits for IBANs, the reserved ranges of US social
 //! security numbers, the digit count and date shapes for phone numbers.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use regex::Regex;
@@ -79,101 +80,9 @@ pub struct Finding {
 struct Detector {
     kind: Kind,
     pattern: Regex,
-    /// Rejects look-alikes the pattern lets through.
-    check: fn(&str) -> bool,
-}
-
-fn always(_: &str) -> bool {
-    true
-}
-
-fn digits(text: &str) -> Vec<u32> {
-    text.chars().filter_map(|c| c.to_digit(10)).collect()
-}
-
-/// The Luhn checksum, and a length and prefix that card networks use.
-fn payment_card(text: &str) -> bool {
-    let d = digits(text);
-    if !(13..=19).contains(&d.len()) || d.iter().all(|&x| x == d[0]) {
-        return false;
-    }
-    let sum: u32 = d
-        .iter()
-        .rev()
-        .enumerate()
-        .map(|(i, &x)| {
-            if i % 2 == 1 {
-                if x * 2 > 9 {
-                    x * 2 - 9
-                } else {
-                    x * 2
-                }
-            } else {
-                x
-            }
-        })
-        .sum();
-    sum.is_multiple_of(10) && matches!(d[0], 2..=6)
-}
-
-/// The IBAN check: move the first four characters to the end, letters to
-/// numbers (A = 10), and the remainder mod 97 must be 1.
-fn iban(text: &str) -> bool {
-    let compact: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-    if !(15..=34).contains(&compact.len()) {
-        return false;
-    }
-    let (head, tail) = compact.split_at(4);
-    let mut remainder: u64 = 0;
-    for c in tail.chars().chain(head.chars()) {
-        let value = match c.to_digit(36) {
-            Some(v) => v as u64,
-            None => return false,
-        };
-        remainder = if value >= 10 {
-            (remainder * 100 + value) % 97
-        } else {
-            (remainder * 10 + value) % 97
-        };
-    }
-    remainder == 1
-}
-
-/// Not in the ranges the SSA never issues (area 000, 666, 900-999; group 00; serial 0000).
-fn us_ssn(text: &str) -> bool {
-    let d = digits(text);
-    let area = d[0] * 100 + d[1] * 10 + d[2];
-    let group = d[3] * 10 + d[4];
-    let serial = d[5] * 1000 + d[6] * 100 + d[7] * 10 + d[8];
-    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
-}
-
-/// 10 to 15 digits (8 or more after a `+`), not a date, not groups of four.
-fn phone(text: &str) -> bool {
-    static DATE: LazyLock<Option<Regex>> = LazyLock::new(|| {
-        Regex::new(r"^\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|^\d{1,2}[-/.]\d{1,2}[-/.]\d{4}").ok()
-    });
-    let count = digits(text).len();
-    let international = text.starts_with('+');
-    // Runs of four-digit groups are account and card numbers, not phones.
-    let groups: Vec<usize> = text
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|g| !g.is_empty())
-        .map(str::len)
-        .collect();
-    if !international
-        && !text.starts_with('(')
-        && groups.len() >= 3
-        && groups[..3].iter().all(|&g| g == 4)
-    {
-        return false;
-    }
-    let long_enough = if international {
-        (8..=15).contains(&count)
-    } else {
-        (10..=15).contains(&count)
-    };
-    long_enough && !DATE.as_ref().is_some_and(|d| d.is_match(text))
+    /// Rejects look-alikes the pattern lets through: sees the whole text
+    /// and the candidate's range.
+    check: fn(&str, Range<usize>) -> bool,
 }
 
 static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
@@ -201,23 +110,37 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
     [
         detector(
             Kind::PemPrivateKey,
-            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?s:.*?)(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|$)",
-            always,
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----(?s:.*?)(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----|$)",
+            checks::always,
         ),
-        detector(Kind::Jwt, r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}", always),
-        detector(Kind::OpenaiKey, r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", always),
-        detector(Kind::AwsAccessKey, r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b", always),
-        detector(Kind::GithubToken, r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b", always),
-        detector(Kind::SlackToken, r"\bxox[abposr]-[A-Za-z0-9-]{10,}", always),
+        detector(Kind::Jwt, r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{16,}", checks::always),
+        detector(Kind::OpenaiKey, r"\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}", checks::always),
+        detector(Kind::AwsAccessKey, r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b", checks::aws_access_key),
+        detector(Kind::GithubToken, r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b", checks::always),
+        // gitleaks' Slack rules: bot, user, legacy and workspace tokens,
+        // configuration tokens (`xoxe.xoxp-`, `xoxe-`) and app tokens.
+        detector(
+            Kind::SlackToken,
+            r"\b(?:xox[abposr]-[A-Za-z0-9-]{10,}|xoxe\.xox[bp]-\d-[A-Za-z0-9]{40,}|xoxe-\d-[A-Za-z0-9]{40,}|xapp-\d-[A-Za-z0-9]+-\d+-[A-Za-z0-9]+)",
+            checks::always,
+        ),
         detector(
             Kind::Email,
             r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\.[A-Za-z]{2,24}\b",
-            always,
+            checks::always,
         ),
-        detector(Kind::Iban, r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", iban),
-        detector(Kind::PaymentCard, r"\b(?:\d[ -]?){12,18}\d\b", payment_card),
-        detector(Kind::UsSsn, r"\b\d{3}-\d{2}-\d{4}\b", us_ssn),
-        detector(Kind::Phone, r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{2,4}){2,5}\b", phone),
+        detector(Kind::Iban, r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b", checks::iban),
+        // Spaces, dashes, or the `+` of a form-encoded body between groups.
+        detector(Kind::PaymentCard, r"\b(?:\d[ +-]?){11,18}\d\b", checks::payment_card),
+        detector(Kind::UsSsn, r"\b\d{3}[- ]?\d{2}[- ]?\d{4}\b", checks::us_ssn),
+        // An optional `+country`, `00country` or North America's trunk
+        // `1`, an optional `(area)` or `(0)`, then digit groups with one
+        // separator between them.
+        detector(
+            Kind::Phone,
+            r"(?:(?:\+|\b00)\d{1,3}[ .\-/]?|\b1[ .\-]?)?(?:\(\d{1,5}\)[ .\-/]?)?\d{1,5}(?:[ .\-/]?\d{1,5}){1,6}\b",
+            checks::phone,
+        ),
     ]
     .into_iter()
     .flatten()
@@ -243,7 +166,7 @@ pub fn scan(text: &str) -> Vec<Finding> {
                 next += 1;
             }
             let overlaps = findings.get(next).is_some_and(|f| f.start < m.end());
-            if !overlaps && (detector.check)(m.as_str()) {
+            if !overlaps && (detector.check)(text, m.range()) {
                 kept.push(Finding {
                     kind: detector.kind,
                     start: m.start(),
@@ -294,6 +217,10 @@ pub fn redact(text: &str) -> (String, Vec<Kind>) {
     (out, kinds)
 }
 
+mod checks;
+#[cfg(test)]
+mod corpus;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -301,16 +228,6 @@ mod tests {
     #[test]
     fn every_detector_compiles() {
         assert_eq!(DETECTORS.len(), Kind::ALL.len());
-    }
-
-    #[test]
-    fn checksums() {
-        assert!(payment_card("4111 1111 1111 1111"));
-        assert!(!payment_card("4111 1111 1111 1112"));
-        assert!(iban("GB82 WEST 1234 5698 7654 32"));
-        assert!(!iban("GB82 WEST 1234 5698 7654 33"));
-        assert!(us_ssn("123-45-6789"));
-        assert!(!us_ssn("666-45-6789") && !us_ssn("123-00-6789") && !us_ssn("912-45-6789"));
     }
 
     /// The scan before it was made linear: each match checked against
@@ -322,7 +239,7 @@ mod tests {
                 let overlaps = findings
                     .iter()
                     .any(|f| m.start() < f.end && f.start < m.end());
-                if !overlaps && (detector.check)(m.as_str()) {
+                if !overlaps && (detector.check)(text, m.range()) {
                     findings.push(Finding {
                         kind: detector.kind,
                         start: m.start(),
@@ -339,10 +256,10 @@ mod tests {
     const PIECES: [&str; 20] = [
         "a@b.co",
         " ",
-        "4111 1111 1111 1111",
-        "4111-1111-1111-1111",
-        "+1 555 123 4567",
-        "(555) 123-4567",
+        "4539 1488 0343 6467",
+        "4539-1488-0343-6467",
+        "+1 415 867 5309",
+        "tel (415) 867-5309",
         "123-45-6789",
         "GB82 WEST 1234 5698 7654 32",
         "sk-proj-abcdefghijklmnopqrstuvwxyz012",
@@ -384,7 +301,7 @@ mod tests {
 
     #[test]
     fn redaction_replaces_values_with_typed_placeholders() {
-        let (out, kinds) = redact("mail jane.doe@example.com, card 4111-1111-1111-1111.");
+        let (out, kinds) = redact("mail jane.doe@example.com, card 4539-1488-0343-6467.");
         assert_eq!(out, "mail [REDACTED_EMAIL], card [REDACTED_PAYMENT_CARD].");
         assert_eq!(kinds, vec![Kind::Email, Kind::PaymentCard]);
     }

@@ -1526,6 +1526,9 @@ NAT_WORDS = {
     "AU": ["Ph:", "Mob:", "Phone:", "call", "mobile"],
     "JP": ["電話:", "TEL:", "携帯:", "Tel", "電話番号："],
 }
+CITIES = {"US": ["Springfield", "Austin", "Denver", "Seattle"], "CA": ["Toronto", "Vancouver", "Montréal"], "GB": ["Leeds", "London", "Manchester"],
+          "DE": ["Köln", "Berlin", "München"], "FR": ["Lyon", "Paris", "Nantes"], "IN": ["Pune", "Delhi", "Mumbai"],
+          "BR": ["Campinas", "São Paulo", "Recife"], "AU": ["Perth", "Sydney", "Melbourne"], "JP": ["Osaka", "Tokyo", "Kyoto"]}
 PHONE_WORD_RE = re.compile(r"(?i)(phone|tel|mobile|mob|cell|call|fax|whatsapp|reach me at|text me|ring me|telefon|téléphone|tél|portable|appelez|número|telefone|celular|ligue|handy|mobil|ph:|電話|携帯)")
 
 
@@ -1542,13 +1545,13 @@ def phone_valid(value, region, national):
 
 def gen_phone(rng):
     while True:
-        region, cc, pattern, intl, nat = rng.choice(PHONE_PLANS)
+        national = rng.random() < 0.4
+        region, cc, pattern, intl, nat = rng.choice([p for p in PHONE_PLANS if p[4]] if national else PHONE_PLANS)
         nsn = expand(rng, pattern)
         if cc == "1" and (nsn[3:6] == "555" or nsn[4:6] == "11"):
             continue
         if cc == "44" and nsn.startswith("7700900"):
             continue
-        national = nat is not None and rng.random() < 0.5
         if national:
             v = shape(nsn, rng.choice(nat))
         else:
@@ -1575,7 +1578,7 @@ def ctx_phone(rng, item):
         if t == 4:
             return f"Contact\n{rng.choice(COMPANIES)}\n{w} {v}\nOpening hours Mon-Fri 8-17"
         if t == 5:
-            return f"name,phone,city\n{name},{v},{rng.choice(['Springfield', 'Lyon', 'Leeds', 'Köln', 'Pune', 'Campinas', 'Perth', 'Osaka'])}"
+            return f"name,phone,city\n{name},{v},{rng.choice(CITIES[region])}"
         if t == 6:
             return f"Support ticket: customer asked for a callback. {w} {v}, best after 6pm."
         if t == 7:
@@ -1624,7 +1627,7 @@ POSITIVE_KINDS = [
     ("iban", gen_iban, ctx_iban, 350),
     ("payment_card", gen_card, ctx_card, 360),
     ("us_ssn", gen_ssn, ctx_ssn, 340),
-    ("phone", gen_phone, ctx_phone, 420),
+    ("phone", gen_phone, ctx_phone, 450),
 ]
 
 
