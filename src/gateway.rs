@@ -424,6 +424,30 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let v1 = Router::new()
         .route("/v1/models", get(routes::models))
         .route("/v1/models/{id}", get(routes::model))
+        // What OpenAI keeps of a project's calls (routes::stored_object).
+        .route(
+            "/v1/responses/{id}",
+            get(routes::stored_object).delete(routes::stored_object),
+        )
+        .route(
+            "/v1/responses/{id}/cancel",
+            axum::routing::post(routes::stored_object),
+        )
+        .route("/v1/responses/{id}/input_items", get(routes::stored_object))
+        .route(
+            "/v1/responses/input_tokens",
+            axum::routing::post(routes::stored_object),
+        )
+        .route(
+            "/v1/chat/completions/{id}",
+            get(routes::stored_object)
+                .post(routes::stored_object)
+                .delete(routes::stored_object),
+        )
+        .route(
+            "/v1/chat/completions/{id}/messages",
+            get(routes::stored_object),
+        )
         .merge(
             Router::new()
                 .route(

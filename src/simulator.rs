@@ -42,6 +42,7 @@ mod embeddings;
 pub mod limits;
 mod schema;
 mod shapes;
+mod stored;
 mod stream;
 
 use shapes::Output;
@@ -108,6 +109,8 @@ pub struct Simulator {
     /// Requests being answered now, and the most there were at once.
     open: AtomicU64,
     peak_open: AtomicU64,
+    /// Responses and stored chat completions, per key.
+    stored: Mutex<stored::Stored>,
 }
 
 impl Simulator {
@@ -119,6 +122,7 @@ impl Simulator {
             next_id: AtomicU64::new(1),
             open: AtomicU64::new(0),
             peak_open: AtomicU64::new(0),
+            stored: Mutex::new(stored::Stored::default()),
         })
     }
 
@@ -149,9 +153,30 @@ pub fn router(sim: Arc<Simulator>) -> Router {
     Router::new()
         .route(
             "/v1/chat/completions",
-            endpoint_route(Endpoint::ChatCompletions),
+            endpoint_route(Endpoint::ChatCompletions).get(stored::list_completions),
+        )
+        .route(
+            "/v1/chat/completions/{id}",
+            get(stored::get_completion)
+                .post(stored::update_completion)
+                .delete(stored::delete_completion),
+        )
+        .route(
+            "/v1/chat/completions/{id}/messages",
+            get(stored::completion_messages),
         )
         .route("/v1/responses", endpoint_route(Endpoint::Responses))
+        .route(
+            "/v1/responses/{id}",
+            get(stored::get_response).delete(stored::delete_response),
+        )
+        .route("/v1/responses/{id}/cancel", post(stored::cancel_response))
+        .route(
+            "/v1/responses/{id}/input_items",
+            get(stored::response_items),
+        )
+        .route("/v1/responses/input_tokens", post(input_tokens))
+        .route("/v1/responses/compact", post(compact))
         .route("/v1/completions", endpoint_route(Endpoint::Completions))
         .route("/v1/embeddings", endpoint_route(Endpoint::Embeddings))
         .route("/v1/models", get(models))
@@ -300,8 +325,23 @@ impl Simulator {
         }
         let refuse = |e: ApiError| Box::new(e.into_response());
         let value = parse_body(body).map_err(|e| refuse(e.into()))?;
-        let counted = count_request(&self.catalog, Some(endpoint), &value, None)
+        let mut counted = count_request(&self.catalog, Some(endpoint), &value, None)
             .map_err(|e| refuse(e.into()))?;
+        // A response that continues another is billed its input and
+        // output again, as input, as OpenAI bills it.
+        if let Some(previous) = value.get("previous_response_id").and_then(Value::as_str) {
+            let tokens = self.previous_tokens(&key, previous).ok_or_else(|| {
+                refuse(ApiError::InvalidRequest {
+                    message: format!(
+                        "Previous response with id '{}' not found.",
+                        crate::excerpt(previous, 64)
+                    ),
+                    param: Some("previous_response_id".into()),
+                    code: Some("previous_response_not_found"),
+                })
+            })?;
+            counted.prompt.tokens += tokens;
+        }
         let model = self
             .catalog
             .lookup(&counted.model)
@@ -356,6 +396,19 @@ impl Simulator {
             token_delay: ms("x-sim-token-ms", self.config.token_delay),
             body: value,
         })
+    }
+
+    /// Keep what the call made, as OpenAI keeps it ([`stored`]).
+    fn keep(&self, call: &Call, output: &Output<'_>) {
+        match call.endpoint {
+            Endpoint::Responses => {
+                self.keep_response(&call.key, &call.body, &output.response(true))
+            }
+            Endpoint::ChatCompletions => {
+                self.keep_completion(&call.key, &call.body, &output.chat_completion());
+            }
+            _ => {}
+        }
     }
 
     fn id(&self, endpoint: Endpoint) -> String {
@@ -422,6 +475,7 @@ async fn serve_call(
         // whole response); chat and completions chunks as the stream
         // reaches them, so an open stream holds its call, not its events.
         let made = (call.endpoint == Endpoint::Responses).then(|| response_events(&call, &output));
+        sim.keep(&call, &output);
         let created = output.created;
         let response = stream_response(sim, call, id, created, made);
         return with_headers(response, started);
@@ -434,6 +488,7 @@ async fn serve_call(
         ))
         .await;
     }
+    sim.keep(&call, &output);
     let mut body = match endpoint {
         Endpoint::ChatCompletions => output.chat_completion(),
         Endpoint::Responses => output.response(true),
@@ -492,6 +547,57 @@ async fn models(State(sim): State<Arc<Simulator>>, headers: HeaderMap) -> Respon
         .map(|m| json!({"id": m.name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `POST /v1/responses/input_tokens`: what the request's input would count.
+async fn input_tokens(
+    State(sim): State<Arc<Simulator>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let counted = bearer(&headers).and_then(|key| {
+        let value = parse_body(&body)?;
+        let mut counted = count_request(&sim.catalog, Some(Endpoint::Responses), &value, None)?;
+        if let Some(previous) = value.get("previous_response_id").and_then(Value::as_str) {
+            counted.prompt.tokens += sim.previous_tokens(&key, previous).unwrap_or(0);
+        }
+        Ok(counted.prompt.tokens)
+    });
+    match counted {
+        Ok(n) => {
+            Json(json!({"object": "response.input_tokens", "input_tokens": n})).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/responses/compact`: the input's user messages and one
+/// compaction item standing for the rest; billed as a call of the model.
+async fn compact(State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: Bytes) -> Response {
+    let call = match sim.plan(Endpoint::Responses, &headers, &body) {
+        Ok(call) => call,
+        Err(response) => return *response,
+    };
+    let id = sim.id(Endpoint::Responses);
+    let output = call.output(&id, now());
+    let mut items: Vec<Value> = stored::input_items(call.body.get("input"), &id)
+        .into_iter()
+        .filter(|i| i["role"] == "user")
+        .collect();
+    let summary = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        output.answer_text(),
+    );
+    items.push(json!({"type": "compaction", "id": format!("cmp_{}", id.trim_start_matches("resp_")), "encrypted_content": summary}));
+    let usage = output.responses_usage();
+    sim.record(&call.key, |s| {
+        s.completed += 1;
+        s.prompt_tokens += call.prompt_tokens;
+        s.completion_tokens += output.completion_tokens();
+        s.total_tokens += call.prompt_tokens + output.completion_tokens();
+    });
+    Json(json!({"id": id, "object": "response.compaction", "created_at": output.created, "output": items, "usage": usage}))
+        .into_response()
 }
 
 /// `GET /v1/models/{id}`: a model of the catalog, else OpenAI's 404.

@@ -55,6 +55,23 @@ impl Caller {
         Ok((org.name.to_string(), project.id.to_string()))
     }
 
+    /// Whether no other active project (of any org) calls the caller's
+    /// project's upstream: then what the upstream keeps under its key
+    /// (stored responses, chat completions) is this project's alone.
+    pub fn alone_on_upstream(&self) -> bool {
+        let Some((_, mine)) = self.org_project() else {
+            return false;
+        };
+        self.live
+            .config
+            .orgs
+            .iter()
+            .flat_map(|o| &o.projects)
+            .filter(|p| p.active() && p.upstream == mine.upstream)
+            .count()
+            == 1
+    }
+
     /// The caller's org and project.
     pub fn org_project(&self) -> Option<(&crate::config::Org, &crate::config::Project)> {
         let org = self.live.config.orgs.get(self.org)?;

@@ -26,7 +26,7 @@ mod privacy;
 mod read;
 
 use admit::{admit, Admission};
-pub use forward::passthrough;
+pub use forward::{passthrough, stored_object};
 use read::{read_answer, read_request, INLINE_READ_BYTES};
 
 pub async fn healthz() -> Json<Value> {
@@ -81,17 +81,18 @@ pub fn metered_route(endpoint: Endpoint) -> MethodRouter<Arc<Gateway>> {
 }
 
 /// Another method on a metered path: the key is checked as on every /v1
-/// route, then OpenAI's answer to a URL it does not serve.
-async fn wrong_method(
-    State(gateway): State<Arc<Gateway>>,
-    method: Method,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-) -> ApiError {
-    match super::auth::caller(&gateway, &headers) {
-        Err(e) => e,
-        Ok(_) => not_found(method, uri).await,
+/// route; `GET /v1/chat/completions` lists the stored chat completions
+/// ([`stored_object`]); anything else is OpenAI's answer to a URL it does
+/// not serve.
+async fn wrong_method(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
+    let caller = match super::auth::caller(&gateway, request.headers()) {
+        Err(e) => return e.into_response(),
+        Ok(caller) => caller,
+    };
+    if request.method() == Method::GET && request.uri().path() == Endpoint::ChatCompletions.path() {
+        return stored_object(State(gateway), axum::Extension(caller), request).await;
     }
+    not_found_now(request.method(), request.uri()).into_response()
 }
 
 /// The metered endpoint a `POST` to `path` is, if it is one.

@@ -337,6 +337,11 @@ impl Output<'_> {
 
     // ---- Responses -----------------------------------------------------
 
+    /// The first choice's text.
+    pub fn answer_text(&self) -> String {
+        self.answer().text()
+    }
+
     fn answer(&self) -> &Choice {
         static NONE: std::sync::LazyLock<Choice> = std::sync::LazyLock::new(Choice::default);
         self.choices.first().unwrap_or(&NONE)

@@ -347,9 +347,10 @@ async fn the_router_alone_meters_calls_the_same_way() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(r.status().as_u16(), 401, "{base}");
+        // (GET lists the stored chat completions: tests/it/stored.rs.)
         let r = h
             .client
-            .get(&url)
+            .put(&url)
             .bearer_auth(BILL)
             .send()
             .await
@@ -358,7 +359,7 @@ async fn the_router_alone_meters_calls_the_same_way() {
         let body: Value = r.json().await.unwrap_or_default();
         assert_eq!(
             body["error"]["message"],
-            "Invalid URL (GET /v1/chat/completions)"
+            "Invalid URL (PUT /v1/chat/completions)"
         );
     }
     assert_eq!(h.served().requests, 1);

@@ -22,6 +22,7 @@ mod reference;
 mod reload;
 mod requests;
 mod sdk;
+mod stored;
 mod tenants;
 mod upstream;
 mod usage;

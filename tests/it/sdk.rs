@@ -91,3 +91,16 @@ async fn the_python_sdk_parses_structured_outputs_and_tool_calls() {
     assert_eq!(ledger, served.completion_tokens);
     assert!(records.iter().all(|r| !r.estimated), "{records:?}");
 }
+
+/// Stored responses and stored chat completions, every route of the SDK's
+/// resources, against the simulated upstream itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_keeps_responses_and_chat_completions_as_openai_does() {
+    let sim = tokenwarden::simulator::Simulator::new(
+        crate::catalog(),
+        tokenwarden::simulator::SimConfig::default(),
+    );
+    let (addr, _stop) = crate::harness::spawn(tokenwarden::simulator::router(sim)).await;
+    let stdout = crate::harness::python("python_stored.py", &[&format!("http://{addr}/v1")]).await;
+    assert!(stdout.contains("python stored ok"), "{stdout}");
+}

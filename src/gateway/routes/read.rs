@@ -103,6 +103,7 @@ pub(super) async fn read_request(
         may_use_model(&caller, &value)?;
         let (redacted, project) = apply_privacy_guard(gateway, &caller, private, &mut value)?;
         caller.project = project;
+        may_continue_stored(&caller, &value)?;
         let counted = count_request(&caller.live.config.catalog, Some(endpoint), &value, None)?;
         Ok(Read {
             value,
@@ -119,6 +120,28 @@ pub(super) async fn read_request(
         .off_workers(move || read(&shared, caller, private, endpoint, &bytes))
         .await
         .ok_or(ApiError::Internal)?
+}
+
+/// A call that continues what the upstream kept (`previous_response_id`, a
+/// `conversation`) reads it under the upstream's key: only a project alone
+/// on its upstream can be sure it is its own ([`Caller::alone_on_upstream`]).
+fn may_continue_stored(caller: &Caller, body: &Value) -> Result<(), ApiError> {
+    let Some(param) = ["previous_response_id", "conversation"]
+        .into_iter()
+        .find(|k| body.get(*k).is_some_and(|v| !v.is_null()))
+    else {
+        return Ok(());
+    };
+    if caller.alone_on_upstream() {
+        return Ok(());
+    }
+    Err(ApiError::InvalidRequest {
+        message: format!(
+            "'{param}' is not available here: this project shares its upstream with other projects, so what the upstream keeps cannot be told apart from theirs. Send the conversation in 'input' instead."
+        ),
+        param: Some(param.to_owned()),
+        code: Some("stored_state_not_available"),
+    })
 }
 
 /// A project with a `models` list may call only those: any other model is
