@@ -14,7 +14,7 @@ use serde::Deserialize;
 use crate::day::Day;
 use crate::tokens::Encoding;
 
-mod load;
+pub mod load;
 
 pub use load::parse_decimal;
 

@@ -252,3 +252,186 @@ pub fn parse_decimal(text: &str, places: u32) -> Option<u64> {
     frac = frac.checked_mul(10u64.checked_pow(places - fraction.len() as u32)?)?;
     whole.checked_mul(scale)?.checked_add(frac)
 }
+
+// ---- the configuration's overlay ------------------------------------------
+
+/// A model the configuration adds or changes (`[catalog.models.NAME]`, or
+/// a catalog overlay file's `[models.NAME]`): for a new model, `encoding`,
+/// `price` and `max_output` are needed; for one the catalog has, what is
+/// given replaces the catalog's.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayModel {
+    #[serde(default)]
+    pub snapshots: Vec<String>,
+    pub kind: Option<Kind>,
+    pub encoding: Option<Encoding>,
+    /// A program group, or `"none"` for a model that is always billed.
+    pub group: Option<String>,
+    pub price: Option<OverlayPrice>,
+    pub max_output: Option<u64>,
+    pub downgrade: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverlayPrice {
+    pub input: String,
+    pub cached_input: Option<String>,
+    pub output: Option<String>,
+}
+
+impl Catalog {
+    /// Add model `name` or change the catalog's model of that name (its
+    /// family's name, or any of its exact names). An error names the key at
+    /// fault, after `models.NAME.`.
+    pub fn overlay(&mut self, name: &str, m: &OverlayModel) -> Result<(), (String, String)> {
+        let fail = |key: &str, message: String| Err((key.to_owned(), message));
+        if name.is_empty() || name.trim() != name || name.starts_with("ft:") {
+            return fail("", format!("{name:?} is not a model name"));
+        }
+        let group = match m.group.as_deref() {
+            None => None,
+            Some("none") => Some(None),
+            Some(g) => match self.groups.iter().position(|group| *group.name == *g) {
+                Some(index) => Some(Some(index)),
+                None => return fail("group", format!("{g:?} names no program group")),
+            },
+        };
+        let prices = match &m.price {
+            Some(raw) => {
+                let raw = RawPrice {
+                    input: raw.input.clone(),
+                    cached_input: raw.cached_input.clone(),
+                    output: raw.output.clone(),
+                };
+                Some(parse_prices(&raw, "price").map_err(|e| ("price".to_owned(), e.to_string()))?)
+            }
+            None => None,
+        };
+        let existing = self
+            .exact
+            .get(name)
+            .copied()
+            .or_else(|| self.models.iter().position(|model| *model.name == *name));
+        let index = match existing {
+            Some(index) => index,
+            None => {
+                let (Some(encoding), Some(prices), Some(max_output)) =
+                    (m.encoding, prices, m.max_output)
+                else {
+                    return fail(
+                        "",
+                        "a model the catalog does not have needs encoding, price and max_output"
+                            .into(),
+                    );
+                };
+                self.models.push(Model {
+                    name: name.into(),
+                    kind: m.kind.unwrap_or_default(),
+                    encoding,
+                    group: None,
+                    prices,
+                    fine_tuned_prices: None,
+                    max_output,
+                    images: None,
+                    downgrade: None,
+                    served_as: m.snapshots.iter().find(|s| !s.contains('*')).cloned(),
+                });
+                let index = self.models.len() - 1;
+                self.name(name, index).map_err(|e| (String::new(), e))?;
+                index
+            }
+        };
+        for snapshot in &m.snapshots {
+            self.name(snapshot, index)
+                .map_err(|e| ("snapshots".to_owned(), e))?;
+        }
+        let model = &mut self.models[index];
+        if let Some(kind) = m.kind {
+            model.kind = kind;
+        }
+        if let Some(encoding) = m.encoding {
+            model.encoding = encoding;
+        }
+        if let Some(group) = group {
+            model.group = group;
+        }
+        if let Some(prices) = prices {
+            model.prices = prices;
+        }
+        if let Some(max_output) = m.max_output {
+            model.max_output = max_output;
+        }
+        if m.downgrade.is_some() {
+            model.downgrade.clone_from(&m.downgrade);
+        }
+        self.check_downgrades()
+            .map_err(|e| ("downgrade".to_owned(), e.to_string()))
+    }
+
+    /// Point the exact name or `*` pattern `name` at model `index` (from
+    /// whichever model had it).
+    fn name(&mut self, name: &str, index: usize) -> Result<(), String> {
+        if name.is_empty() || name.trim() != name {
+            return Err(format!("{name:?} is not a model name"));
+        }
+        if name.contains('*') {
+            self.patterns.retain(|(p, _)| p != name);
+            self.patterns.push((name.to_owned(), index));
+            self.patterns
+                .sort_by_key(|(p, _)| std::cmp::Reverse(p.chars().filter(|&c| c != '*').count()));
+        } else {
+            self.exact.insert(name.to_owned(), index);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod overlay_tests {
+    use super::*;
+
+    fn model(text: &str) -> OverlayModel {
+        toml::from_str(text).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_new_model_a_changed_price_and_errors_by_key() {
+        let mut catalog = Catalog::builtin().unwrap_or_else(|e| panic!("{e}"));
+        catalog
+            .overlay(
+                "gpt-oss-120b",
+                &model("encoding = \"o200k_base\"\ngroup = \"mini\"\nmax_output = 32768\nprice = { input = \"0.15\", output = \"0.60\" }\nsnapshots = [\"gpt-oss-120b-*\"]"),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let found = catalog
+            .lookup("gpt-oss-120b-2026")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(*found.model.name, *"gpt-oss-120b");
+        assert_eq!(found.group().map(|g| &*g.name), Some("mini"));
+        assert_eq!(found.prices().input, 150_000);
+
+        catalog
+            .overlay(
+                "gpt-4o",
+                &model("price = { input = \"2.00\", output = \"8.00\" }\ngroup = \"none\""),
+            )
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        let gpt4o = catalog
+            .lookup("gpt-4o-2024-08-06")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            (gpt4o.prices().input, gpt4o.prices().output),
+            (2_000_000, 8_000_000)
+        );
+        assert!(gpt4o.group().is_none(), "always billed now");
+
+        let missing = catalog.overlay("new-model", &model("max_output = 10"));
+        assert!(missing.is_err_and(|(_, m)| m.contains("needs encoding")));
+        let group = catalog.overlay("gpt-4o-mini", &model("group = \"nope\""));
+        assert!(group.is_err_and(|(k, _)| k == "group"));
+        let price = catalog.overlay("gpt-4o-mini", &model("price = { input = \"abc\" }"));
+        assert!(price.is_err_and(|(k, _)| k == "price"));
+    }
+}

@@ -17,6 +17,7 @@ use super::{
     DEFAULT_MAX_ANSWER_BYTES, DEFAULT_MAX_BODY_BYTES, DEFAULT_STORE,
     DEFAULT_UPSTREAM_BATCH_CONCURRENCY, DEFAULT_UPSTREAM_TIMEOUT_SECS,
 };
+use crate::catalog::load::OverlayModel;
 use crate::catalog::{Catalog, Group};
 use crate::day::Day;
 use crate::gateway::path::ForwardRule;
@@ -40,6 +41,26 @@ struct RawConfig {
     program: RawProgram,
     #[serde(default)]
     alerts: RawAlerts,
+    #[serde(default)]
+    catalog: RawCatalogOverlay,
+}
+
+/// `[catalog]`: models added to or changed in the built-in catalog, from
+/// a file (`file`, its `[models.NAME]` tables) and then `[catalog.models.NAME]`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCatalogOverlay {
+    file: Option<Text>,
+    #[serde(default)]
+    models: BTreeMap<String, OverlayModel>,
+}
+
+/// A catalog overlay file.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOverlayFile {
+    #[serde(default)]
+    models: BTreeMap<String, OverlayModel>,
 }
 
 #[derive(Deserialize, Default)]
@@ -155,6 +176,57 @@ struct RawGroup {
     daily_tokens_tiers_1_2: Option<u64>,
     #[serde(default)]
     models: Vec<String>,
+}
+
+/// Apply the configuration's catalog overlay: the file's models, then the
+/// inline ones (which win).
+fn overlay(
+    l: &Loader<'_>,
+    raw: &RawCatalogOverlay,
+    catalog: &mut Catalog,
+) -> Result<(), ConfigError> {
+    if let Some(file) = &raw.file {
+        let path = l.resolve(&l.expand("catalog.file", file)?);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            l.error(
+                "catalog.file",
+                Some(file.span()),
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        let models: RawOverlayFile = toml::from_str(&text).map_err(|e| {
+            l.error(
+                "catalog.file",
+                Some(file.span()),
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        for (name, model) in &models.models {
+            catalog.overlay(name, model).map_err(|(key, message)| {
+                let key = if key.is_empty() {
+                    String::new()
+                } else {
+                    format!(".{key}")
+                };
+                l.error(
+                    "catalog.file",
+                    Some(file.span()),
+                    format!("{}: models.{name}{key}: {message}", path.display()),
+                )
+            })?;
+        }
+    }
+    for (name, model) in &raw.models {
+        catalog.overlay(name, model).map_err(|(key, message)| {
+            let key = if key.is_empty() {
+                String::new()
+            } else {
+                format!(".{key}")
+            };
+            l.error(format!("catalog.models.{name}{key}"), None, message)
+        })?;
+    }
+    Ok(())
 }
 
 /// The certificates of a PEM file (an upstream's `ca_file`), each checked
@@ -661,6 +733,19 @@ impl Config {
                     group.daily_tokens_tiers_1_2 = low;
                 }
             }
+        }
+        // The overlay after the groups (a model may join a new one) and
+        // before the groups' model lists (which may name its models).
+        self::overlay(l, &raw.catalog, &mut catalog)?;
+        for (name, g) in &raw.program.groups {
+            let path = format!("program.groups.{name}");
+            let Some(index) = catalog
+                .groups
+                .iter()
+                .position(|group| *group.name == **name)
+            else {
+                continue;
+            };
             for (k, model) in g.models.iter().enumerate() {
                 if !catalog.assign_group(model, index) {
                     return Err(l.error(

@@ -5,6 +5,7 @@ mod alerts;
 mod batch;
 mod batch_cli;
 mod capture;
+mod catalog;
 mod cli;
 mod crash;
 mod dashboard;
