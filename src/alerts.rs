@@ -74,6 +74,21 @@ pub fn projected_exhaustion(used: u64, cap: u64, day: Day, now_ms: i64) -> Optio
     (at < end_ms).then_some(at)
 }
 
+/// The billed tokens of a group by 00:00 UTC if today's pace goes on:
+/// today's tokens (free `used` and `billed`) grown at today's rate to the
+/// end of the day, less the `cap`. `None` in the day's first minute or
+/// before any use.
+pub fn projected_overage(used: u64, billed: u64, cap: u64, day: Day, now_ms: i64) -> Option<u64> {
+    let start_ms = day.start_unix() * 1000;
+    let elapsed = u128::try_from(now_ms - start_ms).ok()?;
+    let so_far = u128::from(used) + u128::from(billed);
+    if so_far == 0 || elapsed < 60_000 {
+        return None;
+    }
+    let by_midnight = so_far * 86_400_000 / elapsed.min(86_400_000);
+    Some(u64::try_from(by_midnight.saturating_sub(u128::from(cap))).unwrap_or(u64::MAX))
+}
+
 /// The rules that hold for `view`, as (rule, text), whether or not they fired before.
 pub fn holding(rules: &Alerts, view: &View<'_>) -> Vec<(String, String)> {
     let mut out = Vec::new();
@@ -349,6 +364,27 @@ mod tests {
     use super::*;
 
     const DAY: Day = Day(20_000);
+
+    #[test]
+    fn the_overage_at_todays_pace() {
+        let noon = DAY.start_unix() * 1000 + 43_200_000;
+        // Half the day, 600k used: 1.2M by midnight, 200k over a 1M cap.
+        assert_eq!(
+            projected_overage(600_000, 0, 1_000_000, DAY, noon),
+            Some(200_000)
+        );
+        // Already over: 1M free and 100k billed by noon, 1.2M billed by midnight.
+        assert_eq!(
+            projected_overage(1_000_000, 100_000, 1_000_000, DAY, noon),
+            Some(1_200_000)
+        );
+        assert_eq!(projected_overage(100_000, 0, 1_000_000, DAY, noon), Some(0));
+        assert_eq!(projected_overage(0, 0, 1_000_000, DAY, noon), None);
+        assert_eq!(
+            projected_overage(5, 0, 10, DAY, DAY.start_unix() * 1000 + 30_000),
+            None
+        );
+    }
 
     fn rules() -> Alerts {
         Alerts {

@@ -223,3 +223,64 @@ async fn the_page_in_chromium_matches_the_ledger_and_updates_live() {
         shots.display()
     );
 }
+
+/// Small overage shows to the micro-dollar, and each group has the
+/// estimated cost of its overage by 00:00 UTC at today's pace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_shows_to_the_micro_dollar_with_its_estimate_by_midnight() {
+    const KEY: &str = "tw-dashboard-overage-0001";
+    const TOKEN: &str = "dashboard-overage-admin-01";
+    let config = format!(
+        "[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"{KEY}\"]\n\n[program.groups.flagship]\ndaily_tokens = 30\n"
+    );
+    let h = crate::harness::start_with_server(
+        "dashboard-overage",
+        &config,
+        &format!("admin_token = \"{TOKEN}\"\n"),
+    )
+    .await;
+    for _ in 0..3 {
+        let r = h
+            .post("/chat/completions", KEY)
+            .json(&serde_json::json!({"model": "gpt-4o", "max_tokens": 16, "messages": [{"role": "user", "content": "Hello!"}]}))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    h.settled().await;
+    let records = h.gateway.store.recent(10).await.unwrap_or_default();
+    let (input, output): (u64, u64) = records
+        .iter()
+        .fold((0, 0), |(i, o), r| (i + r.input, o + r.output));
+    let billed: u64 = records
+        .iter()
+        .filter(|r| !r.free)
+        .map(|r| r.cost_pico)
+        .sum();
+    assert!(
+        billed > 0 && billed < 10_000_000_000,
+        "a fraction of a cent: {billed}"
+    );
+    let root = h.base.trim_end_matches("/v1").to_owned();
+    let page = crate::harness::dashboard_page(&root, TOKEN).await;
+    // The cost today: to the micro-dollar, not $0.00.
+    let micro = (billed + 500_000) / 1_000_000;
+    let shown = format!("${}.{:06}", micro / 1_000_000, micro % 1_000_000);
+    let shown = shown.trim_end_matches('0');
+    assert!(
+        page.contains(&format!(">{shown}</span>")),
+        "{shown} not in the page"
+    );
+    // At noon, today's tokens double by midnight; what passes the cap of
+    // 30, at gpt-4o's list prices ($2.50 in, $10.00 out a million).
+    let by_midnight = 2 * (input + output);
+    let price = (input * 2_500_000 + output * 10_000_000) / (input + output);
+    let expected = (by_midnight - 30) * price;
+    assert!(
+        page.contains(&format!(
+            "data-metric=\"overage-estimate\" data-org=\"acme\" data-group=\"flagship\" data-value=\"{expected}\""
+        )),
+        "no overage estimate of {expected}"
+    );
+}

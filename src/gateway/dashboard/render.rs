@@ -41,10 +41,59 @@ fn grouped(n: u64) -> String {
     out
 }
 
-/// Dollars to the cent for people ("$12.35"); the exact figure is in `title`.
+/// Dollars for people; the exact figure is in `title`. To the cent from
+/// $10 ("$12.35"); below, to the micro-dollar without trailing zeros, so
+/// that small overage shows ("$0.003075", "$1.50"); an amount under half a
+/// micro-dollar is "<$0.000001".
 fn dollars(pico: u64) -> String {
-    let cents = (u128::from(pico) + 5_000_000_000) / 10_000_000_000;
-    format!("${}.{:02}", cents / 100, cents % 100)
+    const PICO_PER_DOLLAR: u128 = 1_000_000_000_000;
+    let pico = u128::from(pico);
+    if pico >= 10 * PICO_PER_DOLLAR {
+        let cents = (pico + 5_000_000_000) / 10_000_000_000;
+        return format!("${}.{:02}", cents / 100, cents % 100);
+    }
+    let micro = (pico + 500_000) / 1_000_000;
+    if micro == 0 && pico > 0 {
+        return "<$0.000001".into();
+    }
+    let fraction = format!("{:06}", micro % 1_000_000);
+    let trimmed = fraction.trim_end_matches('0');
+    let shown = if trimmed.len() < 2 {
+        &fraction[..2]
+    } else {
+        trimmed
+    };
+    format!("${}.{shown}", micro / 1_000_000)
+}
+
+/// The list price a token of group `g` costs org `org` today: its calls'
+/// tokens (input, cached input, output) at their models' list prices, over
+/// their count; the price of the group's first model before any call.
+fn list_price(config: &crate::config::Config, by_model: &[UsageRow], org: &str, g: usize) -> u64 {
+    let catalog = &config.catalog;
+    let (mut pico, mut tokens) = (0u128, 0u128);
+    for r in by_model.iter().filter(|r| r.org == org) {
+        let Some(model) = r.model.as_deref().and_then(|m| catalog.lookup(m).ok()) else {
+            continue;
+        };
+        if model.group_index() != Some(g) {
+            continue;
+        }
+        let p = model.prices();
+        let uncached = r.input_tokens.saturating_sub(r.input_cached_tokens);
+        pico += u128::from(uncached) * u128::from(p.input)
+            + u128::from(r.input_cached_tokens) * u128::from(p.cached_input)
+            + u128::from(r.output_tokens) * u128::from(p.output);
+        tokens += u128::from(r.input_tokens) + u128::from(r.output_tokens);
+    }
+    if tokens == 0 {
+        return catalog
+            .models
+            .iter()
+            .find(|m| m.group == Some(g))
+            .map_or(0, |m| m.prices.input);
+    }
+    u64::try_from(pico / tokens).unwrap_or(u64::MAX)
 }
 
 /// A number with its exact value in `data-value`, for programs and tests.
@@ -392,6 +441,9 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
             let billed = total.map_or(0, |t| t.billed_tokens);
             let cost = total.map_or(0, |t| t.cost_pico);
             let gname = &*group.name;
+            let overage =
+                crate::alerts::projected_overage(state.used, billed, state.cap, today, now_ms)
+                    .map(|tokens| tokens.saturating_mul(list_price(config, by_model, name, g)));
             let projection = match projected_exhaustion(state.used, state.cap, today, now_ms) {
                 _ if state.cap == 0 => "no allowance".to_owned(),
                 _ if state.used >= state.cap => "used up".to_owned(),
@@ -407,7 +459,8 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
 <div><dt>Reserved in flight</dt><dd>{}</dd></div>\
 <div><dt>Runs out</dt><dd data-metric=\"projection\" data-org=\"{}\" data-group=\"{}\">{}</dd></div>\
 <div><dt>Billed tokens today</dt><dd>{}</dd></div>\
-<div><dt>Cost today</dt><dd>{}</dd></div></dl></article>",
+<div><dt>Cost today</dt><dd>{}</dd></div>\
+<div><dt title=\"Billed by 00:00 UTC at today's pace, at the list prices of today's models\">Overage by 00:00 (est.)</dt><dd>{}</dd></div></dl></article>",
                 esc(name),
                 esc(gname),
                 esc(gname),
@@ -421,6 +474,10 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
                 esc(&projection),
                 number("billed-tokens", name, gname, billed),
                 money("cost", name, gname, cost),
+                overage.map_or_else(
+                    || "no use yet".to_owned(),
+                    |pico| money("overage-estimate", name, gname, pico)
+                ),
             );
         }
         out.push_str("</div>");
@@ -619,7 +676,11 @@ mod tests {
         assert_eq!(grouped(0), "0");
         assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(grouped(100), "100");
-        assert_eq!(dollars(1_234_567_890_123), "$1.23");
-        assert_eq!(dollars(5_000_000_000), "$0.01");
+        assert_eq!(dollars(12_345_678_901_234), "$12.35");
+        assert_eq!(dollars(1_234_567_890_123), "$1.234568");
+        assert_eq!(dollars(1_500_000_000_000), "$1.50");
+        assert_eq!(dollars(3_075_000_000), "$0.003075");
+        assert_eq!(dollars(0), "$0.00");
+        assert_eq!(dollars(400_000), "<$0.000001");
     }
 }
