@@ -54,6 +54,8 @@ pub struct View<'a> {
     pub used: u64,
     /// The group's billed cost today.
     pub billed_cost_pico: u64,
+    /// The call that led here was refused (free tokens spent, policy `block`).
+    pub refused: bool,
 }
 
 /// When today's pace (free tokens used since 00:00 UTC) uses up `cap`, if
@@ -123,6 +125,15 @@ pub fn holding(rules: &Alerts, view: &View<'_>) -> Vec<(String, String)> {
                 ));
             }
         }
+    }
+    if rules.first_refusal && view.refused {
+        out.push((
+            "first_refusal".to_owned(),
+            format!(
+                "{}: a call was refused today in the {} group: the free tokens are spent ({} of {}) and its project's policy is block; more are refused until 00:00 UTC.",
+                view.org, view.group, view.used, view.cap
+            ),
+        ));
     }
     if let Some(limit) = rules.billed_cost_above_pico {
         if view.billed_cost_pico > limit {
@@ -392,6 +403,7 @@ mod tests {
             used_percent: vec![50, 80, 95, 100],
             projected_exhaustion: true,
             billed_cost_above_pico: Some(1_000_000_000_000),
+            first_refusal: true,
             retries: 0,
         }
     }
@@ -405,6 +417,7 @@ mod tests {
             cap: 1000,
             used,
             billed_cost_pico: cost,
+            refused: false,
         }
     }
 

@@ -145,6 +145,8 @@ pub struct Alerts {
     pub projected_exhaustion: bool,
     /// Fire when a group's billed cost today goes above this (pico-dollars).
     pub billed_cost_above_pico: Option<u64>,
+    /// Fire on the day's first call a project's `block` policy refused.
+    pub first_refusal: bool,
     /// Delivery attempts after the first, with backoff doubling from 0.5 s.
     pub retries: u32,
 }

@@ -298,14 +298,16 @@ impl Gateway {
         self.store.pool_state(PoolKey { org, group, day }, cap)
     }
 
-    /// After a call settled: add its billed cost and fire the alerts that
-    /// now hold for its org and group. Never waits on delivery.
+    /// After a call settled (or was `refused`): add its billed cost and
+    /// fire the alerts that now hold for its org and group. Never waits on
+    /// delivery.
     pub fn check_alerts(
         self: &Arc<Self>,
         config: &Config,
         org: usize,
         group: Option<usize>,
         cost_pico: u64,
+        refused: bool,
     ) {
         let day = self.today();
         let Some(org_config) = config.orgs.get(org) else {
@@ -326,6 +328,7 @@ impl Gateway {
             cap: state.map_or(0, |s| s.cap),
             used: state.map_or(0, |s| s.used),
             billed_cost_pico: billed,
+            refused,
         };
         for fired in self.alerts.evaluate(rules, &view) {
             let mut record = self.store.alert(fired.clone());

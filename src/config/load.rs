@@ -69,6 +69,7 @@ struct RawAlerts {
     webhook_url: Option<Text>,
     used_percent: Option<Vec<u8>>,
     projected_exhaustion: Option<bool>,
+    first_refusal: Option<bool>,
     billed_cost_above: Option<Text>,
     retries: Option<u32>,
 }
@@ -889,6 +890,10 @@ impl Config {
                 .or(base.map(|b| b.projected_exhaustion))
                 .unwrap_or(true),
             billed_cost_above_pico,
+            first_refusal: raw
+                .first_refusal
+                .or(base.map(|b| b.first_refusal))
+                .unwrap_or(true),
             retries: raw.retries.or(base.map(|b| b.retries)).unwrap_or(5).min(20),
         })
     }

@@ -226,6 +226,7 @@ impl Call {
             self.labels.org,
             self.labels.group,
             record.cost_pico,
+            false,
         );
         if let (Some((endpoint, body)), Some(completion)) =
             (self.capture.take(), outcome_completion)

@@ -151,7 +151,7 @@ async fn each_rule_fires_once_a_day_and_failed_posts_are_retried() {
         .groups
         .iter()
         .position(|g| &*g.name == "flagship");
-    again.check_alerts(&live.config, 0, flagship, 1_000_000_000);
+    again.check_alerts(&live.config, 0, flagship, 1_000_000_000, false);
     assert_eq!(store.alerts(day).await.map(|a| a.len()).unwrap_or(0), 3);
 
     // The next day starts afresh.
@@ -262,5 +262,45 @@ async fn an_org_can_have_its_own_rules_and_webhook() {
         rules(&global),
         ["free_used_50"],
         "the tenant's alert went to the global hook"
+    );
+}
+
+/// The first call a `block` project has refused today fires an alert, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_refusal_of_the_day_fires_once() {
+    const BLOCKED: &str = "tw-alerts-blocked-0000001";
+    let receiver = Arc::new(Receiver::default());
+    let (addr, _stop) = spawn(
+        Router::new()
+            .route("/hook", post(hook))
+            .with_state(receiver.clone()),
+    )
+    .await;
+    let config = format!(
+        "[alerts]\nwebhook_url = \"http://{addr}/hook\"\nused_percent = []\nprojected_exhaustion = false\n\n[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"app\"\non_exhausted = \"block\"\nkeys = [\"{BLOCKED}\"]\n\n[program.groups.flagship]\ndaily_tokens = 100\n"
+    );
+    let h = start("alerts-refusal", &config).await;
+    let send = || async {
+        h.post("/chat/completions", BLOCKED)
+            .json(&json!({"model": "gpt-4o", "max_tokens": 80, "messages": [{"role": "user", "content": "Hello!"}]}))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    };
+    assert_eq!(send().await, 200);
+    assert!(rules(&receiver).is_empty(), "nothing refused yet");
+    assert_eq!(send().await, 429);
+    assert_eq!(send().await, 429);
+    wait_for(&receiver, 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(rules(&receiver), ["first_refusal"]);
+    let text = receiver
+        .alerts
+        .lock()
+        .map(|a| a[0]["text"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    assert!(
+        text.contains("refused") && text.contains("flagship"),
+        "{text}"
     );
 }

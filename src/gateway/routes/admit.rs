@@ -149,6 +149,10 @@ pub(super) async fn admit(
             if let Err(e) = gateway.store.refuse(admitted, 429) {
                 tracing::error!(error = %e, "could not record a refused call");
             }
+            // A batch's line waiting for tomorrow's allowance is no refusal.
+            if caller.batch.is_none() {
+                gateway.check_alerts(&caller.live.config, caller.org, Some(pool.group), 0, true);
+            }
             return Err(ApiError::FreeTokensExhausted {
                 message: format!(
                     "Free tokens exhausted: this call needs up to {} tokens of the {group} group, and {left} of today's {cap} are left for org {}. The allowance resets at 00:00 UTC, in {retry_after} seconds.",
