@@ -533,6 +533,12 @@ pub struct UsageRow {
     pub input_tokens: u64,
     pub input_cached_tokens: u64,
     pub output_tokens: u64,
+    /// Calls answered (not refused).
     pub num_model_requests: u64,
     pub cost_pico: u64,
+    /// Calls refused before the upstream (free tokens spent, policy `block`).
+    pub refused: u64,
+    /// Answered calls whose status was not a success (an upstream's error,
+    /// a cut stream, a timeout).
+    pub errors: u64,
 }

@@ -194,7 +194,9 @@ async fn page(
             let results: Vec<Value> = rows
                 .iter()
                 .filter(|r| {
+                    // Only refused calls: nothing OpenAI's report would count.
                     r.bucket == b
+                        && r.num_model_requests > 0
                         && admin.sees(&r.org)
                         && q.org.as_deref().is_none_or(|o| o == r.org)
                 })

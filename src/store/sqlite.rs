@@ -824,6 +824,8 @@ impl SqliteStore {
                         output_tokens: num(r, 10)?,
                         num_model_requests: num(r, 11)?,
                         cost_pico: num(r, 12)?,
+                        refused: num(r, 13)?,
+                        errors: num(r, 14)?,
                     })
                 })?
                 .collect()
@@ -901,9 +903,11 @@ fn usage_sql(group_by: &[&str]) -> String {
     }
     format!(
         "SELECT (started_ms - ?1) / ?3 AS bucket, {}, org,
-                ssum(input_tokens), ssum(cached_tokens), ssum(output_tokens), COUNT(*), ssum(cost_pico)
+                ssum(input_tokens), ssum(cached_tokens), ssum(output_tokens),
+                SUM(decision != 'refused'), ssum(cost_pico), SUM(decision = 'refused'),
+                SUM(decision != 'refused' AND (status < 200 OR status >= 300))
          FROM requests
-         WHERE started_ms >= ?1 AND started_ms < ?2 AND state != 'pending' AND decision != 'refused'
+         WHERE started_ms >= ?1 AND started_ms < ?2 AND state != 'pending'
          GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing, batch
          ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing, batch",
         select.join(", ")

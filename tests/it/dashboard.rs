@@ -284,3 +284,76 @@ async fn overage_shows_to_the_micro_dollar_with_its_estimate_by_midnight() {
         "no overage estimate of {expected}"
     );
 }
+
+/// The tables count refused calls and errors apart from answered ones, and
+/// OpenAI's usage report leaves the refused out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tables_count_refused_calls_and_errors() {
+    const KEY: &str = "tw-dashboard-refusals-01";
+    const TOKEN: &str = "dashboard-refusals-admin-1";
+    let config = format!(
+        "[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"app\"\non_exhausted = \"block\"\nkeys = [\"{KEY}\"]\n\n[program.groups.flagship]\ndaily_tokens = 60\n"
+    );
+    let h = crate::harness::start_with_server(
+        "dashboard-refusals",
+        &config,
+        &format!("admin_token = \"{TOKEN}\"\n"),
+    )
+    .await;
+    let send = |fault: Option<&'static str>| {
+        let mut request = h.post("/chat/completions", KEY).json(&serde_json::json!(
+            {"model": "gpt-4o", "max_tokens": 40, "messages": [{"role": "user", "content": "Hello!"}]}
+        ));
+        if let Some(fault) = fault {
+            request = request.header("x-sim-fault", fault);
+        }
+        async move { request.send().await.map_or(0, |r| r.status().as_u16()) }
+    };
+    // Each call reserves 49 of the 60; the failed one uses none, the
+    // answered one 25.
+    assert_eq!(send(Some("status=500")).await, 500);
+    assert_eq!(send(None).await, 200);
+    assert_eq!(send(None).await, 429);
+    assert_eq!(send(None).await, 429);
+    h.settled().await;
+    let root = h.base.trim_end_matches("/v1").to_owned();
+    let page = crate::harness::dashboard_page(&root, TOKEN).await;
+    // By project: 2 answered (one an error), 2 refused.
+    let row = page
+        .split("<tr>")
+        .find(|r| r.starts_with("<th scope=\"row\">app</th>"))
+        .and_then(|r| r.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row of project app"));
+    assert!(
+        row.starts_with("<th scope=\"row\">app</th><td>2</td>"),
+        "{row}"
+    );
+    assert!(row.ends_with("<td>2</td><td>1</td>"), "{row}");
+    // OpenAI's report counts the answered calls only.
+    let report: serde_json::Value = h
+        .client
+        .get(format!(
+            "{}/organization/usage/completions?start_time={}&bucket_width=1d&limit=1",
+            h.base,
+            h.today().start_unix()
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_default();
+    let results: Vec<u64> = report["data"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|b| b["results"].as_array().cloned().unwrap_or_default())
+        .map(|r| r["num_model_requests"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(results.iter().sum::<u64>(), 2, "{report}");
+    assert!(
+        results.iter().all(|n| *n > 0),
+        "a result of refused calls only: {report}"
+    );
+}

@@ -134,6 +134,8 @@ struct Line {
     free: u64,
     billed: u64,
     cost: u64,
+    refused: u64,
+    errors: u64,
 }
 
 fn lines(
@@ -156,6 +158,8 @@ fn lines(
             line.billed = line.billed.saturating_add(tokens);
         }
         line.cost = line.cost.saturating_add(r.cost_pico);
+        line.refused = line.refused.saturating_add(r.refused);
+        line.errors = line.errors.saturating_add(r.errors);
     }
     out
 }
@@ -165,17 +169,18 @@ fn table(out: &mut String, caption: &str, first: &str, lines: &BTreeMap<String, 
         out,
         "<div class=\"scroll\"><table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th>\
 <th scope=\"col\">Requests</th><th scope=\"col\">Input</th><th scope=\"col\">Output</th>\
-<th scope=\"col\">Free tokens</th><th scope=\"col\">Billed tokens</th><th scope=\"col\">Cost</th></tr></thead><tbody>",
+<th scope=\"col\">Free tokens</th><th scope=\"col\">Billed tokens</th><th scope=\"col\">Cost</th>\
+<th scope=\"col\">Refused</th><th scope=\"col\">Errors</th></tr></thead><tbody>",
         esc(caption),
         esc(first)
     );
     if lines.is_empty() {
-        out.push_str("<tr><td colspan=\"7\" class=\"empty\">No calls today.</td></tr>");
+        out.push_str("<tr><td colspan=\"9\" class=\"empty\">No calls today.</td></tr>");
     }
     for (name, l) in lines {
         let _ = write!(
             out,
-            "<tr><th scope=\"row\">{}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
+            "<tr><th scope=\"row\">{}</th><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td title=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
             esc(name),
             grouped(l.requests),
             grouped(l.input),
@@ -183,7 +188,9 @@ fn table(out: &mut String, caption: &str, first: &str, lines: &BTreeMap<String, 
             grouped(l.free),
             grouped(l.billed),
             format_usd(u128::from(l.cost)),
-            dollars(l.cost)
+            dollars(l.cost),
+            grouped(l.refused),
+            grouped(l.errors)
         );
     }
     out.push_str("</tbody></table></div>");

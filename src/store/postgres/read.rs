@@ -187,9 +187,11 @@ pub(super) async fn usage_rows(
     let sum = |c: &str| format!("LEAST(SUM({c}), 9223372036854775807)::BIGINT");
     let sql = format!(
         "SELECT (started_ms - $1) / $3 AS bucket, {}, org,
-                {}, {}, {}, COUNT(*), {}
+                {}, {}, {}, COUNT(*) FILTER (WHERE decision <> 'refused'), {},
+                COUNT(*) FILTER (WHERE decision = 'refused'),
+                COUNT(*) FILTER (WHERE decision <> 'refused' AND (status < 200 OR status >= 300))
          FROM requests
-         WHERE started_ms >= $1 AND started_ms < $2 AND state <> 'pending' AND decision <> 'refused'
+         WHERE started_ms >= $1 AND started_ms < $2 AND state <> 'pending'
          GROUP BY bucket, org, project_id, api_key_id, model, lane, sharing, batch
          ORDER BY bucket, org, project_id, api_key_id, model, lane, sharing, batch",
         select.join(", "),
@@ -215,6 +217,8 @@ pub(super) async fn usage_rows(
             output_tokens: u(r.get(10)),
             num_model_requests: u(r.get(11)),
             cost_pico: u(r.get(12)),
+            refused: u(r.get(13)),
+            errors: u(r.get(14)),
         })
         .collect())
 }
