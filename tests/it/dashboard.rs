@@ -283,6 +283,15 @@ async fn overage_shows_to_the_micro_dollar_with_its_estimate_by_midnight() {
         )),
         "no overage estimate of {expected}"
     );
+    // The 30-day chart has its axes: tokens (the most on a day today's
+    // total) on the left, cost on the right, days below.
+    let most = input + output;
+    assert!(
+        page.contains(&format!("data-axis=\"tokens\">{most}</text>")),
+        "no tokens axis up to {most}"
+    );
+    assert!(page.contains("data-axis=\"cost\">$0</text>"));
+    assert!(page.contains(&format!("class=\"c-label end\">{}</text></svg>", h.today())));
 }
 
 /// The tables count refused calls and errors apart from answered ones, and

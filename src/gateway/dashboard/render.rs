@@ -239,10 +239,52 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
         u64::try_from(u128::from(value) * u128::from(h) / u128::from(max.max(1))).unwrap_or(h)
     };
     let max_cost = per_day.iter().map(|d| d.2).max().unwrap_or(0).max(1);
-    let (w, h, slot) = (600u64, 160u64, 20u64);
+    // The plot is `w` by `h`, `left` in from the tokens' axis; the cost's
+    // axis is on its right, the days below it.
+    let (w, h, slot, left, top) = (600u64, 160u64, 20u64, 64u64, 24u64);
     let mut svg = format!(
-        "<svg class=\"chart\" viewBox=\"0 0 {w} {}\" role=\"img\" aria-label=\"Free and billed tokens and cost, last 30 days\">",
-        h + 20
+        "<svg class=\"chart\" viewBox=\"0 0 {} {}\" role=\"img\" aria-label=\"Free and billed tokens and cost, last 30 days\">",
+        left + w + 72,
+        top + h + 24
+    );
+    for (i, share) in [0u64, 1, 2].into_iter().enumerate() {
+        // Gridlines and ticks at 0, half and the most.
+        let y = top + h - h * share / 2;
+        let tokens =
+            u64::try_from(u128::from(max_tokens) * u128::from(share) / 2).unwrap_or(max_tokens);
+        let cost = u64::try_from(u128::from(max_cost) * u128::from(share) / 2).unwrap_or(max_cost);
+        let _ = write!(
+            svg,
+            "<line class=\"c-grid\" x1=\"{left}\" x2=\"{}\" y1=\"{y}\" y2=\"{y}\"/>\
+<text class=\"c-label end\" x=\"{}\" y=\"{}\" data-axis=\"tokens\">{}</text>\
+<text class=\"c-label\" x=\"{}\" y=\"{}\" data-axis=\"cost\">{}</text>",
+            left + w,
+            left - 6,
+            y + 4,
+            short(tokens),
+            left + w + 6,
+            y + 4,
+            if i == 0 {
+                "$0".to_owned()
+            } else {
+                dollars(cost)
+            }
+        );
+    }
+    let _ = write!(
+        svg,
+        "<line class=\"c-axis\" x1=\"{left}\" x2=\"{left}\" y1=\"{top}\" y2=\"{}\"/>\
+<line class=\"c-axis\" x1=\"{left}\" x2=\"{}\" y1=\"{}\" y2=\"{}\"/>\
+<text class=\"c-label end\" x=\"{}\" y=\"{}\">tokens</text><text class=\"c-label\" x=\"{}\" y=\"{}\">cost</text>\
+<g transform=\"translate({left},{top})\">",
+        top + h,
+        left + w,
+        top + h,
+        top + h,
+        left - 6,
+        top - 12,
+        left + w + 6,
+        top - 12,
     );
     let mut cost_points = Vec::new();
     for (i, (free, billed, cost)) in per_day.iter().enumerate() {
@@ -271,16 +313,37 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
             h - scale(*cost, max_cost, h)
         ));
     }
+    let middle = Day(first.0 + 15);
     let _ = write!(
         svg,
-        "<polyline class=\"c-cost\" points=\"{}\"/>\
-<text x=\"0\" y=\"{}\" class=\"c-label\">{}</text><text x=\"{w}\" y=\"{}\" class=\"c-label end\">{today}</text></svg>",
+        "<polyline class=\"c-cost\" points=\"{}\"/></g>\
+<text x=\"{left}\" y=\"{}\" class=\"c-label\">{first}</text>\
+<text x=\"{}\" y=\"{}\" class=\"c-label mid\">{middle}</text>\
+<text x=\"{}\" y=\"{}\" class=\"c-label end\">{today}</text></svg>",
         cost_points.join(" "),
-        h + 16,
-        first,
-        h + 16
+        top + h + 18,
+        left + 15 * slot + slot / 2,
+        top + h + 18,
+        left + w,
+        top + h + 18
     );
     svg
+}
+
+/// A count for an axis: 950, 12k, 1.5M.
+fn short(n: u64) -> String {
+    match n {
+        0..=999 => n.to_string(),
+        1_000..=999_999 => format!("{}k", (n + 500) / 1000),
+        _ => {
+            let tenths = (n + 50_000) / 100_000;
+            if tenths.is_multiple_of(10) {
+                format!("{}M", tenths / 10)
+            } else {
+                format!("{}.{}M", tenths / 10, tenths % 10)
+            }
+        }
+    }
 }
 
 /// What the live part shows from the ledger, read before it is rendered.
@@ -683,6 +746,10 @@ mod tests {
         assert_eq!(grouped(0), "0");
         assert_eq!(grouped(1_234_567), "1,234,567");
         assert_eq!(grouped(100), "100");
+        assert_eq!(short(950), "950");
+        assert_eq!(short(12_400), "12k");
+        assert_eq!(short(1_000_000), "1M");
+        assert_eq!(short(1_540_000), "1.5M");
         assert_eq!(dollars(12_345_678_901_234), "$12.35");
         assert_eq!(dollars(1_234_567_890_123), "$1.234568");
         assert_eq!(dollars(1_500_000_000_000), "$1.50");
