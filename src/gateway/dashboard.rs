@@ -39,6 +39,7 @@ const APP_JS: &str = include_str!("dashboard/app.js");
 const APP_CSS: &str = include_str!("dashboard/app.css");
 
 mod batches;
+mod history;
 mod origin;
 mod render;
 mod settings;
@@ -144,6 +145,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/dashboard/login", post(login))
         .route("/dashboard/logout", post(logout))
         .route("/dashboard/events", get(events))
+        .route("/dashboard/csv", get(history::csv))
         .route(
             "/dashboard/settings/sharing",
             post(|state, request| save(state, request, Form::Sharing)),
@@ -253,18 +255,36 @@ fn login_page(message: Option<&str>, closed: bool) -> String {
 }
 
 /// `GET /dashboard`: the page when signed in, else the sign-in form.
-async fn page(State(gateway): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+async fn page(
+    State(gateway): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    axum::extract::Query(query): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
     let Some(admin) = signed_in(&gateway, &headers) else {
         return page_response(StatusCode::OK, login_page(None, closed(&gateway)));
     };
-    page_response(StatusCode::OK, signed_in_page(&gateway, &admin, None).await)
+    // `?day=YYYY-MM-DD`: that day's tables below the live part.
+    let day = query
+        .get("day")
+        .and_then(|d| crate::day::Day::parse(d))
+        .filter(|d| *d <= gateway.today());
+    page_response(
+        StatusCode::OK,
+        signed_in_page(&gateway, &admin, None, day).await,
+    )
 }
 
 /// The page of a signed-in admin: the live part, then the settings panel
 /// (outside the live part, so an update never resets a form being filled
 /// in), with `message` (an error) above.
-async fn signed_in_page(gateway: &Arc<Gateway>, admin: &Admin, message: Option<&str>) -> String {
+async fn signed_in_page(
+    gateway: &Arc<Gateway>,
+    admin: &Admin,
+    message: Option<&str>,
+    day: Option<crate::day::Day>,
+) -> String {
     let live_html = live(gateway, admin).await;
+    let history = history::section(gateway, admin, day).await;
     let changes = gateway.changes_of(None).await;
     let panel = settings::render(&gateway.live(), admin, &changes);
     let note = message.map_or(String::new(), |m| {
@@ -273,7 +293,7 @@ async fn signed_in_page(gateway: &Arc<Gateway>, admin: &Admin, message: Option<&
     let body = format!(
         "<header><h1>tokenwarden</h1><span id=\"live-status\" class=\"status\">static</span>\
 <form method=\"post\" action=\"/dashboard/logout\"><button type=\"submit\">Sign out</button></form></header>\
-{note}<main id=\"live\">{live_html}</main><div id=\"settings\">{panel}</div>"
+{note}<main id=\"live\">{live_html}</main><div id=\"days\">{history}</div><div id=\"settings\">{panel}</div>"
     );
     shell("tokenwarden", &body, true)
 }
@@ -316,7 +336,7 @@ async fn save(
         async move {
             page_response(
                 status,
-                signed_in_page(&gateway, &admin, Some(&message)).await,
+                signed_in_page(&gateway, &admin, Some(&message), None).await,
             )
         }
     };

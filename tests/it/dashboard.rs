@@ -366,3 +366,87 @@ async fn the_tables_count_refused_calls_and_errors() {
         "a result of refused calls only: {report}"
     );
 }
+
+/// A past day's tables below the live part (`?day=`), and every table as
+/// CSV, for a signed-in admin only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_past_day_and_its_tables_as_csv() {
+    const KEY: &str = "tw-dashboard-days-key-001";
+    const TOKEN: &str = "dashboard-days-admin-0001";
+    let config = format!(
+        "[[orgs]]\nname = \"acme\"\n\n[[orgs.projects]]\nname = \"app\"\nkeys = [\"{KEY}\"]\n"
+    );
+    let h = crate::harness::start_with_server(
+        "dashboard-days",
+        &config,
+        &format!("admin_token = \"{TOKEN}\"\n"),
+    )
+    .await;
+    for model in ["gpt-4o", "gpt-4o-mini", "gpt-4o-mini"] {
+        let r = h
+            .post("/chat/completions", KEY)
+            .json(&serde_json::json!({"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello!"}]}))
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16());
+        assert_eq!(r, 200);
+    }
+    h.settled().await;
+    let yesterday = h.today();
+    // The next day: the live tables are empty, yesterday's are a pick away.
+    h.clock.set(crate::harness::NOON_MS + 86_400_000);
+    let root = h.base.trim_end_matches("/v1").to_owned();
+    let (client, cookie) = crate::harness::dashboard_session(&root, TOKEN).await;
+    let get = |path: String| {
+        client
+            .get(format!("{root}{path}"))
+            .header("cookie", cookie.clone())
+            .send()
+    };
+    let page = get(format!("/dashboard?day={yesterday}"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    let days = page.split("id=\"days\"").nth(1).unwrap_or_default();
+    assert!(
+        days.contains("<th scope=\"row\">gpt-4o-mini</th><td>2</td>"),
+        "{days}"
+    );
+    let csv = get(format!("/dashboard/csv?day={yesterday}&by=model"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(csv.status().as_u16(), 200);
+    assert!(csv
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/csv")));
+    let text = csv.text().await.unwrap_or_default();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("org,model,requests,input_tokens,output_tokens,free_tokens,billed_tokens,cost_usd,refused,errors")
+    );
+    let rows: Vec<&str> = lines.collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    assert!(
+        rows.iter().any(|r| r.starts_with("acme,gpt-4o-mini,2,")),
+        "{text}"
+    );
+    // Today's CSV has no rows yet; without a session there is none.
+    let today = get("/dashboard/csv?by=key".to_owned())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    assert_eq!(today.lines().count(), 1, "{today}");
+    let anonymous = h
+        .client
+        .get(format!("{root}/dashboard/csv?by=model&day={yesterday}"))
+        .send()
+        .await
+        .map_or(0, |r| r.status().as_u16());
+    assert_eq!(anonymous, 401);
+}

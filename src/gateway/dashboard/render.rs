@@ -29,7 +29,7 @@ pub(super) fn esc(text: &str) -> String {
 }
 
 /// 1234567 -> "1,234,567".
-fn grouped(n: u64) -> String {
+pub(super) fn grouped(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -127,18 +127,18 @@ fn duration(secs: u64) -> String {
 
 /// Today's per-row usage of one org, merged over the free and billed lanes.
 #[derive(Default)]
-struct Line {
-    requests: u64,
-    input: u64,
-    output: u64,
-    free: u64,
-    billed: u64,
-    cost: u64,
-    refused: u64,
-    errors: u64,
+pub(super) struct Line {
+    pub(super) requests: u64,
+    pub(super) input: u64,
+    pub(super) output: u64,
+    pub(super) free: u64,
+    pub(super) billed: u64,
+    pub(super) cost: u64,
+    pub(super) refused: u64,
+    pub(super) errors: u64,
 }
 
-fn lines(
+pub(super) fn lines(
     rows: &[UsageRow],
     org: &str,
     key: impl Fn(&UsageRow) -> Option<String>,
@@ -164,7 +164,7 @@ fn lines(
     out
 }
 
-fn table(out: &mut String, caption: &str, first: &str, lines: &BTreeMap<String, Line>) {
+pub(super) fn table(out: &mut String, caption: &str, first: &str, lines: &BTreeMap<String, Line>) {
     let _ = write!(
         out,
         "<div class=\"scroll\"><table><caption>{}</caption><thead><tr><th scope=\"col\">{}</th>\
@@ -175,7 +175,7 @@ fn table(out: &mut String, caption: &str, first: &str, lines: &BTreeMap<String, 
         esc(first)
     );
     if lines.is_empty() {
-        out.push_str("<tr><td colspan=\"9\" class=\"empty\">No calls today.</td></tr>");
+        out.push_str("<tr><td colspan=\"9\" class=\"empty\">No calls.</td></tr>");
     }
     for (name, l) in lines {
         let _ = write!(
