@@ -207,6 +207,9 @@ pub struct Upstream {
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// Batch lines of every project running against it at once.
     pub batch_concurrency: u16,
+    /// An admin key of the upstream's organization (OpenAI's Usage and
+    /// Costs APIs), for `tokenwarden reconcile`; a secret.
+    pub admin_key: Option<Secret>,
 }
 
 #[derive(Clone, Debug)]

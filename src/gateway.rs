@@ -120,7 +120,22 @@ pub struct Gateway {
     /// as many as the machine has cores, so large bodies queue rather than
     /// start a thread (and hold a body in memory) each.
     heavy_turns: tokio::sync::Semaphore,
+    /// The last reconciliation with the upstreams' books, for the dashboard.
+    pub reconciled: std::sync::Mutex<Option<Reconciled>>,
 }
+
+/// A reconciliation the gateway ran ([`Gateway::reconcile`]).
+#[derive(Clone, Debug)]
+pub struct Reconciled {
+    pub at_ms: i64,
+    pub day: Day,
+    /// The report, or why there is none (an upstream that did not answer).
+    pub report: Result<crate::reconcile::Report, String>,
+}
+
+/// How often the gateway reconciles yesterday with the upstreams' books
+/// (once a day would do; hourly catches a late-settling report).
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Gateway {
     /// Build the gateway: recover calls a crash left pending, then load
@@ -199,6 +214,7 @@ impl Gateway {
             sessions: dashboard::Sessions::default(),
             dashboard_cache: dashboard::Cache::default(),
             batches: runner,
+            reconciled: std::sync::Mutex::new(None),
             heavy_turns: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
             ),
@@ -224,6 +240,28 @@ impl Gateway {
         }
         if let Ok(runtime) = runtime {
             runtime.spawn(batches::run::run(Arc::downgrade(&gateway)));
+            // Yesterday against the upstreams' books, where an upstream has
+            // an admin key; the task ends with the gateway.
+            if gateway
+                .live()
+                .config
+                .upstreams
+                .values()
+                .any(|u| u.admin_key.is_some())
+            {
+                let weak = Arc::downgrade(&gateway);
+                runtime.spawn(async move {
+                    loop {
+                        let Some(gateway) = weak.upgrade() else {
+                            return;
+                        };
+                        let yesterday = Day(gateway.today().0 - 1);
+                        gateway.reconcile(yesterday).await;
+                        drop(gateway);
+                        tokio::time::sleep(RECONCILE_EVERY).await;
+                    }
+                });
+            }
             // The retention purge runs by itself (for the orgs that capture
             // at the time); the task ends with the gateway.
             let weak = Arc::downgrade(&gateway);
@@ -296,6 +334,31 @@ impl Gateway {
             _ => 0,
         };
         self.store.pool_state(PoolKey { org, group, day }, cap)
+    }
+
+    /// Reconcile `day` with the upstreams' books and keep the result for
+    /// the dashboard (a failure is logged and kept too).
+    pub async fn reconcile(&self, day: Day) {
+        let live = self.live();
+        let report = crate::reconcile::reconcile(&live.config, &*self.store, day, 1)
+            .await
+            .map_err(|e| format!("{e:#}"));
+        match &report {
+            Ok(r) if r.differs => {
+                tracing::warn!(%day, "the ledger and the upstream's books differ (tokenwarden reconcile shows how)")
+            }
+            Ok(_) => tracing::info!(%day, "the ledger and the upstream's books agree"),
+            Err(e) => {
+                tracing::warn!(%day, error = %e, "could not reconcile with the upstream's books")
+            }
+        }
+        if let Ok(mut last) = self.reconciled.lock() {
+            *last = Some(Reconciled {
+                at_ms: self.clock.now_ms(),
+                day,
+                report,
+            });
+        }
     }
 
     /// After a call settled (or was `refused`): add its billed cost and

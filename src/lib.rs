@@ -67,6 +67,7 @@ pub mod finetune;
 pub mod gateway;
 pub mod guard;
 pub mod meter;
+pub mod reconcile;
 pub mod simulator;
 pub mod store;
 pub mod tokens;

@@ -128,6 +128,24 @@ enum Command {
         /// The input: lines of {custom_id, method, url, body}.
         input: PathBuf,
     },
+    /// Compare a day of the ledger with the upstream's own books (OpenAI's
+    /// Usage and Costs APIs, read with each upstream's admin_key), per
+    /// upstream project and model; exits 1 when they differ beyond the
+    /// tolerance.
+    Reconcile {
+        #[arg(long, default_value = "tokenwarden.toml")]
+        config: PathBuf,
+        /// The UTC day (YYYY-MM-DD; default: yesterday, whose books have settled).
+        #[arg(long)]
+        day: Option<String>,
+        /// Differences up to this percent of the larger count are agreement
+        /// (and money up to a cent).
+        #[arg(long, default_value_t = 1)]
+        tolerance_percent: u32,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration file; exits non-zero with the key and line at fault.
     CheckConfig {
         #[arg(long, default_value = "tokenwarden.toml")]
@@ -169,6 +187,16 @@ fn main() -> ExitCode {
             format,
         } => export(&config, org, project, since, until, &format),
         Command::CheckFinetune { file } => check_finetune(&file),
+        Command::Reconcile {
+            config,
+            day,
+            tolerance_percent,
+            json,
+        } => match reconcile(&config, day.as_deref(), tolerance_percent, json) {
+            Ok(true) => return ExitCode::FAILURE,
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        },
         Command::Batch {
             config,
             project,
@@ -337,6 +365,36 @@ fn batch(path: &std::path::Path, args: tokenwarden::cli::batch::Args) -> anyhow:
         b.usage.output_tokens
     );
     Ok(())
+}
+
+/// `tokenwarden reconcile`; whether the books differ.
+fn reconcile(
+    path: &std::path::Path,
+    day: Option<&str>,
+    tolerance_percent: u32,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let config = Config::load(path, &ProcessEnv)?;
+    let day = match day {
+        Some(d) => tokenwarden::day::Day::parse(d)
+            .ok_or_else(|| anyhow::anyhow!("--day {d:?}: use a date like 2026-11-24"))?,
+        None => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            tokenwarden::day::Day(tokenwarden::day::Day::from_unix(i64::try_from(now)?).0 - 1)
+        }
+    };
+    let report = read_runtime()?.block_on(async {
+        let store = tokenwarden::store::open(&config.store, false).await?;
+        tokenwarden::reconcile::reconcile(&config, &*store, day, tolerance_percent).await
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", tokenwarden::reconcile::table(&report));
+    }
+    Ok(report.differs)
 }
 
 fn check_finetune(path: &std::path::Path) -> anyhow::Result<()> {

@@ -44,6 +44,7 @@ mod schema;
 mod shapes;
 mod stored;
 mod stream;
+mod usage;
 
 use shapes::Output;
 use stream::{response_events, stream_response};
@@ -111,10 +112,25 @@ pub struct Simulator {
     peak_open: AtomicU64,
     /// Responses and stored chat completions, per key.
     stored: Mutex<stored::Stored>,
+    /// What it answered, per day, project and model, for the Usage and
+    /// Costs APIs ([`usage`]).
+    books: Mutex<usage::Books>,
+    /// The day those are counted in.
+    clock: Arc<dyn crate::gateway::Clock>,
 }
 
 impl Simulator {
     pub fn new(catalog: Catalog, config: SimConfig) -> Arc<Self> {
+        Simulator::with_clock(catalog, config, Arc::new(crate::gateway::SystemClock))
+    }
+
+    /// A simulator whose Usage and Costs APIs count days by `clock` (a
+    /// test's, shared with its gateway).
+    pub fn with_clock(
+        catalog: Catalog,
+        config: SimConfig,
+        clock: Arc<dyn crate::gateway::Clock>,
+    ) -> Arc<Self> {
         Arc::new(Simulator {
             catalog,
             config,
@@ -123,6 +139,8 @@ impl Simulator {
             open: AtomicU64::new(0),
             peak_open: AtomicU64::new(0),
             stored: Mutex::new(stored::Stored::default()),
+            books: Mutex::new(usage::Books::default()),
+            clock,
         })
     }
 
@@ -181,6 +199,11 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/embeddings", endpoint_route(Endpoint::Embeddings))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route(
+            "/v1/organization/usage/completions",
+            get(usage::completions),
+        )
+        .route("/v1/organization/costs", get(usage::costs))
         .route("/stats", get(stats))
         .fallback(unknown_route)
         .layer(axum::middleware::from_fn_with_state(
@@ -276,6 +299,8 @@ fn fault_response(status: StatusCode) -> Response {
 /// One call's plan: who asked, what it may produce, and how it misbehaves.
 struct Call {
     key: String,
+    /// The `OpenAI-Project` header it came with.
+    project: Option<String>,
     endpoint: Endpoint,
     model: String,
     prompt_tokens: u64,
@@ -376,8 +401,13 @@ impl Simulator {
         let ms = |name: &str, default: Duration| {
             header_u64(headers, name).map_or(default, limits::delay)
         };
+        let project = headers
+            .get("openai-project")
+            .and_then(|v| v.to_str().ok())
+            .map(|p| crate::excerpt(p, 64));
         Ok(Call {
             key,
+            project,
             endpoint,
             model: served,
             prompt_tokens: counted.prompt.tokens,
@@ -509,6 +539,12 @@ async fn serve_call(
             s.total_tokens += call.prompt_tokens + completion;
         }
     });
+    sim.tally(
+        call.project.as_deref(),
+        &call.model,
+        call.prompt_tokens,
+        completion,
+    );
     with_headers((StatusCode::OK, Json(body)).into_response(), started)
 }
 
@@ -520,6 +556,7 @@ fn embeddings_answer(sim: &Simulator, call: &Call) -> Response {
         s.prompt_tokens += usage.unwrap_or(0);
         s.total_tokens += usage.unwrap_or(0);
     });
+    sim.tally(call.project.as_deref(), &call.model, call.prompt_tokens, 0);
     embeddings::Answer::new(&call.body, &call.model, usage).response()
 }
 
@@ -596,6 +633,12 @@ async fn compact(State(sim): State<Arc<Simulator>>, headers: HeaderMap, body: By
         s.completion_tokens += output.completion_tokens();
         s.total_tokens += call.prompt_tokens + output.completion_tokens();
     });
+    sim.tally(
+        call.project.as_deref(),
+        &call.model,
+        call.prompt_tokens,
+        output.completion_tokens(),
+    );
     Json(json!({"id": id, "object": "response.compaction", "created_at": output.created, "output": items, "usage": usage}))
         .into_response()
 }

@@ -197,7 +197,8 @@ pub trait Store: Send + Sync {
     }
     /// Usage between `start_ms` and `end_ms`, one row per bucket and group:
     /// the bucket is `(started_ms - start_ms) / width_ms`; `group_by` names
-    /// columns among project_id, api_key_id, model, lane and sharing.
+    /// columns among project_id, api_key_id, model (or served_model: the model that
+    /// answered, in the `model` column), lane and sharing.
     fn usage_rows<'a>(
         &'a self,
         start_ms: i64,

@@ -102,6 +102,7 @@ struct RawUpstream {
     project: Option<Text>,
     ca_file: Option<Text>,
     batch_concurrency: Option<u16>,
+    admin_key: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -480,6 +481,7 @@ impl Config {
                     api_key: optional("api_key", &u.api_key)?.map(Secret::new),
                     organization: optional("organization", &u.organization)?,
                     project: optional("project", &u.project)?,
+                    admin_key: optional("admin_key", &u.admin_key)?.map(Secret::new),
                     extra_roots,
                     batch_concurrency: match u.batch_concurrency {
                         Some(n) if !(1..=1024).contains(&n) => {

@@ -137,6 +137,12 @@ pub(super) fn stream_response(
                         s.total_tokens += call.prompt_tokens + completion;
                     }
                 });
+                sim.tally(
+                    call.project.as_deref(),
+                    &call.model,
+                    call.prompt_tokens,
+                    completion,
+                );
             }
             let event = match &made {
                 Some(events) => events.get(i).cloned().unwrap_or_default(),

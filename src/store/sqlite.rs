@@ -894,7 +894,9 @@ fn usage_sql(group_by: &[&str]) -> String {
         "sharing",
         "batch",
     ] {
-        let expr = if group_by.contains(&name) {
+        let expr = if name == "model" && group_by.contains(&"served_model") {
+            "served_model"
+        } else if group_by.contains(&name) {
             column(name).unwrap_or("NULL")
         } else {
             "NULL"

@@ -19,6 +19,7 @@ mod isolation;
 mod metrics;
 mod pg;
 mod properties;
+mod reconcile;
 mod reference;
 mod reload;
 mod requests;

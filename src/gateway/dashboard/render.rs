@@ -330,6 +330,52 @@ fn chart(days: &[DailyTotal], org: &str, today: Day) -> String {
     svg
 }
 
+/// The last reconciliation with the upstreams' books (the platform's
+/// admin only: the books are the upstream organization's).
+fn reconciliation(out: &mut String, gateway: &Gateway) {
+    let last = gateway.reconciled.lock().ok().and_then(|l| l.clone());
+    let Some(last) = last else {
+        return;
+    };
+    let _ = write!(
+        out,
+        "<section class=\"reconciled\"><h2>Reconciliation with the upstreams' books</h2><p class=\"meta\">{} (UTC), checked at {} UTC: ",
+        last.day,
+        clock_time(last.at_ms)
+    );
+    match &last.report {
+        Err(e) => {
+            let _ = write!(out, "<span class=\"error\" data-metric=\"reconciled\" data-value=\"error\">not done: {}</span></p>", esc(e));
+        }
+        Ok(r) => {
+            let differing = r.usage.iter().filter(|l| l.differs).count()
+                + r.costs.iter().filter(|c| c.differs).count();
+            let (value, text) = if r.differs {
+                (
+                    "differs",
+                    format!("{differing} line(s) differ beyond {}%", r.tolerance_percent),
+                )
+            } else {
+                (
+                    "agrees",
+                    format!(
+                        "the ledger agrees with {} within {}%",
+                        r.upstreams.join(", "),
+                        r.tolerance_percent
+                    ),
+                )
+            };
+            let _ = write!(
+                out,
+                "<span data-metric=\"reconciled\" data-value=\"{value}\">{}</span> (<code>tokenwarden reconcile --day {}</code> shows every line).</p>",
+                esc(&text),
+                last.day
+            );
+        }
+    }
+    out.push_str("</section>");
+}
+
 /// A count for an axis: 950, 12k, 1.5M.
 fn short(n: u64) -> String {
     match n {
@@ -620,6 +666,9 @@ pub fn render_live(gateway: &Gateway, data: &LiveData, admin: &Admin) -> String 
         );
     }
 
+    if matches!(admin, Admin::Platform) {
+        reconciliation(&mut out, gateway);
+    }
     out.push_str("<section><h2>Alerts today</h2>");
     if alerts.is_empty() {
         out.push_str(

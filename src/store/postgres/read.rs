@@ -177,7 +177,9 @@ pub(super) async fn usage_rows(
         "sharing",
         "batch",
     ] {
-        let expr = if group_by.contains(&name) {
+        let expr = if name == "model" && group_by.contains(&"served_model") {
+            "served_model"
+        } else if group_by.contains(&name) {
             column(name).unwrap_or("NULL::TEXT")
         } else {
             "NULL::TEXT"
