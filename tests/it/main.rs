@@ -17,6 +17,7 @@ mod hostile;
 mod https;
 mod isolation;
 mod metrics;
+mod peer;
 mod pg;
 mod properties;
 mod reconcile;
