@@ -175,9 +175,9 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         )
         .route(
             "/v1/chat/completions/{id}",
-            get(stored::get_completion)
+            get(|s, p, h| stored::get(stored::Kind::Completion, s, p, h))
                 .post(stored::update_completion)
-                .delete(stored::delete_completion),
+                .delete(|s, p, h| stored::delete(stored::Kind::Completion, s, p, h)),
         )
         .route(
             "/v1/chat/completions/{id}/messages",
@@ -186,7 +186,8 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/responses", endpoint_route(Endpoint::Responses))
         .route(
             "/v1/responses/{id}",
-            get(stored::get_response).delete(stored::delete_response),
+            get(|s, p, h| stored::get(stored::Kind::Response, s, p, h))
+                .delete(|s, p, h| stored::delete(stored::Kind::Response, s, p, h)),
         )
         .route("/v1/responses/{id}/cancel", post(stored::cancel_response))
         .route(

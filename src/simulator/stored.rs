@@ -147,18 +147,50 @@ impl Simulator {
     }
 }
 
-fn no_response(id: &str) -> ApiError {
-    ApiError::NoSuchObject(format!(
-        "No response found with id '{}'.",
-        crate::excerpt(id, 64)
-    ))
+/// The two kinds of kept object.
+#[derive(Clone, Copy)]
+pub enum Kind {
+    Response,
+    Completion,
 }
 
-fn no_completion(id: &str) -> ApiError {
-    ApiError::NoSuchObject(format!(
-        "No chat completion found with id '{}'.",
-        crate::excerpt(id, 64)
-    ))
+impl Kind {
+    fn kept(self, stored: &mut Stored) -> &mut VecDeque<Kept> {
+        match self {
+            Kind::Response => &mut stored.responses,
+            Kind::Completion => &mut stored.completions,
+        }
+    }
+
+    /// OpenAI's 404 for an id of this kind that is nowhere (or another key's).
+    fn missing(self, id: &str) -> ApiError {
+        let what = match self {
+            Kind::Response => "response",
+            Kind::Completion => "chat completion",
+        };
+        ApiError::NoSuchObject(format!(
+            "No {what} found with id '{}'.",
+            crate::excerpt(id, 64)
+        ))
+    }
+
+    /// What a deletion answers.
+    fn deleted(self, id: &str) -> Value {
+        match self {
+            Kind::Response => json!({"id": id, "object": "response", "deleted": true}),
+            Kind::Completion => {
+                json!({"object": "chat.completion.deleted", "id": id, "deleted": true})
+            }
+        }
+    }
+}
+
+/// The key's object `id` of `kind`.
+fn object(sim: &Simulator, kind: Kind, key: &str, id: &str) -> Result<Kept, ApiError> {
+    let mut stored = lock(sim)?;
+    find(kind.kept(&mut stored), key, id)
+        .cloned()
+        .ok_or_else(|| kind.missing(id))
 }
 
 /// `limit` (1-100, default 20), `order` (`asc`, `desc`: the default) and
@@ -206,37 +238,32 @@ fn lock(sim: &Simulator) -> Result<std::sync::MutexGuard<'_, Stored>, ApiError> 
     sim.stored.lock().map_err(|_| ApiError::Internal)
 }
 
-/// `GET /v1/responses/{id}`.
-pub async fn get_response(
+/// `GET /v1/responses/{id}`, `GET /v1/chat/completions/{id}`.
+pub async fn get(
+    kind: Kind,
     State(sim): State<Arc<Simulator>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    with_key(&headers, |key| {
-        let stored = lock(&sim)?;
-        Ok(find(&stored.responses, &key, &id)
-            .ok_or_else(|| no_response(&id))?
-            .object
-            .clone())
-    })
+    with_key(&headers, |key| Ok(object(&sim, kind, &key, &id)?.object))
 }
 
-/// `DELETE /v1/responses/{id}`.
-pub async fn delete_response(
+/// `DELETE /v1/responses/{id}`, `DELETE /v1/chat/completions/{id}`.
+pub async fn delete(
+    kind: Kind,
     State(sim): State<Arc<Simulator>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
     with_key(&headers, |key| {
         let mut stored = lock(&sim)?;
-        let before = stored.responses.len();
-        stored
-            .responses
-            .retain(|k| !(k.key == key && k.object["id"] == id.as_str()));
-        if stored.responses.len() == before {
-            return Err(no_response(&id));
+        let kept = kind.kept(&mut stored);
+        let before = kept.len();
+        kept.retain(|k| !(k.key == key && k.object["id"] == id.as_str()));
+        if kept.len() == before {
+            return Err(kind.missing(&id));
         }
-        Ok(json!({"id": id, "object": "response", "deleted": true}))
+        Ok(kind.deleted(&id))
     })
 }
 
@@ -248,8 +275,7 @@ pub async fn cancel_response(
     headers: HeaderMap,
 ) -> Response {
     with_key(&headers, |key| {
-        let stored = lock(&sim)?;
-        let kept = find(&stored.responses, &key, &id).ok_or_else(|| no_response(&id))?;
+        let kept = object(&sim, Kind::Response, &key, &id)?;
         if kept.object["background"] != true {
             return Err(ApiError::InvalidRequest {
                 message: "Only responses created with background=true can be cancelled.".into(),
@@ -257,7 +283,7 @@ pub async fn cancel_response(
                 code: None,
             });
         }
-        Ok(kept.object.clone())
+        Ok(kept.object)
     })
 }
 
@@ -269,9 +295,8 @@ pub async fn response_items(
     headers: HeaderMap,
 ) -> Response {
     with_key(&headers, |key| {
-        let stored = lock(&sim)?;
-        let kept = find(&stored.responses, &key, &id).ok_or_else(|| no_response(&id))?;
-        Ok(page(kept.items.clone(), &query, false))
+        let kept = object(&sim, Kind::Response, &key, &id)?;
+        Ok(page(kept.items, &query, false))
     })
 }
 
@@ -310,21 +335,6 @@ pub async fn list_completions(
     })
 }
 
-/// `GET /v1/chat/completions/{id}`.
-pub async fn get_completion(
-    State(sim): State<Arc<Simulator>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    with_key(&headers, |key| {
-        let stored = lock(&sim)?;
-        Ok(find(&stored.completions, &key, &id)
-            .ok_or_else(|| no_completion(&id))?
-            .object
-            .clone())
-    })
-}
-
 /// `POST /v1/chat/completions/{id}` `{metadata}`: only the metadata changes.
 pub async fn update_completion(
     State(sim): State<Arc<Simulator>>,
@@ -344,32 +354,13 @@ pub async fn update_completion(
             .completions
             .iter_mut()
             .find(|k| k.key == key && k.object["id"] == id.as_str())
-            .ok_or_else(|| no_completion(&id))?;
+            .ok_or_else(|| Kind::Completion.missing(&id))?;
         kept.object["metadata"] = if metadata.is_null() {
             json!({})
         } else {
             metadata
         };
         Ok(kept.object.clone())
-    })
-}
-
-/// `DELETE /v1/chat/completions/{id}`.
-pub async fn delete_completion(
-    State(sim): State<Arc<Simulator>>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-) -> Response {
-    with_key(&headers, |key| {
-        let mut stored = lock(&sim)?;
-        let before = stored.completions.len();
-        stored
-            .completions
-            .retain(|k| !(k.key == key && k.object["id"] == id.as_str()));
-        if stored.completions.len() == before {
-            return Err(no_completion(&id));
-        }
-        Ok(json!({"object": "chat.completion.deleted", "id": id, "deleted": true}))
     })
 }
 
@@ -381,8 +372,7 @@ pub async fn completion_messages(
     headers: HeaderMap,
 ) -> Response {
     with_key(&headers, |key| {
-        let stored = lock(&sim)?;
-        let kept = find(&stored.completions, &key, &id).ok_or_else(|| no_completion(&id))?;
-        Ok(page(kept.items.clone(), &query, true))
+        let kept = object(&sim, Kind::Completion, &key, &id)?;
+        Ok(page(kept.items, &query, true))
     })
 }
