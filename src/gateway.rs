@@ -489,7 +489,12 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         );
     let v1 = Router::new()
         .route("/v1/models", get(routes::models))
-        .route("/v1/models/{id}", get(routes::model))
+        // Deleting a fine-tuned model: the upstream organization's, so only
+        // for a project alone on its upstream (routes::stored_object).
+        .route(
+            "/v1/models/{id}",
+            get(routes::model).delete(routes::stored_object),
+        )
         // What OpenAI keeps of a project's calls (routes::stored_object).
         .route(
             "/v1/responses/{id}",

@@ -199,7 +199,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/completions", endpoint_route(Endpoint::Completions))
         .route("/v1/embeddings", endpoint_route(Endpoint::Embeddings))
         .route("/v1/models", get(models))
-        .route("/v1/models/{id}", get(model))
+        .route("/v1/models/{id}", get(model).delete(delete_model))
         .route(
             "/v1/organization/usage/completions",
             get(usage::completions),
@@ -662,6 +662,26 @@ async fn model(
     }
     Json(json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "system"}))
         .into_response()
+}
+
+/// `DELETE /v1/models/{id}`: a fine-tuned model (`ft:...`) is deleted; a
+/// base model is OpenAI's 403.
+async fn delete_model(
+    State(sim): State<Arc<Simulator>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = bearer(&headers) {
+        return e.into_response();
+    }
+    if !id.starts_with("ft:") || sim.catalog.lookup(&id).is_err() {
+        return ApiError::PermissionDenied(format!(
+            "You have insufficient permissions to delete model '{}'.",
+            crate::excerpt(&id, 128)
+        ))
+        .into_response();
+    }
+    Json(json!({"id": id, "object": "model", "deleted": true})).into_response()
 }
 
 /// Any other path: OpenAI's 404, counted against the key that asked.

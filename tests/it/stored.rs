@@ -84,6 +84,10 @@ async fn projects_that_share_an_upstream_cannot_reach_what_it_kept() {
             (reqwest::Method::GET, format!("/responses/{id}/input_items")),
             (reqwest::Method::DELETE, format!("/responses/{id}")),
             (reqwest::Method::GET, "/chat/completions".to_owned()),
+            (
+                reqwest::Method::DELETE,
+                "/models/ft:gpt-4o-mini:acme::abc123".to_owned(),
+            ),
         ] {
             let r = h
                 .client

@@ -48,8 +48,6 @@ FILES = [
 # Left out, and why (pytest -k expressions).
 LEFT_OUT = {
     "aiohttp": "the aiohttp variants need the SDK's aiohttp extra, which the pinned install leaves out",
-    "delete and TestModels": "deleting a model is refused by the gateway: tenants share the upstream organization, whose fine-tuned models are not theirs to delete",
-    "delete and TestAsyncModels": "the same, async",
     "compact": "responses.compact is billed and the gateway does not meter it yet, so it refuses it",
     "TestEmbeddings and strict": "the SDK asks for base64 embeddings and checks the base64 string against the float schema before decoding it: no real server passes strict mode here",
     "TestAsyncEmbeddings and strict": "the same, async",

@@ -47,8 +47,9 @@ pub async fn passthrough(
 
 /// The routes of what OpenAI keeps of a project's calls: stored responses
 /// (`/v1/responses/{id}`, its `cancel` and `input_items`, and
-/// `/v1/responses/input_tokens`) and stored chat completions (`GET
-/// /v1/chat/completions`, `/v1/chat/completions/{id}` and its `messages`).
+/// `/v1/responses/input_tokens`), stored chat completions (`GET
+/// /v1/chat/completions`, `/v1/chat/completions/{id}` and its `messages`)
+/// and fine-tuned models (`DELETE /v1/models/{id}`).
 /// An upstream keeps them under its key, so only a project alone on its
 /// upstream ([`Caller::alone_on_upstream`]) can tell them apart from
 /// another's: forwarded for it, unmetered and recorded; for the others
