@@ -480,6 +480,15 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         )
         .route("/v1/responses", routes::metered_route(Endpoint::Responses))
         .route(
+            "/v1/responses/compact",
+            axum::routing::post(
+                |axum::extract::State(gateway): axum::extract::State<Arc<Gateway>>,
+                 request: axum::extract::Request| {
+                    routes::compact_call(gateway, request)
+                },
+            ),
+        )
+        .route(
             "/v1/completions",
             routes::metered_route(Endpoint::Completions),
         )

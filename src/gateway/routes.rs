@@ -112,6 +112,29 @@ pub fn metered_endpoint(path: &str) -> Option<Endpoint> {
 /// metered routes and the server's own road past the router
 /// ([`super::App`]) both come here.
 pub async fn metered_call(gateway: Arc<Gateway>, endpoint: Endpoint, request: Request) -> Response {
+    metered_call_to(gateway, endpoint, endpoint.path(), request).await
+}
+
+/// `POST /v1/responses/compact`: a Responses call (counted, metered,
+/// guarded and settled as one, its answer's `usage` read as a response's)
+/// sent to the upstream's `/responses/compact`.
+pub async fn compact_call(gateway: Arc<Gateway>, request: Request) -> Response {
+    metered_call_to(
+        gateway,
+        Endpoint::Responses,
+        "/v1/responses/compact",
+        request,
+    )
+    .await
+}
+
+/// [`metered_call`], sent to the upstream's `path` (`/v1/...`).
+async fn metered_call_to(
+    gateway: Arc<Gateway>,
+    endpoint: Endpoint,
+    path: &'static str,
+    request: Request,
+) -> Response {
     // The head is taken apart, not copied (`HeaderMap` as an extractor
     // would clone every header).
     let (parts, body) = request.into_parts();
@@ -121,7 +144,7 @@ pub async fn metered_call(gateway: Arc<Gateway>, endpoint: Endpoint, request: Re
     };
     let (org, project) = (caller.org, caller.project);
     let metrics_gateway = gateway.clone();
-    let response = metered(gateway, caller, endpoint, parts.headers, body)
+    let response = metered(gateway, caller, endpoint, path, parts.headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     metrics_gateway
@@ -249,6 +272,7 @@ pub(crate) async fn batch_call(
         gateway,
         caller,
         endpoint,
+        endpoint.path(),
         HeaderMap::new(),
         Body::from(body),
     )
@@ -265,6 +289,7 @@ async fn metered(
     gateway: Arc<Gateway>,
     caller: Caller,
     endpoint: Endpoint,
+    path: &'static str,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -276,14 +301,14 @@ async fn metered(
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
     let read = read_request(&gateway, caller, private, endpoint, bytes.clone()).await?;
     let admission = admit(&gateway, endpoint, read, bytes, arrived).await?;
-    let (admission, response) = forward(admission, endpoint, &headers).await?;
+    let (admission, response) = forward(admission, path, &headers).await?;
     answer(&gateway, admission, response, endpoint).await
 }
 
-/// Send an admitted call upstream; a failure settles it.
+/// Send an admitted call upstream (to `path`, `/v1/...`); a failure settles it.
 async fn forward(
     admission: Admission,
-    endpoint: Endpoint,
+    path: &'static str,
     headers: &HeaderMap,
 ) -> Result<(Admission, upstream::Answer), ApiError> {
     let Admission {
@@ -301,7 +326,7 @@ async fn forward(
         .get(org)
         .and_then(|o| o.projects.get(project))
         .map_or("", |p| &*p.upstream);
-    let path = endpoint.path().trim_start_matches("/v1");
+    let path = path.trim_start_matches("/v1");
     call.sending();
     let response = match upstream::send(
         &live.client,

@@ -20,17 +20,23 @@ async fn a_project_alone_on_its_upstream_reads_what_it_kept() {
     assert!(stdout.contains("python stored gateway ok"), "{stdout}");
     // The continued response was metered with what the upstream billed:
     // its input counted the first response's input and output again.
-    let billed: u64 = stdout
-        .lines()
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0);
+    let mut numbers = stdout.lines().filter_map(|l| l.parse::<u64>().ok());
+    let billed = numbers.next().unwrap_or(0);
+    let compacted = numbers.next().unwrap_or(0);
     h.settled().await;
     let records = h.gateway.store.recent(20).await.unwrap_or_default();
     assert!(
         records.iter().any(|r| r.input == billed && !r.estimated),
         "{billed}: {records:?}"
     );
+    // The compaction was metered with the usage the upstream reported.
+    assert!(
+        records
+            .iter()
+            .any(|r| r.input + r.output == compacted && !r.estimated),
+        "{compacted}: {records:?}"
+    );
+    assert!(records.iter().all(|r| r.state == "settled"));
     // The reads went upstream unmetered, recorded as forwarded calls.
     let forwarded = h
         .gateway

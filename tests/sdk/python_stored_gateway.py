@@ -33,5 +33,9 @@ assert [c.id for c in client.chat.completions.list().data] == [kept.id]
 assert client.chat.completions.retrieve(kept.id).id == kept.id
 assert [m.content for m in client.chat.completions.messages.list(kept.id).data] == ["keep me"]
 assert client.chat.completions.delete(kept.id).deleted
+# Compaction is billed: metered as a Responses call.
+compacted = client.responses.compact(model="gpt-4o-mini", input=[{"role": "user", "content": "one"}, {"role": "user", "content": "two"}])
+assert compacted.object == "response.compaction" and compacted.usage.input_tokens > 0
 print(second.usage.input_tokens)
+print(compacted.usage.input_tokens + compacted.usage.output_tokens)
 print("python stored gateway ok")
