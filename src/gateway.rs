@@ -168,6 +168,16 @@ impl Gateway {
         // the first call. cl100k_base (gpt-4, gpt-3.5, embeddings) loads on
         // its first use, so a gateway that never sees one saves its memory.
         crate::tokens::Encoding::O200kBase.warm_up();
+        // The privacy guard's patterns and phone metadata likewise, where a
+        // project uses the guard.
+        let guarded = config
+            .orgs
+            .iter()
+            .flat_map(|o| &o.projects)
+            .any(|p| p.privacy_guard != crate::config::Guard::Off);
+        if guarded {
+            crate::guard::warm_up();
+        }
         let delivery = match tokio::runtime::Handle::try_current() {
             Ok(_) => {
                 let store = store.clone();

@@ -147,6 +147,13 @@ static DETECTORS: LazyLock<Vec<Detector>> = LazyLock::new(|| {
     .collect()
 });
 
+/// Compile the patterns and load libphonenumber's metadata now, not on a
+/// call's road (the metadata takes milliseconds to read).
+pub fn warm_up() {
+    LazyLock::force(&DETECTORS);
+    checks::warm_up();
+}
+
 /// Every finding in `text`, in order; where two overlap, the detector listed
 /// first wins (a key inside a PEM block is the block; a card is not a phone).
 ///

@@ -300,6 +300,11 @@ pub fn phone(text: &str, at: Range<usize>) -> bool {
 
 /// Valid as written, or with its separators taken out (the crate reads
 /// `+8210-3051-3229` as country code 821; `+821030513229` it reads right).
+/// Load the metadata (on its first use otherwise).
+pub fn warm_up() {
+    let _ = phonenumber::parse(None, "+14155552671");
+}
+
 fn valid(region: Option<Id>, number: &str) -> bool {
     let parses = |n: &str| phonenumber::parse(region, n).is_ok_and(|n| phonenumber::is_valid(&n));
     parses(number) || {
