@@ -30,9 +30,12 @@
 //! of it what organizations changed at runtime (the admin API,
 //! [`gateway::admin`]); each call runs on the configuration of its arrival
 //! (`gateway::Live`). Batches ([`gateway::batches`]) send their lines down
-//! the same road, paced into the free allowance. [`simulator`] is the
-//! OpenAI-compatible upstream for demos, load tests and CI; [`cli`] starts
-//! them. [`capture`] keeps shared traffic for export. The [`store`] is
+//! the same road, paced into the free allowance, from the Batch API or
+//! `tokenwarden batch` ([`cli::batch`]). [`simulator`] is the
+//! OpenAI-compatible upstream for demos, load tests and CI (function calls,
+//! structured outputs, stored responses, the Usage and Costs APIs); [`cli`]
+//! starts them. [`reconcile`] holds the ledger against the upstream's own
+//! books. [`capture`] keeps shared traffic for export. The [`store`] is
 //! SQLite for one gateway, or PostgreSQL for replicas that share one ledger
 //! and one allowance (each leasing free tokens in chunks, docs/scaling.md).
 
