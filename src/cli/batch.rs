@@ -168,8 +168,9 @@ fn fingerprint(input: &Path, endpoint: &str) -> anyhow::Result<String> {
     Ok(hash.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// The newest batch an earlier run of this input started, unless it failed
-/// or was cancelled (then the input runs anew).
+/// The newest batch an earlier run of this input started, unless it failed,
+/// was cancelled, or was cut while its input was being checked (then the
+/// input runs anew).
 async fn earlier(
     gateway: &Gateway,
     caller: &Caller,
@@ -184,7 +185,10 @@ async fn earlier(
             b.metadata
                 .as_ref()
                 .is_some_and(|m| m[FINGERPRINT] == fingerprint)
-                && !matches!(b.status.as_str(), "failed" | "cancelled" | "cancelling")
+                && !matches!(
+                    b.status.as_str(),
+                    "failed" | "cancelled" | "cancelling" | "validating"
+                )
         })
         .max_by_key(|b| b.created_at))
 }
