@@ -525,3 +525,41 @@ async fn an_upstream_runs_at_most_its_batch_concurrency_lines_at_once() {
     let peak = h.sim.peak_open();
     assert!((2..=3).contains(&peak), "{peak} lines at once");
 }
+
+/// A batch a stop cut while its input was being checked does not stay
+/// `validating` for ever: it fails, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_cut_while_validating_fails() {
+    let h = start("batch-cut-validating", &config()).await;
+    let now_s = crate::harness::NOON_MS / 1000;
+    let batch = tokenwarden::gateway::batches::Batch {
+        id: "batch_cutwhilevalidating0001".into(),
+        object: "batch".into(),
+        endpoint: "/v1/chat/completions".into(),
+        input_file_id: "file-gone".into(),
+        completion_window: "24h".into(),
+        status: "validating".into(),
+        created_at: now_s - 2 * 3600,
+        ..tokenwarden::gateway::batches::Batch::default()
+    };
+    h.gateway
+        .store
+        .batch_save(batch.row("acme", "web"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    h.clock.set(crate::harness::NOON_MS + 61_000);
+    h.gateway.batches.notify_one();
+    let mut status = serde_json::Value::Null;
+    for _ in 0..200 {
+        status = batch_status(&h, &batch.id).await;
+        if status["status"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(status["status"], "failed", "{status}");
+    assert_eq!(
+        status["errors"]["data"][0]["code"],
+        "validation_interrupted"
+    );
+}

@@ -158,6 +158,9 @@ pub async fn run(weak: Weak<Gateway>) {
 /// How often lines left running by a runner that is gone (a replica that
 /// died) are looked for.
 const SWEEP_EVERY_MS: i64 = 60_000;
+/// A batch still `validating` this long after it was made was cut by a
+/// stop (checking a 200 MB file takes seconds): it is `failed`.
+const VALIDATING_AT_MOST_S: i64 = 3600;
 
 /// Lines left running, claimed before `before_ms`, by a runner that stopped:
 /// they may have gone upstream, so they are not run again; each is an error
@@ -189,6 +192,34 @@ async fn interrupted(gateway: &Gateway, before_ms: i64, which: Every) -> Result<
                 _ => break,
             }
         }
+    }
+    Ok(())
+}
+
+/// Fail the batches a stop cut while their input was being checked: they
+/// would stay `validating` for ever.
+async fn cut_while_validating(gateway: &Gateway, now_s: i64) -> Result<(), ApiError> {
+    let rows = gateway
+        .store
+        .batches(None, None)
+        .await
+        .map_err(ApiError::store)?;
+    for row in rows.iter().filter(|r| r.status == "validating") {
+        let Some(mut batch) = Batch::from_row(row) else {
+            continue;
+        };
+        if batch.created_at > now_s - VALIDATING_AT_MOST_S {
+            continue;
+        }
+        batch.status = "failed".into();
+        batch.failed_at = Some(now_s);
+        batch.errors = Some(json!({"object": "list", "data": [{
+            "code": "validation_interrupted",
+            "message": "The gateway stopped while the input file was being validated; create the batch again.",
+            "param": null,
+            "line": null,
+        }]}));
+        save(gateway, row, &batch).await?;
     }
     Ok(())
 }
@@ -257,6 +288,7 @@ async fn tick(gateway: &Arc<Gateway>) -> Result<(), ApiError> {
         let longest = gateway.live().config.server.upstream_timeout.as_millis() as i64;
         interrupted(gateway, now_ms - longest - 120_000, Every::Run).await?;
         crate::gateway::files::purge_abandoned(gateway, now_s).await?;
+        cut_while_validating(gateway, now_s).await?;
     }
     for row in active(gateway, Every::Run).await? {
         let Some(batch) = Batch::from_row(&row) else {
