@@ -174,6 +174,7 @@ pub async fn run_gateway(
     let addr = listener.local_addr()?;
     let store = crate::store::open(&config.store, true).await?;
     let gateway = Gateway::new(config, store, Arc::new(SystemClock)).await?;
+    gateway.reconcile_hourly();
     let reloads = tokio::spawn(reload_on_hangup(
         Arc::downgrade(&gateway),
         file.map(Path::to_path_buf),

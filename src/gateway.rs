@@ -250,28 +250,6 @@ impl Gateway {
         }
         if let Ok(runtime) = runtime {
             runtime.spawn(batches::run::run(Arc::downgrade(&gateway)));
-            // Yesterday against the upstreams' books, where an upstream has
-            // an admin key; the task ends with the gateway.
-            if gateway
-                .live()
-                .config
-                .upstreams
-                .values()
-                .any(|u| u.admin_key.is_some())
-            {
-                let weak = Arc::downgrade(&gateway);
-                runtime.spawn(async move {
-                    loop {
-                        let Some(gateway) = weak.upgrade() else {
-                            return;
-                        };
-                        let yesterday = Day(gateway.today().0 - 1);
-                        gateway.reconcile(yesterday).await;
-                        drop(gateway);
-                        tokio::time::sleep(RECONCILE_EVERY).await;
-                    }
-                });
-            }
             // The retention purge runs by itself (for the orgs that capture
             // at the time); the task ends with the gateway.
             let weak = Arc::downgrade(&gateway);
@@ -344,6 +322,34 @@ impl Gateway {
             _ => 0,
         };
         self.store.pool_state(PoolKey { org, group, day }, cap)
+    }
+
+    /// Reconcile yesterday with the upstreams' books every
+    /// [`RECONCILE_EVERY`], where an upstream has an admin key (`serve`
+    /// does; a command that only runs a batch does not); the task ends with
+    /// the gateway.
+    pub fn reconcile_hourly(self: &Arc<Self>) {
+        let has_key = self
+            .live()
+            .config
+            .upstreams
+            .values()
+            .any(|u| u.admin_key.is_some());
+        if !has_key {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(gateway) = weak.upgrade() else {
+                    return;
+                };
+                let yesterday = Day(gateway.today().0 - 1);
+                gateway.reconcile(yesterday).await;
+                drop(gateway);
+                tokio::time::sleep(RECONCILE_EVERY).await;
+            }
+        });
     }
 
     /// Reconcile `day` with the upstreams' books and keep the result for

@@ -181,7 +181,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         )
         .route(
             "/v1/chat/completions/{id}/messages",
-            get(stored::completion_messages),
+            get(|s, p, q, h| stored::items(stored::Kind::Completion, s, p, q, h)),
         )
         .route("/v1/responses", endpoint_route(Endpoint::Responses))
         .route(
@@ -192,7 +192,7 @@ pub fn router(sim: Arc<Simulator>) -> Router {
         .route("/v1/responses/{id}/cancel", post(stored::cancel_response))
         .route(
             "/v1/responses/{id}/input_items",
-            get(stored::response_items),
+            get(|s, p, q, h| stored::items(stored::Kind::Response, s, p, q, h)),
         )
         .route("/v1/responses/input_tokens", post(input_tokens))
         .route("/v1/responses/compact", post(compact))
@@ -430,14 +430,12 @@ impl Simulator {
     }
 
     /// Keep what the call made, as OpenAI keeps it ([`stored`]).
-    fn keep(&self, call: &Call, output: &Output<'_>) {
+    /// `answer`: the whole response or chat completion (a stream's made
+    /// only when it is kept).
+    fn keep(&self, call: &Call, answer: impl FnOnce() -> Value) {
         match call.endpoint {
-            Endpoint::Responses => {
-                self.keep_response(&call.key, &call.body, &output.response(true))
-            }
-            Endpoint::ChatCompletions => {
-                self.keep_completion(&call.key, &call.body, &output.chat_completion());
-            }
+            Endpoint::Responses => self.keep_response(&call.key, &call.body, answer),
+            Endpoint::ChatCompletions => self.keep_completion(&call.key, &call.body, answer),
             _ => {}
         }
     }
@@ -506,7 +504,10 @@ async fn serve_call(
         // whole response); chat and completions chunks as the stream
         // reaches them, so an open stream holds its call, not its events.
         let made = (call.endpoint == Endpoint::Responses).then(|| response_events(&call, &output));
-        sim.keep(&call, &output);
+        sim.keep(&call, || match call.endpoint {
+            Endpoint::Responses => output.response(true),
+            _ => output.chat_completion(),
+        });
         let created = output.created;
         let response = stream_response(sim, call, id, created, made);
         return with_headers(response, started);
@@ -519,13 +520,13 @@ async fn serve_call(
         ))
         .await;
     }
-    sim.keep(&call, &output);
     let mut body = match endpoint {
         Endpoint::ChatCompletions => output.chat_completion(),
         Endpoint::Responses => output.response(true),
         Endpoint::Completions => output.text_completion(),
         Endpoint::Embeddings => return with_headers(embeddings_answer(&sim, &call), started),
     };
+    sim.keep(&call, || body.clone());
     let completion = output.completion_tokens();
     if call.faults.no_usage {
         if let Some(map) = body.as_object_mut() {

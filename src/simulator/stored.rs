@@ -84,18 +84,26 @@ pub fn input_items(input: Option<&Value>, id: &str) -> Vec<Value> {
 
 impl Simulator {
     /// Keep a response `key` made (unless it asked for `store: false`).
-    pub(super) fn keep_response(&self, key: &str, request: &Value, response: &Value) {
+    pub(super) fn keep_response(
+        &self,
+        key: &str,
+        request: &Value,
+        response: impl FnOnce() -> Value,
+    ) {
         if request.get("store").and_then(Value::as_bool) == Some(false) {
             return;
         }
-        let id = response["id"].as_str().unwrap_or_default();
-        let items = input_items(request.get("input"), id);
+        let object = response();
+        let items = input_items(
+            request.get("input"),
+            object["id"].as_str().unwrap_or_default(),
+        );
         if let Ok(mut stored) = self.stored.lock() {
             push(
                 &mut stored.responses,
                 Kept {
                     key: key.to_owned(),
-                    object: response.clone(),
+                    object,
                     items,
                 },
             );
@@ -103,12 +111,17 @@ impl Simulator {
     }
 
     /// Keep a chat completion `key` made with `store: true`.
-    pub(super) fn keep_completion(&self, key: &str, request: &Value, completion: &Value) {
+    pub(super) fn keep_completion(
+        &self,
+        key: &str,
+        request: &Value,
+        completion: impl FnOnce() -> Value,
+    ) {
         if request.get("store").and_then(Value::as_bool) != Some(true) {
             return;
         }
-        let id = completion["id"].as_str().unwrap_or_default();
-        let mut object = completion.clone();
+        let mut object = completion();
+        let id = object["id"].as_str().unwrap_or_default().to_owned();
         object["metadata"] = request.get("metadata").cloned().unwrap_or(json!({}));
         let items = request
             .get("messages")
@@ -287,16 +300,18 @@ pub async fn cancel_response(
     })
 }
 
-/// `GET /v1/responses/{id}/input_items`.
-pub async fn response_items(
+/// `GET /v1/responses/{id}/input_items` (newest first by default),
+/// `GET /v1/chat/completions/{id}/messages` (oldest first).
+pub async fn items(
+    kind: Kind,
     State(sim): State<Arc<Simulator>>,
     Path(id): Path<String>,
     Query(query): Q,
     headers: HeaderMap,
 ) -> Response {
     with_key(&headers, |key| {
-        let kept = object(&sim, Kind::Response, &key, &id)?;
-        Ok(page(kept.items, &query, false))
+        let kept = object(&sim, kind, &key, &id)?;
+        Ok(page(kept.items, &query, matches!(kind, Kind::Completion)))
     })
 }
 
@@ -361,18 +376,5 @@ pub async fn update_completion(
             metadata
         };
         Ok(kept.object.clone())
-    })
-}
-
-/// `GET /v1/chat/completions/{id}/messages`.
-pub async fn completion_messages(
-    State(sim): State<Arc<Simulator>>,
-    Path(id): Path<String>,
-    Query(query): Q,
-    headers: HeaderMap,
-) -> Response {
-    with_key(&headers, |key| {
-        let kept = object(&sim, Kind::Completion, &key, &id)?;
-        Ok(page(kept.items, &query, true))
     })
 }

@@ -37,6 +37,8 @@ pub struct Tally {
 pub struct Books {
     tallies: BTreeMap<(i64, Option<String>, String), Tally>,
     spent: HashMap<(i64, String), u64>,
+    /// The days counted, oldest first.
+    days: std::collections::BTreeSet<i64>,
 }
 
 /// Days kept at most (the oldest go first).
@@ -83,9 +85,8 @@ impl Simulator {
         tally.cost_pico = tally
             .cost_pico
             .saturating_add(u64::try_from(cost).unwrap_or(u64::MAX));
-        let days: std::collections::BTreeSet<i64> = books.tallies.keys().map(|k| k.0).collect();
-        if days.len() > MAX_DAYS {
-            if let Some(&oldest) = days.iter().next() {
+        if books.days.insert(day) && books.days.len() > MAX_DAYS {
+            if let Some(oldest) = books.days.pop_first() {
                 books.tallies.retain(|k, _| k.0 != oldest);
                 books.spent.retain(|k, _| k.0 != oldest);
             }
